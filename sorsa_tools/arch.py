@@ -1,0 +1,176 @@
+"""Per-architecture knowledge, as tables: which linear weights SORSA adapts by default.
+
+A module name M is a weight name minus `.weight` (`model.layers.0.self_attn.q_proj`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sorsa_tools.errors import TargetError
+
+# Prefixes under which decoder blocks live, text-only and multimodal checkpoints alike.
+_DECODER_BLOCKS = r"(?:model\.|model\.language_model\.|language_model\.model\.)?layers\.\d+\."
+_LLAMA_LIKE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Default targets of one architecture family: block prefix regex + module paths in a block."""
+
+    model_types: tuple[str, ...]
+    block: str
+    modules: tuple[str, ...]
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        mods = "|".join(re.escape(m) for m in self.modules)
+        return re.compile(rf"^{self.block}(?:{mods})$")
+
+
+ARCHS: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+            "cohere",
+        ),
+        _DECODER_BLOCKS,
+        _LLAMA_LIKE,
+    ),
+    ArchSpec(
+        ("phi3",),
+        _DECODER_BLOCKS,
+        ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    ),
+    ArchSpec(
+        ("gpt_neox",),
+        r"gpt_neox\.layers\.\d+\.",
+        ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    ),
+)
+
+
+def spec_for(model_type: str | None) -> ArchSpec | None:
+    for spec in ARCHS:
+        if model_type in spec.model_types:
+            return spec
+    return None
+
+
+def model_type_of(config: dict) -> str | None:
+    return config.get("model_type")
+
+
+def parse_target_spec(spec: str) -> tuple[str, list[str] | re.Pattern[str]]:
+    """`q_proj,v_proj` -> names matched against the end of M; anything else is a regex on M."""
+    spec = spec.strip()
+    if re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*(\s*,\s*[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*)*", spec):
+        return "names", [s.strip() for s in spec.split(",")]
+    try:
+        return "regex", re.compile(spec)
+    except re.error as e:
+        raise TargetError(f"--targets {spec!r} is neither a list of names nor a valid regex ({e})") from None
+
+
+def _matches(module: str, how: str, what) -> bool:
+    if how == "names":
+        return any(module == n or module.endswith("." + n) for n in what)
+    return bool(what.search(module))
+
+
+def generic_targets(config: dict, modules_2d: list[str]) -> list[str]:
+    """Linear layers inside repeated blocks, found by building the model on the meta device."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # any failure means: we cannot know this architecture
+        raise TargetError(
+            f"architecture {config.get('model_type')!r} is not in the target table and transformers "
+            f"cannot build it ({type(e).__name__}); pass --targets with module names or a regex"
+        ) from None
+    linear = {
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and re.search(r"\.\d+\.", "." + name + ".")
+    }
+    present = set(modules_2d)
+    hits = [m for m in modules_2d if m in linear]
+    if not hits:
+        prefix = getattr(model, "base_model_prefix", "") + "."
+        hits = [m for m in present if m.startswith(prefix) and m[len(prefix) :] in linear]
+        hits += [m for m in present if prefix + m in linear]
+    return sorted(set(hits), key=modules_2d.index)
+
+
+def select_targets(
+    config: dict, weights: dict[str, tuple[int, ...]], spec: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Choose target modules from the checkpoint's weight shapes.
+
+    Returns (targets in checkpoint order, warnings). Only 2-D `.weight` tensors can be targets.
+    """
+    modules_2d = [
+        n[: -len(".weight")] for n, shp in weights.items() if n.endswith(".weight") and len(shp) == 2
+    ]
+    warnings: list[str] = []
+    if spec:
+        how, what = parse_target_spec(spec)
+        targets = [m for m in modules_2d if _matches(m, how, what)]
+        if not targets:
+            bad = [n for n in weights if _matches(n.removesuffix(".weight"), how, what)]
+            if bad:
+                raise TargetError(
+                    f"--targets {spec!r} matches only tensors that are not 2-D weights (e.g. {bad[0]}); "
+                    "name linear layers such as q_proj,v_proj"
+                )
+            example = modules_2d[0] if modules_2d else "model.layers.0.self_attn.q_proj"
+            raise TargetError(
+                f"--targets {spec!r} matches no 2-D weight of this checkpoint; module names look like "
+                f"{example} (use names such as q_proj,v_proj or a regex)"
+            )
+        return targets, warnings
+    mt = model_type_of(config)
+    arch = spec_for(mt)
+    if arch is not None:
+        targets = [m for m in modules_2d if arch.pattern.match(m)]
+        if not targets:
+            raise TargetError(
+                f"no weight of this {mt} checkpoint matches the default targets "
+                f"({', '.join(arch.modules)}); pass --targets"
+            )
+        return targets, warnings
+    targets = generic_targets(config, modules_2d)
+    if not targets:
+        raise TargetError(
+            f"found no linear layers inside repeated blocks of this {mt!r} checkpoint; pass --targets "
+            "with module names or a regex"
+        )
+    warnings.append(
+        f"architecture {mt!r} is not in the target table: adapting every nn.Linear inside the "
+        f"repeated blocks ({len(targets)} modules); pass --targets to choose"
+    )
+    return targets, warnings

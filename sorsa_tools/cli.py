@@ -1,0 +1,252 @@
+"""The `sorsa` command. Thin: parses options, draws progress, turns typed errors into one line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from sorsa_tools import __version__
+from sorsa_tools.errors import SorsaError
+
+app = typer.Typer(
+    help="SORSA fine-tuning tools: decompose a checkpoint into residual + singular factors, and more.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Every failure becomes one line on stderr and a non-zero exit; SORSA_DEBUG=1 re-raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SorsaError as e:
+            if os.environ.get("SORSA_DEBUG"):
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; finished shards are kept: run the same command again to resume", 130)
+        except MemoryError:
+            _fail("out of memory; close other programs, or use --device cuda / a smaller --rank", 1)
+        except OSError as e:
+            if os.environ.get("SORSA_DEBUG"):
+                raise
+            _fail(f"{e.strerror or e} ({e.filename or 'no file'}); check the path and permissions", 1)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"sorsa-tools {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """SORSA fine-tuning tools."""
+
+
+class _RichProgress:
+    def __init__(self, progress: Progress):
+        self.p = progress
+        self.mod_task = None
+        self.byte_task = None
+
+    def start(self, total_modules: int, total_bytes: int, done_modules: int, done_bytes: int) -> None:
+        self.mod_task = self.p.add_task("modules", total=total_modules, completed=done_modules)
+        self.byte_task = self.p.add_task("bytes written", total=total_bytes, completed=done_bytes)
+
+    def advance(self, modules: int, nbytes: int, label: str) -> None:
+        self.p.update(self.mod_task, advance=modules, description=f"[cyan]{label}" if modules else None)
+        self.p.update(self.byte_task, advance=nbytes)
+
+    def note(self, message: str) -> None:
+        self.p.console.print(f"[dim]{message}[/]", highlight=False)
+
+
+DECOMPOSE_EPILOG = """[bold]Examples[/]
+
+  sorsa decompose meta-llama/Llama-2-7b-hf --rank 128 -o llama2-7b-sorsa-r128
+
+  sorsa decompose ./gemma3-270m --rank 64 --targets q_proj,v_proj -o gemma-qv-r64
+
+  sorsa decompose ./model --rank 64 --svd exact --residual-dtype float32 -o out
+"""
+
+
+@app.command(epilog=DECOMPOSE_EPILOG)
+@handle_errors
+def decompose(
+    model: Annotated[str, typer.Argument(help="Hub id (org/name) or local checkpoint directory.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="SORSA rank r (top-r singular triplets).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    revision: Annotated[str, typer.Option(help="Hub branch, tag or commit.")] = None,
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated module names (q_proj,v_proj) or a regex on module names.")
+    ] = None,
+    svd: Annotated[str, typer.Option(help="randomized (fast, default) or exact (LAPACK).")] = "randomized",
+    oversample: Annotated[
+        int, typer.Option(help="Extra sketch columns for randomized SVD [default: rank].")
+    ] = None,
+    niter: Annotated[int, typer.Option(help="Power iterations for randomized SVD.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the randomized sketch.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    compute_dtype: Annotated[str, typer.Option(help="SVD precision: float32 or float64.")] = "float32",
+    factor_dtype: Annotated[str, typer.Option(help="Dtype of U, S, Vt in the adapter.")] = "float32",
+    residual_dtype: Annotated[
+        str, typer.Option(help="Dtype of W_r [default: each weight's source dtype].")
+    ] = None,
+    check_sample: Annotated[
+        int, typer.Option(help="Modules that also get an exact SVD, to record the accuracy reached.")
+    ] = 2,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace whatever the output directory holds.")
+    ] = False,
+) -> None:
+    """Split every target weight W into a residual W_r (an HF checkpoint) and factors U, S, Vt."""
+    from sorsa_tools.decompose import decompose as run
+
+    columns = (
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as p:
+        r = run(
+            model,
+            rank,
+            output,
+            revision=revision,
+            targets=targets,
+            svd=svd,
+            oversample=oversample,
+            niter=niter,
+            seed=seed,
+            device=device,
+            compute_dtype=compute_dtype,
+            factor_dtype=factor_dtype,
+            residual_dtype=residual_dtype,
+            check_sample=check_sample,
+            force=force,
+            progress=_RichProgress(p),
+        )
+    for w in r.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if r.already_done:
+        out.print(
+            f"[green]{r.out_dir} is already a finished decomposition of {model} with these settings.[/]"
+        )
+        return
+    t = Table(title=f"sorsa decompose → {r.out_dir}", show_header=True)
+    for c in (
+        "modules",
+        "rank",
+        "svd",
+        "device",
+        "time",
+        "peak RSS",
+        "mean energy",
+        "max S err",
+        "max recon err",
+    ):
+        t.add_column(c)
+    t.add_row(
+        str(r.modules),
+        str(r.rank),
+        r.svd,
+        r.device,
+        f"{r.seconds:.1f} s",
+        f"{r.peak_rss_bytes / 2**30:.2f} GiB",
+        f"{r.mean_energy_captured:.2%}",
+        "n/a" if r.max_s_rel_error is None else f"{r.max_s_rel_error:.2e}",
+        f"{r.max_reconstruction_error:.1e}",
+    )
+    out.print(t)
+    if r.resumed_shards:
+        out.print(f"resumed: {r.resumed_shards} of {r.shards} shards were already done")
+
+
+@app.command(
+    epilog="[bold]Examples[/]\n\n  sorsa inspect llama2-7b-sorsa-r128\n\n  sorsa inspect run1 --json"
+)
+@handle_errors
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A decomposed directory or a trained run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Show what a decomposed directory or adapter holds: base model, rank, targets, dtypes, errors."""
+    import json
+
+    from sorsa_tools.info import describe
+
+    d = describe(directory)
+    if as_json:
+        out.print_json(json.dumps(d))
+        return
+    base = d["base_model"]
+    t = Table(show_header=False, title=f"{d['directory']} ({d['kind']}, format v{d['format_version']})")
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("base model", f"{base.get('name_or_path')} ({base.get('source')}, revision {base.get('revision')})"),
+        ("architecture", f"{base.get('model_type')} {base.get('architectures')}"),
+        ("rank", str(d["rank"])),
+        ("targets", f"{d['target_count']}: " + ", ".join(f"{k}×{v}" for k, v in d["target_kinds"].items())),
+        ("svd", ", ".join(f"{k}={v}" for k, v in d["svd"].items() if v is not None)),
+        ("dtypes", ", ".join(f"{k}={v}" for k, v in d["dtypes"].items())),
+        ("adapter", f"{d['adapter_bytes'] / 2**20:.1f} MiB ({', '.join(d['adapter_dtypes'])})"),
+        ("residual weights", f"{d['residual_bytes'] / 2**20:.1f} MiB"),
+    ]
+    if d["mean_energy_captured"] is not None:
+        rows.append(
+            ("energy captured", f"mean {d['mean_energy_captured']:.2%}, min {d['min_energy_captured']:.2%}")
+        )
+    if d["max_reconstruction_error"] is not None:
+        rows.append(("max reconstruction error", f"{d['max_reconstruction_error']:.2e}"))
+    if d["max_s_rel_error"] is not None:
+        rows.append(
+            ("max S error vs exact", f"{d['max_s_rel_error']:.2e} ({d['s_error_sampled_modules']} sampled)")
+        )
+    rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

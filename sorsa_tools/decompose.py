@@ -1,0 +1,601 @@
+"""`sorsa decompose`: stream a checkpoint shard by shard into W_r shards plus SORSA factors.
+
+Pipeline, per target weight in file order: an I/O thread preads W, one compute thread runs the
+SVD (all cores, or the GPU), and the main thread streams the output shard: target weights as
+W_r, every other tensor copied byte for byte. Up to LOOKAHEAD matrices are in flight, so disk and
+cores overlap while memory stays at one input shard's page cache plus a few matrices.
+
+Crash safety: the job's identity goes to DIR/.sorsa-partial/job.json first; each output shard is
+written to a temp name, read back and verified, its factors saved, then renamed. A rerun of the
+same command skips finished shards; the last step assembles the adapter and writes
+sorsa_config.json, which marks the directory complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sorsa_tools import __version__
+from sorsa_tools.arch import select_targets
+from sorsa_tools.errors import (
+    DiskFullError,
+    InputError,
+    OutputDirError,
+    RankError,
+    TargetError,
+    VerificationError,
+)
+from sorsa_tools.format import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    adapter_tensor_specs,
+    factor_names,
+)
+from sorsa_tools.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from sorsa_tools.io.hub import resolve_model
+from sorsa_tools.io.safetensors_file import (
+    DTYPE_CODES,
+    DTYPES,
+    SafetensorsFile,
+    StreamWriter,
+    atomic_copy,
+    atomic_write_json,
+    iter_file_chunks,
+    write_tensors,
+)
+from sorsa_tools.svd import (
+    COMPUTE_DTYPES,
+    Factors,
+    energy_captured,
+    exact_singular_values,
+    exact_svd,
+    randomized_svd,
+    reconstruction_error,
+    residual,
+)
+
+PARTIAL_DIR = ".sorsa-partial"
+LOOKAHEAD = 2
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class Progress:
+    """Receives progress events; the CLI draws them, the library default ignores them."""
+
+    def start(self, total_modules: int, total_bytes: int, done_modules: int, done_bytes: int) -> None:
+        pass
+
+    def advance(self, modules: int, nbytes: int, label: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class DecomposeResult:
+    out_dir: Path
+    modules: int
+    rank: int
+    seconds: float
+    peak_rss_bytes: int
+    mean_energy_captured: float
+    max_reconstruction_error: float
+    max_s_rel_error: float | None
+    svd: str
+    device: str
+    shards: int
+    resumed_shards: int = 0
+    already_done: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Done:
+    """One target's result, waiting to be written."""
+
+    name: str
+    factors: Factors
+    residual: torch.Tensor
+    stats: dict
+
+
+def _module_seed(seed: int, module: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{module}".encode()).digest()[:7], "little")
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                "--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto"
+            )
+        return device
+    if device == "cpu":
+        return device
+    raise InputError(f"--device must be cpu, cuda or auto, not {device!r}")
+
+
+def _dtype_arg(value: str | None, flag: str, allowed: dict[str, torch.dtype]) -> torch.dtype | None:
+    if value is None:
+        return None
+    if value not in allowed:
+        raise InputError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    return allowed[value]
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _check_options(rank: int, svd: str, oversample: int | None, niter: int, check_sample: int) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise RankError(f"--rank must be a positive integer, got {rank}")
+    if svd not in ("exact", "randomized"):
+        raise InputError(f"--svd must be exact or randomized, not {svd!r}")
+    if oversample is not None and oversample < 0:
+        raise InputError(f"--oversample must be 0 or more, got {oversample}")
+    if niter < 0:
+        raise InputError(f"--niter must be 0 or more, got {niter}")
+    if check_sample < 0:
+        raise InputError(f"--check-sample must be 0 or more, got {check_sample}")
+
+
+def _validate_targets(ckpt: Checkpoint, targets: list[str], rank: int) -> None:
+    for m in targets:
+        info = ckpt.info(m + ".weight")
+        if info.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise TargetError(
+                f"{m}.weight is stored as {info.dtype}, not as floats (a quantized checkpoint?); "
+                "decompose the unquantized model"
+            )
+    limit = min(min(ckpt.info(m + ".weight").shape) for m in targets)
+    if rank > limit:
+        worst = next(m for m in targets if min(ckpt.info(m + ".weight").shape) == limit)
+        out_f, in_f = ckpt.info(worst + ".weight").shape
+        raise RankError(
+            f"--rank {rank} is larger than min(out, in) = {limit} of {worst} ({out_f}x{in_f}); "
+            f"choose a rank of at most {limit}, or leave that module out with --targets"
+        )
+
+
+def _clear_dir(out: Path, source: Path) -> None:
+    resolved = out.resolve()
+    forbidden = {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()}
+    if resolved in forbidden or source.resolve().is_relative_to(resolved):
+        raise OutputDirError(f"refusing to clear {out} with --force; choose a dedicated output directory")
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _sample_positions(n: int, k: int) -> set[int]:
+    if k <= 0 or n == 0:
+        return set()
+    if k == 1:
+        return {0}
+    return {round(j * (n - 1) / (k - 1)) for j in range(min(k, n))}
+
+
+def decompose(
+    model: str,
+    rank: int,
+    output_dir: str | Path,
+    *,
+    revision: str | None = None,
+    targets: str | None = None,
+    svd: str = "randomized",
+    oversample: int | None = None,
+    niter: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    compute_dtype: str = "float32",
+    factor_dtype: str = "float32",
+    residual_dtype: str | None = None,
+    check_sample: int = 2,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> DecomposeResult:
+    """Decompose every target weight of MODEL into W_r (written as an HF checkpoint) + U, S, Vt.
+
+    `oversample` defaults to `rank` (a sketch of 2r columns), which with `niter=4` puts the top-r
+    singular values within ~0.05 % of exact; `svd="exact"` runs the full LAPACK SVD instead.
+    `check_sample` modules get an exact SVD too, to record the accuracy actually reached.
+    """
+    t0 = time.perf_counter()
+    progress = progress or Progress()
+    _check_options(rank, svd, oversample, niter, check_sample)
+    if oversample is None:
+        oversample = rank
+    dev = _resolve_device(device)
+    cdt = _dtype_arg(compute_dtype, "--compute-dtype", COMPUTE_DTYPES)
+    fdt = _dtype_arg(factor_dtype, "--factor-dtype", FLOAT_DTYPES)
+    rdt = _dtype_arg(residual_dtype, "--residual-dtype", FLOAT_DTYPES)
+
+    src = resolve_model(model, revision)
+    ckpt = open_checkpoint(src.path)
+    shapes = {n: ckpt.info(n).shape for n in ckpt.weight_map}
+    target_list, warnings = select_targets(ckpt.config, shapes, targets)
+    _validate_targets(ckpt, target_list, rank)
+    for w in warnings:
+        progress.note(w)
+
+    out = Path(output_dir).expanduser()
+    if out.resolve() == src.path.resolve():
+        raise OutputDirError("the output directory is the source checkpoint itself; choose another -o")
+    res_dtypes = {m: rdt or DTYPES[ckpt.info(m + ".weight").dtype] for m in target_list}
+    job = {
+        "format_version": FORMAT_VERSION,
+        "source_fingerprint": ckpt.fingerprint(),
+        "rank": rank,
+        "target_modules": target_list,
+        "svd": {
+            "method": svd,
+            "oversample": oversample if svd == "randomized" else None,
+            "niter": niter if svd == "randomized" else None,
+            "seed": seed,
+            "compute_dtype": compute_dtype,
+        },
+        "factor_dtype": factor_dtype,
+        "residual_dtype": residual_dtype,
+    }
+    job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+    partial = out / PARTIAL_DIR
+
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"{out} is a file; -o must name a directory")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not force:
+        done_cfg = out / CONFIG_FILE
+        if done_cfg.exists() and _read_job_id(done_cfg) == job_id:
+            stats = json.loads(done_cfg.read_text())["modules"]
+            return _result(out, stats, rank, t0, svd, dev, len(ckpt.shards), len(ckpt.shards), True, warnings)
+        if not (partial / "job.json").exists() or _read_job_id(partial / "job.json") != job_id:
+            raise OutputDirError(
+                f"{out} already holds other files (e.g. {existing[0]}); choose a new or empty "
+                "directory, or pass --force to replace its contents"
+            )
+    elif existing and force:
+        _clear_dir(out, src.path)
+    out.mkdir(parents=True, exist_ok=True)
+    partial.mkdir(exist_ok=True)
+    atomic_write_json(partial / "job.json", {"job_id": job_id, **job})
+
+    shard_done = [_shard_is_done(out, partial, s.path.name) for s in ckpt.shards]
+    target_set = set(target_list)
+    out_sizes = {s.path.name: _out_shard_bytes(s, target_set, res_dtypes) for s in ckpt.shards}
+    need = sum(sz for s, sz in out_sizes.items() if not shard_done[ckpt.shard_names.index(s)])
+    need += 2 * sum(_factor_bytes(ckpt.info(m + ".weight").shape, rank, fdt) for m in target_list)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise DiskFullError(
+            f"{out} needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free there; "
+            "free space or choose another -o"
+        )
+
+    total_bytes = sum(out_sizes.values())
+    done_bytes = sum(out_sizes[s.path.name] for s, d in zip(ckpt.shards, shard_done) if d)
+    done_mods = sum(
+        1 for m in target_list if shard_done[ckpt.shard_names.index(ckpt.weight_map[m + ".weight"])]
+    )
+    progress.start(len(target_list), total_bytes, done_mods, done_bytes)
+
+    sample = (
+        {target_list[i] for i in _sample_positions(len(target_list), check_sample)}
+        if svd == "randomized"
+        else set()
+    )
+    ctx = _Ctx(rank, svd, oversample, niter, seed, dev, cdt, fdt, res_dtypes, sample)
+    todo = [s for s, d in zip(ckpt.shards, shard_done) if not d]
+    if todo:
+        _run_pipeline(ckpt, todo, target_set, ctx, out, partial, progress)
+
+    all_stats: dict[str, dict] = {}
+    for s in ckpt.shards:
+        all_stats.update(json.loads((partial / _stats_name(s.path.name)).read_text()))
+    _finalize(ckpt, src, out, partial, target_list, all_stats, job, job_id, fdt, rank)
+    return _result(
+        out, all_stats, rank, t0, svd, dev, len(ckpt.shards), len(ckpt.shards) - len(todo), False, warnings
+    )
+
+
+def _read_job_id(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("job_id")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings) -> DecomposeResult:
+    energies = [s["energy_captured"] for s in stats.values()]
+    errs = [s["s_max_rel_error"] for s in stats.values() if s.get("s_max_rel_error") is not None]
+    return DecomposeResult(
+        out_dir=out,
+        modules=len(stats),
+        rank=rank,
+        seconds=time.perf_counter() - t0,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        mean_energy_captured=sum(energies) / max(len(energies), 1),
+        max_reconstruction_error=max((s["reconstruction_error"] for s in stats.values()), default=0.0),
+        max_s_rel_error=max(errs) if errs else (0.0 if svd == "exact" else None),
+        svd=svd,
+        device=dev,
+        shards=shards,
+        resumed_shards=resumed,
+        already_done=already,
+        warnings=list(warnings),
+    )
+
+
+def _factors_name(shard: str) -> str:
+    return f"factors-{shard}"
+
+
+def _stats_name(shard: str) -> str:
+    return f"stats-{shard}.json"
+
+
+def _shard_is_done(out: Path, partial: Path, shard: str) -> bool:
+    return all(
+        p.exists() for p in (out / shard, partial / _factors_name(shard), partial / _stats_name(shard))
+    )
+
+
+def _out_dtype_code(info, target_set, res_dtypes) -> str:
+    m = info.name.removesuffix(".weight")
+    if info.name.endswith(".weight") and m in target_set:
+        return DTYPE_CODES[res_dtypes[m]]
+    return info.dtype
+
+
+def _out_shard_bytes(shard: SafetensorsFile, target_set, res_dtypes) -> int:
+    total = 0
+    for info in shard.tensors.values():
+        code = _out_dtype_code(info, target_set, res_dtypes)
+        total += (
+            info.numel * torch.empty((), dtype=DTYPES[code]).element_size() if code in DTYPES else info.nbytes
+        )
+    return total
+
+
+def _factor_bytes(shape, rank, fdt) -> int:
+    return (shape[0] + shape[1] + 1) * rank * torch.empty((), dtype=fdt).element_size()
+
+
+@dataclass
+class _Ctx:
+    rank: int
+    svd: str
+    oversample: int
+    niter: int
+    seed: int
+    device: str
+    compute_dtype: torch.dtype
+    factor_dtype: torch.dtype
+    res_dtypes: dict[str, torch.dtype]
+    sample: set[str]
+
+
+def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
+    """SVD one matrix and form its residual; runs on the compute thread."""
+    m = name.removesuffix(".weight")
+    W = read.result().to(device=ctx.device, dtype=ctx.compute_dtype)
+    if ctx.svd == "exact":
+        f = exact_svd(W, ctx.rank)
+    else:
+        g = torch.Generator().manual_seed(_module_seed(ctx.seed, m))
+        f = randomized_svd(W, ctx.rank, ctx.oversample, ctx.niter, g)
+    # round the factors to their storage dtype first, so that W_r + the *stored* factors == W
+    f = Factors(*(t.to(ctx.factor_dtype).to(ctx.compute_dtype) for t in (f.U, f.S, f.Vt)))
+    W_r = residual(W, f).to(ctx.res_dtypes[m]).cpu()
+    stats = {
+        "shape": list(W.shape),
+        "energy_captured": energy_captured(f.S, W),
+        "sigma_1": float(f.S[0]),
+        "sigma_r": float(f.S[-1]),
+        "s_max_rel_error": None,
+    }
+    if m in ctx.sample:
+        exact = exact_singular_values(W)[: ctx.rank].double()
+        rel = (f.S.double() - exact).abs() / exact.clamp_min(torch.finfo(torch.float64).tiny)
+        stats["s_max_rel_error"] = float(rel.max())
+        stats["s_mean_rel_error"] = float(rel.mean())
+        stats["energy_vs_optimal"] = float(f.S.double().square().sum() / exact.square().sum())
+    factors = Factors(*(t.to(ctx.factor_dtype).cpu() for t in (f.U, f.S, f.Vt)))
+    del W
+    return _Done(m, factors, W_r, stats)
+
+
+def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path, progress: Progress) -> None:
+    items = [
+        (s, info)
+        for s in shards
+        for info in s.tensors.values()
+        if info.name.endswith(".weight") and info.name.removesuffix(".weight") in target_set
+    ]
+    reads: dict[str, Future] = {}
+    computes: dict[str, Future] = {}
+    nxt = 0
+    with (
+        ThreadPoolExecutor(2, thread_name_prefix="sorsa-read") as io_pool,
+        ThreadPoolExecutor(1, thread_name_prefix="sorsa-svd") as cpu_pool,
+    ):
+
+        def submit_until(k: int) -> None:
+            nonlocal nxt
+            while nxt < min(k, len(items)):
+                s, info = items[nxt]
+                reads[info.name] = io_pool.submit(s.read_tensor, info.name)
+                computes[info.name] = cpu_pool.submit(_compute, info.name, reads[info.name], ctx)
+                nxt += 1
+
+        pos = 0
+        try:
+            for shard in shards:
+                done: dict[str, _Done] = {}
+                specs = [
+                    (i.name, _out_dtype_code(i, target_set, ctx.res_dtypes), i.shape)
+                    for i in shard.tensors.values()
+                ]
+                dest = out / shard.path.name
+                with StreamWriter(dest, specs, shard.metadata) as w:
+                    for info in shard.tensors.values():
+                        m = info.name.removesuffix(".weight")
+                        if info.name.endswith(".weight") and m in target_set:
+                            submit_until(pos + 1 + LOOKAHEAD)
+                            d = computes.pop(info.name).result()
+                            reads.pop(info.name)
+                            pos += 1
+                            w.write(info.name, d.residual)
+                            d.residual = None  # free early: the verifier reads it back from disk
+                            done[m] = d
+                            progress.advance(1, info.nbytes, m)
+                        else:
+                            w.copy_from(info.name, shard.path, info)
+                            progress.advance(0, info.nbytes, info.name)
+                    tmp = w.finish_to_temp()
+                    submit_until(pos + 1 + LOOKAHEAD)
+                    _verify_shard(tmp, shard, done, target_set, ctx)
+                    tensors = {}
+                    for m, d in done.items():
+                        nU, nS, nV = factor_names(m)
+                        tensors.update({nU: d.factors.U, nS: d.factors.S, nV: d.factors.Vt})
+                    write_tensors(partial / _factors_name(shard.path.name), tensors)
+                    atomic_write_json(
+                        partial / _stats_name(shard.path.name), {m: d.stats for m, d in done.items()}
+                    )
+                    w.commit()
+                progress.note(f"{shard.path.name}: {len(done)} modules written and verified")
+        finally:
+            for f in computes.values():
+                f.cancel()
+
+
+def _verify_shard(tmp: Path, src: SafetensorsFile, done: dict[str, _Done], target_set, ctx: _Ctx) -> None:
+    """Read the written shard back: non-targets byte-identical, W_r + U S Vt == W on a probe."""
+    written = SafetensorsFile(tmp)
+    if list(written.tensors) != list(src.tensors):
+        raise VerificationError(f"{tmp.name}: written tensor list differs from {src.path.name}")
+    for info in src.tensors.values():
+        m = info.name.removesuffix(".weight")
+        winfo = written.tensors[info.name]
+        if info.name.endswith(".weight") and m in target_set:
+            W = src.read_tensor(info.name).float()
+            W_r = written.read_tensor(info.name).float()
+            d = done[m]
+            err = reconstruction_error(W, W_r, d.factors)
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(W.shape[1], 4, generator=g)
+            ratio = float((W_r @ x).norm() / (W @ x).norm().clamp_min(1e-30))
+            tol = torch.finfo(ctx.res_dtypes[m]).eps * ratio + 2e-5
+            d.stats["reconstruction_error"] = err
+            if not err <= tol:
+                raise VerificationError(
+                    f"{m}: W_r + U diag(S) Vt differs from W by {err:.2e} (tolerance {tol:.1e}) after "
+                    f"writing {src.path.name}; check the disk and run again"
+                )
+        else:
+            same = all(
+                a == b
+                for a, b in zip(
+                    iter_file_chunks(src.path, info.start, info.nbytes),
+                    iter_file_chunks(tmp, winfo.start, winfo.nbytes),
+                )
+            )
+            if not same:
+                raise VerificationError(
+                    f"{info.name} was not copied bit-identically into {src.path.name}; check the disk"
+                )
+
+
+def _finalize(
+    ckpt: Checkpoint, src, out: Path, partial: Path, targets, stats, job, job_id, fdt, rank
+) -> None:
+    # the adapter: factors gathered from the per-shard files, in target order
+    factor_files = {s.path.name: SafetensorsFile(partial / _factors_name(s.path.name)) for s in ckpt.shards}
+    specs = adapter_tensor_specs(
+        {m: tuple(ckpt.info(m + ".weight").shape) for m in targets}, rank, DTYPE_CODES[fdt]
+    )
+    with StreamWriter(
+        out / ADAPTER_FILE, specs, {"format": "pt", "sorsa_format_version": str(FORMAT_VERSION)}
+    ) as w:
+        for name, _, _ in specs:
+            module = name.rsplit(".", 1)[0]
+            ff = factor_files[ckpt.weight_map[module + ".weight"]]
+            w.copy_from(name, ff.path, ff.tensors[name])
+        w.commit()
+    if ckpt.index is not None:
+        written = [SafetensorsFile(out / s.path.name) for s in ckpt.shards]
+        total = sum(f.size - f.data_start for f in written)
+        index = dict(ckpt.index)
+        index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+        atomic_write_json(out / INDEX_NAME, index)
+    for p in ckpt.side_files():
+        atomic_copy(p, out / p.name)
+    res_dtypes = sorted(
+        {
+            _dtype_name(
+                DTYPES[SafetensorsFile(out / ckpt.weight_map[m + ".weight"]).tensors[m + ".weight"].dtype]
+            )
+            for m in targets
+        }
+    )
+    src_dtypes = sorted({_dtype_name(DTYPES[ckpt.info(m + ".weight").dtype]) for m in targets})
+    for m in targets:
+        stats[m]["shard"] = ckpt.weight_map[m + ".weight"]
+    config = {
+        "format_version": FORMAT_VERSION,
+        "kind": "decomposition",
+        "job_id": job_id,
+        "rank": rank,
+        "target_modules": targets,
+        "base_model": {
+            "name_or_path": src.name,
+            "source": src.source,
+            "revision": src.revision,
+            "local_path": str(src.path),
+            "fingerprint": job["source_fingerprint"],
+            "model_type": ckpt.config.get("model_type"),
+            "architectures": ckpt.config.get("architectures"),
+        },
+        "svd": {
+            **job["svd"],
+            "orientation": "tall (wide matrices are transposed)",
+            "sign_convention": "largest-magnitude entry of each U column is positive",
+        },
+        "dtypes": {"factors": _dtype_name(fdt), "residual": res_dtypes, "source": src_dtypes},
+        "residual_checkpoint": {
+            "index": INDEX_NAME if ckpt.index is not None else None,
+            "shards": ckpt.shard_names,
+        },
+        "tool": {"name": "sorsa-tools", "version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "modules": stats,
+    }
+    atomic_write_json(out / CONFIG_FILE, config)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def summary_dict(r: DecomposeResult) -> dict:
+    d = asdict(r)
+    d["out_dir"] = str(r.out_dir)
+    return d

@@ -1,0 +1,52 @@
+"""Typed errors. The library raises these and never prints or exits; the CLI turns each into one
+line and a non-zero exit code. Every message names what was wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class SorsaError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(SorsaError):
+    """A bad argument (rank, targets, dtype, device...)."""
+
+
+class ModelNotFoundError(SorsaError):
+    """MODEL is neither a local directory nor a reachable Hub repository."""
+
+
+class HubError(SorsaError):
+    """The Hub could not be reached, or refused the request."""
+
+
+class CheckpointError(SorsaError):
+    """The source checkpoint is incomplete, corrupt or of an unsupported kind."""
+
+
+class RankError(InputError):
+    """The requested rank does not fit some target matrix."""
+
+
+class TargetError(InputError):
+    """The target selection matched nothing, or matched tensors that cannot be adapted."""
+
+
+class OutputDirError(SorsaError):
+    """The output directory holds files of something else."""
+
+
+class DiskFullError(SorsaError):
+    """The disk ran out of space; what was finished is kept and the job can be resumed."""
+
+
+class VerificationError(SorsaError):
+    """A written file did not reproduce the source when read back."""
+
+    exit_code = 3
+
+
+class NotDecomposedError(SorsaError):
+    """A directory that should hold a SORSA decomposition or adapter does not."""

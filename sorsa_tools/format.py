@@ -1,0 +1,58 @@
+"""The SORSA adapter format: names, file names and readers shared by every stage.
+
+`sorsa_adapter.safetensors` holds, for each target module M, `M.sorsa_U` (out, r),
+`M.sorsa_S` (r,) and `M.sorsa_Vt` (r, in); `sorsa_config.json` describes them. This is a
+user-facing contract: change it only with a new FORMAT_VERSION.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sorsa_tools.errors import NotDecomposedError
+
+FORMAT_VERSION = 1
+ADAPTER_FILE = "sorsa_adapter.safetensors"
+CONFIG_FILE = "sorsa_config.json"
+SUFFIXES = ("sorsa_U", "sorsa_S", "sorsa_Vt")
+
+
+def factor_names(module: str) -> tuple[str, str, str]:
+    return tuple(f"{module}.{s}" for s in SUFFIXES)  # type: ignore[return-value]
+
+
+def adapter_tensor_specs(
+    shapes: dict[str, tuple[int, int]], rank: int, dtype_code: str
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of every adapter tensor, in module order."""
+    specs = []
+    for m, (out_f, in_f) in shapes.items():
+        nU, nS, nV = factor_names(m)
+        specs += [(nU, dtype_code, (out_f, rank)), (nS, dtype_code, (rank,)), (nV, dtype_code, (rank, in_f))]
+    return specs
+
+
+def read_config(directory: str | Path) -> dict:
+    """The sorsa_config.json of a decomposed dir or trained run, checked for a known version."""
+    d = Path(directory)
+    path = d / CONFIG_FILE
+    if not d.is_dir():
+        raise NotDecomposedError(f"no such directory: {d}; pass the output of `sorsa decompose`")
+    if not path.is_file():
+        hint = (
+            " (an unfinished decomposition: run the same `sorsa decompose` command again)"
+            if (d / ".sorsa-partial").exists()
+            else "; pass the output directory of `sorsa decompose`"
+        )
+        raise NotDecomposedError(f"{d} has no {CONFIG_FILE}{hint}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NotDecomposedError(f"{path} is not valid JSON ({e}); re-create the directory") from None
+    version = cfg.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise NotDecomposedError(
+            f"{path} has format_version {version!r}; this sorsa-tools reads up to {FORMAT_VERSION}: upgrade it"
+        )
+    return cfg
