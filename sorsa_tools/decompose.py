@@ -293,7 +293,7 @@ def decompose(
         )
 
     total_bytes = sum(out_sizes.values())
-    done_bytes = sum(out_sizes[s.path.name] for s, d in zip(ckpt.shards, shard_done) if d)
+    done_bytes = sum(out_sizes[s.path.name] for s, d in zip(ckpt.shards, shard_done, strict=True) if d)
     done_mods = sum(
         1 for m in target_list if shard_done[ckpt.shard_names.index(ckpt.weight_map[m + ".weight"])]
     )
@@ -305,7 +305,7 @@ def decompose(
         else set()
     )
     ctx = _Ctx(rank, svd, oversample, niter, seed, dev, cdt, fdt, res_dtypes, sample)
-    todo = [s for s, d in zip(ckpt.shards, shard_done) if not d]
+    todo = [s for s, d in zip(ckpt.shards, shard_done, strict=True) if not d]
     if todo:
         _run_pipeline(ckpt, todo, target_set, ctx, out, partial, progress)
 
@@ -519,6 +519,7 @@ def _verify_shard(tmp: Path, src: SafetensorsFile, done: dict[str, _Done], targe
                 for a, b in zip(
                     iter_file_chunks(src.path, info.start, info.nbytes),
                     iter_file_chunks(tmp, winfo.start, winfo.nbytes),
+                    strict=True,
                 )
             )
             if not same:
