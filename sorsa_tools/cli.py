@@ -116,7 +116,9 @@ def decompose(
     targets: Annotated[
         str, typer.Option(help="Comma-separated module names (q_proj,v_proj) or a regex on module names.")
     ] = None,
-    svd: Annotated[str, typer.Option(help="randomized (fast, default) or exact (LAPACK).")] = "randomized",
+    svd: Annotated[
+        str, typer.Option(help="auto (exact where cheap, else randomized), randomized or exact.")
+    ] = "auto",
     oversample: Annotated[
         int, typer.Option(help="Extra sketch columns for randomized SVD [default: rank].")
     ] = None,

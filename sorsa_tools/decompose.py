@@ -66,6 +66,7 @@ from sorsa_tools.svd import (
 
 PARTIAL_DIR = ".sorsa-partial"
 LOOKAHEAD = 2
+AUTO_EXACT_FACTOR = 4
 FLOAT_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -148,8 +149,8 @@ def _dtype_name(d: torch.dtype) -> str:
 def _check_options(rank: int, svd: str, oversample: int | None, niter: int, check_sample: int) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise RankError(f"--rank must be a positive integer, got {rank}")
-    if svd not in ("exact", "randomized"):
-        raise InputError(f"--svd must be exact or randomized, not {svd!r}")
+    if svd not in ("auto", "exact", "randomized"):
+        raise InputError(f"--svd must be auto, exact or randomized, not {svd!r}")
     if oversample is not None and oversample < 0:
         raise InputError(f"--oversample must be 0 or more, got {oversample}")
     if niter < 0:
@@ -188,6 +189,13 @@ def _clear_dir(out: Path, source: Path) -> None:
             p.unlink()
 
 
+def _method_for(svd: str, shape, rank: int, oversample: int) -> str:
+    """auto: the exact SVD where it costs about as much as a randomized one (small matrices)."""
+    if svd != "auto":
+        return svd
+    return "exact" if min(shape) <= AUTO_EXACT_FACTOR * (rank + oversample) else "randomized"
+
+
 def _sample_positions(n: int, k: int) -> set[int]:
     if k <= 0 or n == 0:
         return set()
@@ -203,7 +211,7 @@ def decompose(
     *,
     revision: str | None = None,
     targets: str | None = None,
-    svd: str = "randomized",
+    svd: str = "auto",
     oversample: int | None = None,
     niter: int = 4,
     seed: int = 0,
@@ -217,9 +225,11 @@ def decompose(
 ) -> DecomposeResult:
     """Decompose every target weight of MODEL into W_r (written as an HF checkpoint) + U, S, Vt.
 
-    `oversample` defaults to `rank` (a sketch of 2r columns), which with `niter=4` puts the top-r
-    singular values within ~0.05 % of exact; `svd="exact"` runs the full LAPACK SVD instead.
-    `check_sample` modules get an exact SVD too, to record the accuracy actually reached.
+    `svd="auto"` runs the exact LAPACK SVD where it is cheap (min(out, in) <= 4 (rank +
+    oversample)) and the randomized one elsewhere; `oversample` defaults to `rank` (a sketch of 2r
+    columns), which with `niter=4` put the top-r singular values of Llama-2-7B-shaped weights
+    within 0.03 % of exact (docs/BENCHMARKS.md). `check_sample` randomized modules also get an
+    exact SVD, to record the accuracy actually reached.
     """
     t0 = time.perf_counter()
     progress = progress or Progress()
@@ -250,8 +260,9 @@ def decompose(
         "target_modules": target_list,
         "svd": {
             "method": svd,
-            "oversample": oversample if svd == "randomized" else None,
-            "niter": niter if svd == "randomized" else None,
+            "oversample": oversample if svd != "exact" else None,
+            "niter": niter if svd != "exact" else None,
+            "auto_exact_below": AUTO_EXACT_FACTOR * (rank + oversample) if svd == "auto" else None,
             "seed": seed,
             "compute_dtype": compute_dtype,
         },
@@ -278,6 +289,8 @@ def decompose(
         _clear_dir(out, src.path)
     out.mkdir(parents=True, exist_ok=True)
     partial.mkdir(exist_ok=True)
+    for stale in [*out.glob(".*.tmp-*"), *partial.glob(".*.tmp-*")]:  # left by a killed run
+        stale.unlink(missing_ok=True)
     atomic_write_json(partial / "job.json", {"job_id": job_id, **job})
 
     shard_done = [_shard_is_done(out, partial, s.path.name) for s in ckpt.shards]
@@ -299,10 +312,13 @@ def decompose(
     )
     progress.start(len(target_list), total_bytes, done_mods, done_bytes)
 
+    randomized = [
+        m
+        for m in target_list
+        if _method_for(svd, ckpt.info(m + ".weight").shape, rank, oversample) == "randomized"
+    ]
     sample = (
-        {target_list[i] for i in _sample_positions(len(target_list), check_sample)}
-        if svd == "randomized"
-        else set()
+        {randomized[i] for i in _sample_positions(len(randomized), check_sample)} if randomized else set()
     )
     ctx = _Ctx(rank, svd, oversample, niter, seed, dev, cdt, fdt, res_dtypes, sample)
     todo = [s for s, d in zip(ckpt.shards, shard_done, strict=True) if not d]
@@ -336,7 +352,9 @@ def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings) 
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         mean_energy_captured=sum(energies) / max(len(energies), 1),
         max_reconstruction_error=max((s["reconstruction_error"] for s in stats.values()), default=0.0),
-        max_s_rel_error=max(errs) if errs else (0.0 if svd == "exact" else None),
+        max_s_rel_error=max(errs)
+        if errs
+        else (0.0 if all(s.get("method") == "exact" for s in stats.values()) else None),
         svd=svd,
         device=dev,
         shards=shards,
@@ -399,7 +417,8 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
     """SVD one matrix and form its residual; runs on the compute thread."""
     m = name.removesuffix(".weight")
     W = read.result().to(device=ctx.device, dtype=ctx.compute_dtype)
-    if ctx.svd == "exact":
+    method = _method_for(ctx.svd, W.shape, ctx.rank, ctx.oversample)
+    if method == "exact":
         f = exact_svd(W, ctx.rank)
     else:
         g = torch.Generator().manual_seed(_module_seed(ctx.seed, m))
@@ -409,6 +428,7 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
     W_r = residual(W, f).to(ctx.res_dtypes[m]).cpu()
     stats = {
         "shape": list(W.shape),
+        "method": method,
         "energy_captured": energy_captured(f.S, W),
         "sigma_1": float(f.S[0]),
         "sigma_r": float(f.S[-1]),

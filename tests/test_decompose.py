@@ -1,0 +1,272 @@
+"""decompose on tiny real-architecture checkpoints: the invariants of the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sorsa_tools import decompose
+from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, factor_names
+from sorsa_tools.io.checkpoint import open_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def all_tensors(d: Path, skip_adapter: bool = True) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in sorted(d.glob("*.safetensors")):
+        if skip_adapter and p.name == ADAPTER_FILE:
+            continue
+        out.update(load_file(p))
+    return out
+
+
+def raw_bytes(d: Path) -> dict[str, bytes]:
+    """Each tensor's raw bytes, read with the official safetensors library."""
+    out = {}
+    for p in sorted(d.glob("*.safetensors")):
+        if p.name == ADAPTER_FILE:
+            continue
+        with safe_open(p, "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [
+        ("llama", torch.float32),
+        ("llama", torch.bfloat16),
+        ("qwen2", torch.bfloat16),
+        ("gemma3", torch.float32),
+        ("gemma3", torch.bfloat16),
+    ],
+)
+def test_invariants(tiny_factory, tmp_path, kind, dtype):
+    src = tiny_factory(kind, dtype)
+    assert len(list(src.glob("*.safetensors"))) >= 3, "fixture must be sharded"
+    out = tmp_path / "dec"
+    r = decompose(str(src), 8, out, svd="randomized")
+    assert r.modules == 14 and not r.already_done
+
+    cfg = json.loads((out / CONFIG_FILE).read_text())
+    assert cfg["format_version"] == 1 and cfg["rank"] == 8 and cfg["kind"] == "decomposition"
+    assert cfg["tool"]["name"] == "sorsa-tools" and cfg["tool"]["version"]
+    assert cfg["base_model"]["name_or_path"] == str(src) and cfg["svd"]["method"] == "randomized"
+    assert cfg["dtypes"]["factors"] == "float32"
+    targets = cfg["target_modules"]
+    assert len(targets) == 14 and all(t.split(".")[-1].endswith("_proj") for t in targets)
+
+    before, after = all_tensors(src), all_tensors(out)
+    b_raw, a_raw = raw_bytes(src), raw_bytes(out)
+    assert before.keys() == after.keys()
+    adapter = load_file(out / ADAPTER_FILE)
+    assert len(adapter) == 3 * len(targets)
+    eps = torch.finfo(dtype).eps
+    for name in before:
+        m = name.removesuffix(".weight")
+        if m not in targets:
+            assert a_raw[name] == b_raw[name], f"{name} changed"
+            continue
+        U, S, Vt = (adapter[n] for n in factor_names(m))
+        W = before[name].double()
+        assert U.dtype == S.dtype == Vt.dtype == torch.float32
+        assert U.shape == (W.shape[0], 8) and S.shape == (8,) and Vt.shape == (8, W.shape[1])
+        assert after[name].dtype == dtype
+        recon = after[name].double() + (U.double() * S.double()) @ Vt.double()
+        rel = float((recon - W).norm() / W.norm())
+        assert rel < (1e-6 if dtype == torch.float32 else eps), (name, rel)
+        assert torch.all(S[:-1] >= S[1:]) and torch.all(S > 0)
+        eye = torch.eye(8, dtype=torch.float64)
+        assert torch.allclose(U.double().T @ U.double(), eye, atol=1e-5)
+        assert torch.allclose(Vt.double() @ Vt.double().T, eye, atol=1e-5)
+        # randomized top-r singular values of a decaying spectrum: close to exact
+        exact = torch.linalg.svdvals(W)[:8]
+        assert torch.allclose(S.double(), exact, rtol=2e-3), (name, S, exact)
+    # the residual checkpoint is a normal HF checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model is not None
+    assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert idx["weight_map"] == json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not list(out.glob(".*")), "temp or partial files left behind"
+
+
+def test_exact_svd_matches_lapack(tiny_factory, tmp_path):
+    src = tiny_factory("llama", torch.float32)
+    out = tmp_path / "dec"
+    r = decompose(str(src), 12, out, svd="exact")
+    assert r.max_s_rel_error == 0.0
+    before = all_tensors(src)
+    adapter = load_file(out / ADAPTER_FILE)
+    for m in json.loads((out / CONFIG_FILE).read_text())["target_modules"]:
+        exact = torch.linalg.svdvals(before[m + ".weight"].double())[:12]
+        S = adapter[m + ".sorsa_S"].double()
+        assert torch.allclose(S, exact, rtol=1e-5, atol=0), m
+
+
+def test_logits_equal_after_adding_factors_back(tiny_factory, tmp_path):
+    """The residual model plus U diag(S) Vt is the original model: same logits."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_factory("qwen2", torch.float32)
+    out = tmp_path / "dec"
+    decompose(str(src), 8, out)
+    base = AutoModelForCausalLM.from_pretrained(src).eval()
+    resid = AutoModelForCausalLM.from_pretrained(out).eval()
+    adapter = load_file(out / ADAPTER_FILE)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = base(ids).logits
+        before = resid(ids).logits
+        params = dict(resid.named_parameters())
+        for m in json.loads((out / CONFIG_FILE).read_text())["target_modules"]:
+            U, S, Vt = (adapter[n] for n in factor_names(m))
+            params[m + ".weight"].add_((U * S) @ Vt)
+        got = resid(ids).logits
+    assert not torch.allclose(before, ref, atol=1e-3), "the residual alone must differ from the base"
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), float((got - ref).abs().max())
+
+
+def test_auto_svd_is_exact_on_small_matrices(tiny_factory, tmp_path):
+    src = tiny_factory("llama", torch.float32)
+    r = decompose(str(src), 8, tmp_path / "d")  # min(out, in) = 32..64 <= 4 * (8 + 8)
+    cfg = json.loads((tmp_path / "d" / CONFIG_FILE).read_text())
+    assert cfg["svd"]["method"] == "auto" and r.max_s_rel_error == 0.0
+    assert {s["method"] for s in cfg["modules"].values()} == {"exact"}
+    r = decompose(str(src), 4, tmp_path / "e", oversample=0)  # 4 * 4 = 16 < 32: randomized
+    cfg = json.loads((tmp_path / "e" / CONFIG_FILE).read_text())
+    assert {s["method"] for s in cfg["modules"].values()} == {"randomized"}
+    sampled = [s for s in cfg["modules"].values() if s["s_max_rel_error"] is not None]
+    assert len(sampled) == 2 and r.max_s_rel_error == max(s["s_max_rel_error"] for s in sampled)
+
+
+def test_factor_and_residual_dtypes(tiny_factory, tmp_path):
+    src = tiny_factory("llama", torch.bfloat16)
+    out = tmp_path / "dec"
+    decompose(str(src), 8, out, factor_dtype="bfloat16", residual_dtype="float32")
+    adapter = load_file(out / ADAPTER_FILE)
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    before, after = all_tensors(src), all_tensors(out)
+    for m in json.loads((out / CONFIG_FILE).read_text())["target_modules"]:
+        U, S, Vt = (adapter[n].double() for n in factor_names(m))
+        assert after[m + ".weight"].dtype == torch.float32
+        # W_r was formed from the stored (rounded) factors: the sum is exact to f32 rounding
+        W = before[m + ".weight"].double()
+        assert float((after[m + ".weight"].double() + (U * S) @ Vt - W).norm() / W.norm()) < 1e-6
+
+
+def test_targets_selection(tiny_factory, tmp_path):
+    src = tiny_factory("llama", torch.float32)
+    r = decompose(str(src), 4, tmp_path / "a", targets="q_proj,v_proj")
+    cfg = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    assert r.modules == 4 and all(m.endswith(("q_proj", "v_proj")) for m in cfg["target_modules"])
+    decompose(str(src), 4, tmp_path / "b", targets=r"layers\.1\.mlp\.(up|down)_proj$")
+    cfg = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    assert cfg["target_modules"] == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"] or sorted(
+        cfg["target_modules"]
+    ) == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    decompose(str(src), 4, tmp_path / "c", targets="lm_head")  # asked for explicitly: allowed
+    assert json.loads((tmp_path / "c" / CONFIG_FILE).read_text())["target_modules"] == ["lm_head"]
+
+
+def test_default_targets_never_touch_embeddings_norms_head(tiny_factory, tmp_path):
+    src = tiny_factory("llama", torch.float32)
+    decompose(str(src), 4, tmp_path / "d")
+    targets = json.loads((tmp_path / "d" / CONFIG_FILE).read_text())["target_modules"]
+    assert not any(("embed" in t) or ("norm" in t) or t == "lm_head" for t in targets)
+
+
+def test_generic_rule_for_unknown_architecture(tiny_factory, tmp_path):
+    src = tiny_factory("phi", torch.float32)
+    r = decompose(str(src), 4, tmp_path / "d")
+    assert r.warnings and "not in the target table" in r.warnings[0]
+    targets = json.loads((tmp_path / "d" / CONFIG_FILE).read_text())["target_modules"]
+    assert "model.layers.0.mlp.fc1" in targets and "model.layers.0.self_attn.dense" in targets
+    assert "lm_head" not in targets and not any("embed" in t for t in targets)
+
+
+def test_rerun_reports_done_and_force_redoes(tiny_factory, tmp_path):
+    src = tiny_factory("llama", torch.float32)
+    out = tmp_path / "d"
+    decompose(str(src), 4, out)
+    again = decompose(str(src), 4, out)
+    assert again.already_done and again.modules == 14
+    forced = decompose(str(src), 4, out, force=True)
+    assert not forced.already_done
+
+
+def _file_bytes(d: Path) -> dict[str, bytes]:
+    out = {}
+    for p in sorted(d.iterdir()):
+        data = p.read_bytes()
+        if p.name == CONFIG_FILE:
+            cfg = json.loads(data)
+            cfg.pop("created")
+            data = json.dumps(cfg, sort_keys=True).encode()
+        out[p.name] = data
+    return out
+
+
+@pytest.mark.parametrize("kill_after_modules", [4, 6])
+def test_resume_after_kill_equals_uninterrupted(tiny_factory, tmp_path, kill_after_modules):
+    """SIGKILL the process mid-job (after a shard / inside a shard); a rerun finishes the same bytes."""
+    src = tiny_factory("llama", torch.bfloat16)
+    ref = tmp_path / "ref"
+    decompose(str(src), 8, ref)
+    out = tmp_path / "out"
+    script = f"""
+import os, signal
+from sorsa_tools.decompose import decompose, Progress
+class P(Progress):
+    n = 0
+    def advance(self, modules, nbytes, label):
+        self.n += modules
+        if self.n >= {kill_after_modules}:
+            os.kill(os.getpid(), signal.SIGKILL)
+decompose({str(src)!r}, 8, {str(out)!r}, progress=P())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / CONFIG_FILE).exists() and (out / ".sorsa-partial").exists()
+    r = decompose(str(src), 8, out)
+    assert r.resumed_shards >= 1
+    assert _file_bytes(out) == _file_bytes(ref)
+
+
+def test_cuda_decompose_matches_cpu(tiny_factory, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src = tiny_factory("llama", torch.float32)
+    decompose(str(src), 8, tmp_path / "cpu", device="cpu", svd="exact")
+    decompose(str(src), 8, tmp_path / "gpu", device="cuda", svd="exact")
+    a, b = load_file(tmp_path / "cpu" / ADAPTER_FILE), load_file(tmp_path / "gpu" / ADAPTER_FILE)
+    for k in a:
+        if k.endswith("sorsa_S"):
+            assert torch.allclose(a[k], b[k], rtol=1e-4)
+
+
+def test_checkpoint_index_reads_headers_only(tiny_factory):
+    src = tiny_factory("gemma3", torch.bfloat16)
+    ck = open_checkpoint(src)
+    assert len(ck.shards) >= 3
+    assert set(ck.weight_map) == set(all_tensors(src))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(ck.shard_of(name).read_tensor(name), all_tensors(src)[name])
+
+
+def test_env_is_offline():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
