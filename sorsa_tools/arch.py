@@ -147,7 +147,8 @@ def select_targets(
                     f"--targets {spec!r} matches only tensors that are not 2-D weights (e.g. {bad[0]}); "
                     "name linear layers such as q_proj,v_proj"
                 )
-            example = modules_2d[0] if modules_2d else "model.layers.0.self_attn.q_proj"
+            in_blocks = [m for m in modules_2d if re.search(r"\.\d+\.", m)]
+            example = (in_blocks or modules_2d or ["model.layers.0.self_attn.q_proj"])[0]
             raise TargetError(
                 f"--targets {spec!r} matches no 2-D weight of this checkpoint; module names look like "
                 f"{example} (use names such as q_proj,v_proj or a regex)"

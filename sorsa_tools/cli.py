@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -58,6 +59,11 @@ def handle_errors(fn):
         except OSError as e:
             if os.environ.get("SORSA_DEBUG"):
                 raise
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                _fail(
+                    f"no space left on the device ({e.filename or 'while writing'}); free space and run again",
+                    1,
+                )
             _fail(f"{e.strerror or e} ({e.filename or 'no file'}); check the path and permissions", 1)
 
     return wrapper
@@ -93,7 +99,8 @@ class _RichProgress:
         self.p.update(self.byte_task, advance=nbytes)
 
     def note(self, message: str) -> None:
-        self.p.console.print(f"[dim]{message}[/]", highlight=False)
+        if not self.p.disable:  # progress chatter only on a terminal; errors stay one line in logs
+            self.p.console.print(f"[dim]{message}[/]", highlight=False)
 
 
 DECOMPOSE_EPILOG = """[bold]Examples[/]
@@ -174,30 +181,21 @@ def decompose(
             f"[green]{r.out_dir} is already a finished decomposition of {model} with these settings.[/]"
         )
         return
-    t = Table(title=f"sorsa decompose → {r.out_dir}", show_header=True)
-    for c in (
-        "modules",
-        "rank",
-        "svd",
-        "device",
-        "time",
-        "peak RSS",
-        "mean energy",
-        "max S err",
-        "max recon err",
-    ):
-        t.add_column(c)
-    t.add_row(
-        str(r.modules),
-        str(r.rank),
-        r.svd,
-        r.device,
-        f"{r.seconds:.1f} s",
-        f"{r.peak_rss_bytes / 2**30:.2f} GiB",
-        f"{r.mean_energy_captured:.2%}",
-        "n/a" if r.max_s_rel_error is None else f"{r.max_s_rel_error:.2e}",
-        f"{r.max_reconstruction_error:.1e}",
-    )
+    t = Table(title=f"sorsa decompose → {r.out_dir}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("modules", str(r.modules)),
+        ("rank", str(r.rank)),
+        ("svd / device", f"{r.svd} / {r.device}"),
+        ("time", f"{r.seconds:.1f} s"),
+        ("peak RSS", f"{r.peak_rss_bytes / 2**30:.2f} GiB"),
+        ("mean energy captured", f"{r.mean_energy_captured:.2%}"),
+        ("max S error vs exact", "not sampled" if r.max_s_rel_error is None else f"{r.max_s_rel_error:.2e}"),
+        ("max reconstruction error", f"{r.max_reconstruction_error:.1e}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
     out.print(t)
     if r.resumed_shards:
         out.print(f"resumed: {r.resumed_shards} of {r.shards} shards were already done")

