@@ -30,17 +30,35 @@ from sorsa_tools.io.safetensors_file import StreamWriter, atomic_write_json  # n
 
 RANK = int(__import__("os").environ.get("SORSA_BENCH_RANK", "128"))
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-          "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+SHAPES = {
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 4096),
+    "v_proj": (4096, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (11008, 4096),
+    "up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
+}
 
 
 def llama7b_config(layers: int) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 11008, "num_hidden_layers": layers, "num_attention_heads": 32,
-        "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "rope_theta": 10000.0,
     }
 
 
@@ -55,8 +73,16 @@ def generate(path: Path, layers: int, shards: int) -> None:
     for i in range(layers):
         p = f"model.layers.{i}."
         specs += [(p + "input_layernorm.weight", (4096,)), (p + "post_attention_layernorm.weight", (4096,))]
-        specs += [(p + ("self_attn." if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp.") + n + ".weight",
-                   SHAPES[n]) for n in PROJ]
+        specs += [
+            (
+                p
+                + ("self_attn." if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp.")
+                + n
+                + ".weight",
+                SHAPES[n],
+            )
+            for n in PROJ
+        ]
     specs += [("model.norm.weight", (4096,)), ("lm_head.weight", (32000, 4096))]
     total = sum(2 * torch.Size(s).numel() for _, s in specs)
     groups, cur, acc = [], [], 0
@@ -83,7 +109,9 @@ def generate(path: Path, layers: int, shards: int) -> None:
                 weight_map[name] = fname
             w.commit()
         print(f"generated {fname}", flush=True)
-    atomic_write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    atomic_write_json(
+        tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
     atomic_write_json(tmp / "config.json", llama7b_config(layers))
     tmp.rename(path)
 
@@ -101,7 +129,9 @@ def child(flow: str, src: str, out: str, result: str) -> None:
             if e.code:
                 raise
         cfg = json.loads((Path(out) / "sorsa_config.json").read_text())
-        extra["s_errors"] = {m: s["s_max_rel_error"] for m, s in cfg["modules"].items() if s.get("s_max_rel_error") is not None}
+        extra["s_errors"] = {
+            m: s["s_max_rel_error"] for m, s in cfg["modules"].items() if s.get("s_max_rel_error") is not None
+        }
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -109,7 +139,9 @@ def child(flow: str, src: str, out: str, result: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, low_cpu_mem_usage=True)
         t_load = time.perf_counter() - t0
         init = "pissa_niter_4" if flow == "pissa_niter_4" else "pissa"
-        cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=PROJ, init_lora_weights=init)
+        cfg = LoraConfig(
+            r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=PROJ, init_lora_weights=init
+        )
         t1 = time.perf_counter()
         peft_model = get_peft_model(model, cfg)
         extra["init_seconds"] = time.perf_counter() - t1
@@ -128,11 +160,15 @@ def child(flow: str, src: str, out: str, result: str) -> None:
         residual = peft_model.unload()
         residual.save_pretrained(Path(out) / "residual")
         extra["save_seconds"] = time.perf_counter() - t2
-    Path(result).write_text(json.dumps({
-        "seconds": time.perf_counter() - t0,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        **extra,
-    }))
+    Path(result).write_text(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - t0,
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                **extra,
+            }
+        )
+    )
 
 
 def run_child(flow: str, src: Path, out: Path, work: Path) -> dict:
@@ -183,13 +219,24 @@ def main() -> None:
             e = exact_singular_values(w)[:RANK].double()
             p = torch.tensor(niter4["S"][m], dtype=torch.float64).sort(descending=True).values
             peft_err[m] = float(((p - e).abs() / e).max())
-    lines = ["## Decompose a Llama-2-7B-shaped checkpoint at rank 128 (`benchmarks/decompose.py`)", "",
-             "224 projection matrices, bf16, 3 shards (13.5 GB), 2-core CPU, quiet machine.", "",
-             "| flow | wall time | peak RSS | time vs sorsa |", "|---|---|---|---|"]
+    lines = [
+        "## Decompose a Llama-2-7B-shaped checkpoint at rank 128 (`benchmarks/decompose.py`)",
+        "",
+        "224 projection matrices, bf16, 3 shards (13.5 GB), 2-core CPU, quiet machine.",
+        "",
+        "| flow | wall time | peak RSS | time vs sorsa |",
+        "|---|---|---|---|",
+    ]
     for name, sec, rss, est in rows:
         rss_s = f"{rss / 2**30:.2f} GiB" if rss else "n/a"
-        lines.append(f"| {name} | {'~' if est else ''}{sec / 60:.1f} min | {rss_s} | {sec / ours['seconds']:.2f}x |")
-    lines += ["", "| sampled module | sorsa: max rel. error of top-128 S | PEFT pissa_niter_4 |", "|---|---|---|"]
+        lines.append(
+            f"| {name} | {'~' if est else ''}{sec / 60:.1f} min | {rss_s} | {sec / ours['seconds']:.2f}x |"
+        )
+    lines += [
+        "",
+        "| sampled module | sorsa: max rel. error of top-128 S | PEFT pissa_niter_4 |",
+        "|---|---|---|",
+    ]
     for m, e in s_err.items():
         lines.append(f"| {m} | {e:.2e} | {peft_err.get(m, float('nan')):.2e} |")
     body = "\n".join(lines)
