@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -268,5 +267,22 @@ def test_checkpoint_index_reads_headers_only(tiny_factory):
     assert torch.equal(ck.shard_of(name).read_tensor(name), all_tensors(src)[name])
 
 
-def test_env_is_offline():
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+def test_hub_id_resolved_from_offline_cache(tiny_factory, tmp_path, monkeypatch):
+    """A Hub id found in the local HF cache works offline; the commit is recorded as revision."""
+    import shutil
+
+    src = tiny_factory("llama", torch.float32)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--tester--tiny-llama"
+    shutil.copytree(src, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    decompose("tester/tiny-llama", 4, tmp_path / "out")
+    base = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())["base_model"]
+    assert base["name_or_path"] == "tester/tiny-llama" and base["source"] == "hub" and base["revision"] == sha
