@@ -13,8 +13,6 @@ import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -85,18 +83,33 @@ def main(
 
 
 class _RichProgress:
+    """Two bars: target modules done, and bytes of the output checkpoint written."""
+
     def __init__(self, progress: Progress):
         self.p = progress
-        self.mod_task = None
-        self.byte_task = None
+        self.tasks: dict[str, int] = {}
+        self.done = {"modules": 0, "bytes": 0}
+        self.total = {"modules": 0, "bytes": 0}
+
+    def _count(self, key: str) -> str:
+        if key == "bytes":
+            return f"{self.done['bytes'] / 1e9:.2f}/{self.total['bytes'] / 1e9:.2f} GB"
+        return f"{self.done['modules']}/{self.total['modules']} modules"
 
     def start(self, total_modules: int, total_bytes: int, done_modules: int, done_bytes: int) -> None:
-        self.mod_task = self.p.add_task("modules", total=total_modules, completed=done_modules)
-        self.byte_task = self.p.add_task("bytes written", total=total_bytes, completed=done_bytes)
+        self.total = {"modules": total_modules, "bytes": total_bytes}
+        self.done = {"modules": done_modules, "bytes": done_bytes}
+        for key, label in (("modules", "SVD"), ("bytes", "written")):
+            self.tasks[key] = self.p.add_task(
+                label, total=self.total[key], completed=self.done[key], count=self._count(key)
+            )
 
     def advance(self, modules: int, nbytes: int, label: str) -> None:
-        self.p.update(self.mod_task, advance=modules, description=f"[cyan]{label}" if modules else None)
-        self.p.update(self.byte_task, advance=nbytes)
+        self.done["modules"] += modules
+        self.done["bytes"] += nbytes
+        desc = {"description": label} if modules else {}
+        self.p.update(self.tasks["modules"], advance=modules, count=self._count("modules"), **desc)
+        self.p.update(self.tasks["bytes"], advance=nbytes, count=self._count("bytes"))
 
     def note(self, message: str) -> None:
         if not self.p.disable:  # progress chatter only on a terminal; errors stay one line in logs
@@ -148,10 +161,9 @@ def decompose(
     from sorsa_tools.decompose import decompose as run
 
     columns = (
-        TextColumn("{task.description:<40}"),
+        TextColumn("{task.description:<36.36}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        DownloadColumn(),
+        TextColumn("{task.fields[count]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
