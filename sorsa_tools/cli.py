@@ -142,7 +142,11 @@ def decompose(
     oversample: Annotated[
         int, typer.Option(help="Extra sketch columns for randomized SVD [default: rank].")
     ] = None,
-    niter: Annotated[int, typer.Option(help="Power iterations for randomized SVD.")] = 4,
+    niter: Annotated[int, typer.Option(help="Power iterations for randomized SVD (at least).")] = 4,
+    svd_tol: Annotated[
+        float, typer.Option(help="Iterate until the estimated relative error of S is below this (0: off).")
+    ] = 1e-4,
+    max_niter: Annotated[int, typer.Option(help="Most power iterations --svd-tol may ask for.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the randomized sketch.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     compute_dtype: Annotated[str, typer.Option(help="SVD precision: float32 or float64.")] = "float32",
@@ -177,6 +181,8 @@ def decompose(
             svd=svd,
             oversample=oversample,
             niter=niter,
+            tol=svd_tol,
+            max_niter=max_niter,
             seed=seed,
             device=device,
             compute_dtype=compute_dtype,
@@ -203,7 +209,14 @@ def decompose(
         ("time", f"{r.seconds:.1f} s"),
         ("peak RSS", f"{r.peak_rss_bytes / 2**30:.2f} GiB"),
         ("mean energy captured", f"{r.mean_energy_captured:.2%}"),
-        ("max S error vs exact", "not sampled" if r.max_s_rel_error is None else f"{r.max_s_rel_error:.2e}"),
+        (
+            "max S error vs exact",
+            "not sampled" if r.max_s_rel_error is None else f"{r.max_s_rel_error:.2e} (sampled)",
+        ),
+        (
+            "max S error (estimate)",
+            "n/a" if r.max_s_est_error is None else f"{r.max_s_est_error:.2e} (all modules)",
+        ),
         ("max reconstruction error", f"{r.max_reconstruction_error:.1e}"),
     ]
     for k, v in rows:

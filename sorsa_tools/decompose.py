@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import resource
 import shutil
 import time
@@ -98,6 +99,7 @@ class DecomposeResult:
     mean_energy_captured: float
     max_reconstruction_error: float
     max_s_rel_error: float | None
+    max_s_est_error: float | None
     svd: str
     device: str
     shards: int
@@ -214,6 +216,8 @@ def decompose(
     svd: str = "auto",
     oversample: int | None = None,
     niter: int = 4,
+    tol: float = 1e-4,
+    max_niter: int = 24,
     seed: int = 0,
     device: str = "auto",
     compute_dtype: str = "float32",
@@ -229,11 +233,15 @@ def decompose(
     oversample)) and the randomized one elsewhere; `oversample` defaults to `rank` (a sketch of 2r
     columns), which with `niter=4` put the top-r singular values of Llama-2-7B-shaped weights
     within 0.03 % of exact (docs/BENCHMARKS.md). `check_sample` randomized modules also get an
-    exact SVD, to record the accuracy actually reached.
+    exact SVD, to record the accuracy actually reached. With `tol` > 0 the power iterations go on
+    past `niter` (up to `max_niter`) until the estimated relative error of the top-r singular
+    values is below `tol`; every module records that estimate.
     """
     t0 = time.perf_counter()
     progress = progress or Progress()
     _check_options(rank, svd, oversample, niter, check_sample)
+    if tol < 0 or max_niter < niter:
+        raise InputError(f"--svd-tol must be >= 0 and --max-niter >= --niter (got {tol}, {max_niter})")
     if oversample is None:
         oversample = rank
     dev = _resolve_device(device)
@@ -260,6 +268,8 @@ def decompose(
             "method": svd,
             "oversample": oversample if svd != "exact" else None,
             "niter": niter if svd != "exact" else None,
+            "tol": tol if svd != "exact" else None,
+            "max_niter": max_niter if svd != "exact" and tol else None,
             "auto_exact_below": AUTO_EXACT_FACTOR * (rank + oversample) if svd == "auto" else None,
             "seed": seed,
             "compute_dtype": compute_dtype,
@@ -277,7 +287,8 @@ def decompose(
         done_cfg = out / CONFIG_FILE
         if done_cfg.exists() and _read_job_id(done_cfg) == job_id:
             stats = json.loads(done_cfg.read_text())["modules"]
-            return _result(out, stats, rank, t0, svd, dev, len(ckpt.shards), len(ckpt.shards), True, warnings)
+            n = len(ckpt.shards)
+            return _result(out, stats, rank, t0, svd, dev, n, n, True, warnings, tol)
         if not (partial / "job.json").exists() or _read_job_id(partial / "job.json") != job_id:
             raise OutputDirError(
                 f"{out} already holds other files (e.g. {existing[0]}); choose a new or empty "
@@ -318,7 +329,7 @@ def decompose(
     sample = (
         {randomized[i] for i in _sample_positions(len(randomized), check_sample)} if randomized else set()
     )
-    ctx = _Ctx(rank, svd, oversample, niter, seed, dev, cdt, fdt, res_dtypes, sample)
+    ctx = _Ctx(rank, svd, oversample, niter, tol, max_niter, seed, dev, cdt, fdt, res_dtypes, sample)
     todo = [s for s, d in zip(ckpt.shards, shard_done, strict=True) if not d]
     if todo:
         _run_pipeline(ckpt, todo, target_set, ctx, out, partial, progress)
@@ -328,7 +339,17 @@ def decompose(
         all_stats.update(json.loads((partial / _stats_name(s.path.name)).read_text()))
     _finalize(ckpt, src, out, partial, target_list, all_stats, job, job_id, fdt, rank)
     return _result(
-        out, all_stats, rank, t0, svd, dev, len(ckpt.shards), len(ckpt.shards) - len(todo), False, warnings
+        out,
+        all_stats,
+        rank,
+        t0,
+        svd,
+        dev,
+        len(ckpt.shards),
+        len(ckpt.shards) - len(todo),
+        False,
+        warnings,
+        tol,
     )
 
 
@@ -339,9 +360,22 @@ def _read_job_id(path: Path) -> str | None:
         return None
 
 
-def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings) -> DecomposeResult:
+def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings, tol=None) -> DecomposeResult:
     energies = [s["energy_captured"] for s in stats.values()]
     errs = [s["s_max_rel_error"] for s in stats.values() if s.get("s_max_rel_error") is not None]
+    randomized = [s for s in stats.values() if s.get("method") == "randomized"]
+    ests = [s.get("s_est_error") for s in randomized]
+    known = [e for e in ests if e is not None]
+    warnings = list(warnings)
+    if tol and randomized:
+        bad = [e for e in ests if e is None or e > tol]
+        if bad:
+            worst = "unknown" if None in bad else f"{max(bad):.1e}"
+            warnings.append(
+                f"{len(bad)} module(s) did not reach --svd-tol {tol:g} within --max-niter iterations "
+                f"(worst estimated S error {worst}); raise --max-niter or use --svd exact"
+            )
+    all_exact = all(s.get("method") == "exact" for s in stats.values())
     return DecomposeResult(
         out_dir=out,
         modules=len(stats),
@@ -350,15 +384,14 @@ def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings) 
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         mean_energy_captured=sum(energies) / max(len(energies), 1),
         max_reconstruction_error=max((s["reconstruction_error"] for s in stats.values()), default=0.0),
-        max_s_rel_error=max(errs)
-        if errs
-        else (0.0 if all(s.get("method") == "exact" for s in stats.values()) else None),
+        max_s_rel_error=max(errs) if errs else (0.0 if all_exact else None),
+        max_s_est_error=(max(known) if known and len(known) == len(ests) else None) if randomized else 0.0,
         svd=svd,
         device=dev,
         shards=shards,
         resumed_shards=resumed,
         already_done=already,
-        warnings=list(warnings),
+        warnings=warnings,
     )
 
 
@@ -403,6 +436,8 @@ class _Ctx:
     svd: str
     oversample: int
     niter: int
+    tol: float
+    max_niter: int
     seed: int
     device: str
     compute_dtype: torch.dtype
@@ -420,13 +455,20 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
         f = exact_svd(W, ctx.rank)
     else:
         g = torch.Generator().manual_seed(_module_seed(ctx.seed, m))
-        f = randomized_svd(W, ctx.rank, ctx.oversample, ctx.niter, g)
+        f = randomized_svd(
+            W, ctx.rank, ctx.oversample, ctx.niter, g, tol=ctx.tol or None, max_niter=ctx.max_niter
+        )
+    niter_used, est_error = f.niter, f.est_error
     # round the factors to their storage dtype first, so that W_r + the *stored* factors == W
     f = Factors(*(t.to(ctx.factor_dtype).to(ctx.compute_dtype) for t in (f.U, f.S, f.Vt)))
     W_r = residual(W, f).to(ctx.res_dtypes[m]).cpu()
     stats = {
         "shape": list(W.shape),
         "method": method,
+        "niter": niter_used if method == "randomized" else None,
+        "s_est_error": (est_error if est_error is None or math.isfinite(est_error) else None)
+        if method == "randomized"
+        else 0.0,
         "energy_captured": energy_captured(f.S, W),
         "sigma_1": float(f.S[0]),
         "sigma_r": float(f.S[-1]),

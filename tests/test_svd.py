@@ -1,0 +1,75 @@
+"""The SVD math on matrices with known spectra."""
+
+from __future__ import annotations
+
+import torch
+
+from sorsa_tools.svd import (
+    Factors,
+    energy_captured,
+    exact_svd,
+    randomized_svd,
+    reconstruction_error,
+    residual,
+)
+
+
+def spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return ((u * s) @ v.T).float()
+
+
+def test_exact_svd_recovers_known_spectrum_tall_and_wide():
+    s = torch.linspace(10, 1, 40, dtype=torch.float64)
+    for m, n in [(120, 40), (40, 120)]:
+        W = spectrum_matrix(m, n, s)
+        f = exact_svd(W, 8)
+        assert f.U.shape == (m, 8) and f.Vt.shape == (8, n)
+        assert torch.allclose(f.S.double(), s[:8], rtol=1e-5)
+        # the principal part is the best rank-8 approximation: residual energy = sum of the rest
+        assert abs(float(residual(W, f).double().norm() ** 2) - float((s[8:] ** 2).sum())) < 1e-3
+
+
+def test_signs_are_normalised():
+    W = spectrum_matrix(60, 30, torch.linspace(5, 1, 30, dtype=torch.float64))
+    f = exact_svd(W, 5)
+    idx = f.U.abs().argmax(dim=0)
+    assert torch.all(f.U[idx, torch.arange(5)] > 0)
+    g = exact_svd(-W, 5)  # same singular vectors up to sign: normalisation makes U agree
+    assert torch.allclose(g.U, f.U, atol=1e-5) and torch.allclose(g.Vt, -f.Vt, atol=1e-5)
+
+
+def test_randomized_matches_exact_on_decaying_spectrum_both_orientations():
+    s = torch.arange(1, 201, dtype=torch.float64).pow(-0.8)
+    for m, n in [(400, 200), (200, 400)]:
+        W = spectrum_matrix(m, n, s, seed=1)
+        f = randomized_svd(W, 16, 16, 4, torch.Generator().manual_seed(0))
+        assert torch.allclose(f.S.double(), s[:16], rtol=1e-3)
+        eye = torch.eye(16)
+        assert torch.allclose(f.U.T @ f.U, eye, atol=1e-5) and torch.allclose(f.Vt @ f.Vt.T, eye, atol=1e-5)
+        assert reconstruction_error(W, residual(W, f), f) < 1e-6
+
+
+def test_adaptive_iterations_reach_tolerance_on_flat_spectrum():
+    """A slowly decaying spectrum: 4 fixed iterations miss, tol drives the error below it, and
+    the recorded estimate tracks the true error."""
+    s = torch.arange(1, 301, dtype=torch.float64).pow(-0.15)
+    W = spectrum_matrix(600, 300, s, seed=2)
+    fixed = randomized_svd(W, 32, 32, 4, torch.Generator().manual_seed(0))
+    err_fixed = float(((fixed.S.double() - s[:32]).abs() / s[:32]).max())
+    adaptive = randomized_svd(W, 32, 32, 4, torch.Generator().manual_seed(0), tol=1e-4, max_niter=40)
+    err = float(((adaptive.S.double() - s[:32]).abs() / s[:32]).max())
+    assert err_fixed > 1e-3, err_fixed
+    assert adaptive.niter > 4 and err < 2e-4, (adaptive.niter, err)
+    assert adaptive.est_error is not None and adaptive.est_error <= 1e-4
+    assert 0.2 < err / max(adaptive.est_error, 1e-12) < 5, (err, adaptive.est_error)
+
+
+def test_energy_captured():
+    s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    W = spectrum_matrix(10, 6, s)
+    f = exact_svd(W, 2)
+    assert abs(energy_captured(f.S, W) - 13 / 14) < 1e-5
+    assert isinstance(f, Factors)
