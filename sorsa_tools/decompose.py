@@ -450,6 +450,7 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
     """SVD one matrix and form its residual; runs on the compute thread."""
     m = name.removesuffix(".weight")
     W = read.result().to(device=ctx.device, dtype=ctx.compute_dtype)
+    t0 = time.perf_counter()
     method = _method_for(ctx.svd, W.shape, ctx.rank, ctx.oversample)
     if method == "exact":
         f = exact_svd(W, ctx.rank)
@@ -469,6 +470,7 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
         "s_est_error": (est_error if est_error is None or math.isfinite(est_error) else None)
         if method == "randomized"
         else 0.0,
+        "svd_seconds": round(time.perf_counter() - t0, 4),
         "energy_captured": energy_captured(f.S, W),
         "sigma_1": float(f.S[0]),
         "sigma_r": float(f.S[-1]),
@@ -523,18 +525,25 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
                         if info.name.endswith(".weight") and m in target_set:
                             submit_until(pos + 1 + LOOKAHEAD)
                             d = computes.pop(info.name).result()
-                            reads.pop(info.name)
+                            W = reads.pop(info.name).result()
                             pos += 1
                             w.write(info.name, d.residual)
-                            d.residual = None  # free early: the verifier reads it back from disk
+                            d.residual = None
+                            _verify_target(w, info, W, d, ctx)
                             done[m] = d
                             progress.advance(1, info.nbytes, m)
                         else:
                             w.copy_from(info.name, shard.path, info)
+                            _verify_copy(w, info, shard)
                             progress.advance(0, info.nbytes, info.name)
                     tmp = w.finish_to_temp()
-                    submit_until(pos + 1 + LOOKAHEAD)
-                    _verify_shard(tmp, shard, done, target_set, ctx)
+                    written = SafetensorsFile(tmp)  # the header and layout parse back
+                    if [(t.name, t.shape) for t in written.tensors.values()] != [
+                        (t.name, t.shape) for t in shard.tensors.values()
+                    ]:
+                        raise VerificationError(
+                            f"{tmp.name}: written tensor list differs from {shard.path.name}"
+                        )
                     tensors = {}
                     for m, d in done.items():
                         nU, nS, nV = factor_names(m)
@@ -550,42 +559,33 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
                 f.cancel()
 
 
-def _verify_shard(tmp: Path, src: SafetensorsFile, done: dict[str, _Done], target_set, ctx: _Ctx) -> None:
-    """Read the written shard back: non-targets byte-identical, W_r + U S Vt == W on a probe."""
-    written = SafetensorsFile(tmp)
-    if list(written.tensors) != list(src.tensors):
-        raise VerificationError(f"{tmp.name}: written tensor list differs from {src.path.name}")
-    for info in src.tensors.values():
-        m = info.name.removesuffix(".weight")
-        winfo = written.tensors[info.name]
-        if info.name.endswith(".weight") and m in target_set:
-            W = src.read_tensor(info.name).float()
-            W_r = written.read_tensor(info.name).float()
-            d = done[m]
-            err = reconstruction_error(W, W_r, d.factors)
-            g = torch.Generator().manual_seed(1)
-            x = torch.randn(W.shape[1], 4, generator=g)
-            ratio = float((W_r @ x).norm() / (W @ x).norm().clamp_min(1e-30))
-            tol = torch.finfo(ctx.res_dtypes[m]).eps * ratio + 2e-5
-            d.stats["reconstruction_error"] = err
-            if not err <= tol:
-                raise VerificationError(
-                    f"{m}: W_r + U diag(S) Vt differs from W by {err:.2e} (tolerance {tol:.1e}) after "
-                    f"writing {src.path.name}; check the disk and run again"
-                )
-        else:
-            same = all(
-                a == b
-                for a, b in zip(
-                    iter_file_chunks(src.path, info.start, info.nbytes),
-                    iter_file_chunks(tmp, winfo.start, winfo.nbytes),
-                    strict=True,
-                )
-            )
-            if not same:
-                raise VerificationError(
-                    f"{info.name} was not copied bit-identically into {src.path.name}; check the disk"
-                )
+def _verify_target(w: StreamWriter, info, W: torch.Tensor, d: _Done, ctx: _Ctx) -> None:
+    """Read W_r back from the file being written: W_r + U diag(S) Vt must give W on a probe.
+
+    Done per tensor as it is written, on the writer thread, so it never stalls the SVD thread.
+    """
+    code = _out_dtype_code(info, {d.name}, ctx.res_dtypes)
+    W_r = w.read_back_tensor(info.name, code, info.shape)
+    err = reconstruction_error(W, W_r, d.factors)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(W.shape[1], 4, generator=g)
+    ratio = float((W_r.float() @ x).norm() / (W.float() @ x).norm().clamp_min(1e-30))
+    tol = torch.finfo(ctx.res_dtypes[d.name]).eps * ratio + 2e-5
+    d.stats["reconstruction_error"] = err
+    if not err <= tol:
+        raise VerificationError(
+            f"{d.name}: W_r + U diag(S) Vt differs from W by {err:.2e} (tolerance {tol:.1e}) after "
+            f"writing {w.path.name}; check the disk and run again"
+        )
+
+
+def _verify_copy(w: StreamWriter, info, shard: SafetensorsFile) -> None:
+    """A copied (non-target) tensor must read back byte for byte as the source holds it."""
+    src = iter_file_chunks(shard.path, info.start, info.nbytes)
+    if not all(a == b for a, b in zip(src, w.read_back(info.name), strict=True)):
+        raise VerificationError(
+            f"{info.name} was not copied bit-identically into {w.path.name}; check the disk"
+        )
 
 
 def _finalize(

@@ -209,3 +209,27 @@ def test_inspect(src, tmp_path):
     assert d["rank"] == 4 and d["target_count"] == 14 and d["max_reconstruction_error"] < 1e-2
     assert_clean_error(run("inspect", str(src)), "no sorsa_config.json")
     assert_clean_error(run("inspect", str(tmp_path / "nope")), "no such directory")
+
+
+def test_verification_catches_a_wrong_residual(src, tmp_path, monkeypatch):
+    import importlib
+
+    dec = importlib.import_module("sorsa_tools.decompose")  # the package attribute is the function
+
+    real = dec.residual
+    monkeypatch.setattr(dec, "residual", lambda W, f: real(W, f) + 0.05 * W.abs().max())
+    out = tmp_path / "o"
+    res = run("decompose", str(src), "--rank", "4", "-o", str(out))
+    assert_clean_error(res, "W_r + U diag(S) Vt differs from W", "tolerance", code=3)
+    assert not list(out.glob("model-*.safetensors")) and not list(out.glob(".*.tmp-*"))
+
+
+def test_verification_catches_a_bad_copy(src, tmp_path, monkeypatch):
+    from sorsa_tools.io import safetensors_file as sf
+
+    def zeros(self, name, src_path, info):
+        self.write(name, bytes(info.nbytes))
+
+    monkeypatch.setattr(sf.StreamWriter, "copy_from", zeros)
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "not copied bit-identically", code=3)

@@ -217,6 +217,7 @@ class StreamWriter:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
         self._expected: list[tuple[str, int]] = []
+        spans: dict[str, tuple[int, int]] = {}
         for name, dtype, shape in specs:
             numel = 1
             for d in shape:
@@ -224,6 +225,7 @@ class StreamWriter:
             nbytes = numel * ITEMSIZE[dtype]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, nbytes))
+            spans[name] = (offset, nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
@@ -234,6 +236,20 @@ class StreamWriter:
             self._f.write(struct.pack("<Q", len(raw)))
             self._f.write(raw)
         self.data_start = 8 + len(raw)
+        self._spans = {k: (self.data_start + o, n) for k, (o, n) in spans.items()}
+
+    def read_back(self, name: str) -> Iterator[bytearray]:
+        """The bytes of an already written tensor, read back from the temp file in chunks."""
+        with disk_errors(self.path):
+            self._f.flush()
+        start, nbytes = self._spans[name]
+        return iter_file_chunks(self.tmp, start, nbytes)
+
+    def read_back_tensor(self, name: str, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = bytearray().join(self.read_back(name))
+        if not buf:
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
 
     def write(self, name: str, data: bytes | bytearray | memoryview | torch.Tensor) -> None:
         """Write a whole tensor, or one chunk of it (chunks of one tensor in order)."""
