@@ -201,7 +201,14 @@ def main() -> None:
     print(f"checkpoints ready ({time.perf_counter() - t:.0f} s)", flush=True)
 
     ours = run_child("sorsa", full, work / "out-sorsa", work)
-    rows = [("sorsa decompose (defaults: randomized q=2r, niter 4+ to tol 1e-4)", ours["seconds"], ours["peak_rss"], False)]
+    rows = [
+        (
+            "sorsa decompose (defaults: randomized q=2r, niter 4+ to tol 1e-4)",
+            ours["seconds"],
+            ours["peak_rss"],
+            False,
+        )
+    ]
     s_err = ours["s_errors"]
     peft_err = {}
     if not a.skip_peft:

@@ -32,12 +32,14 @@ def sweep(mats: dict[str, torch.Tensor], rank: int, configs) -> list[dict]:
         exact[k] = exact_singular_values(w)[:rank].double()
     t_exact = time.perf_counter() - t
     rows = [{"config": "exact (svdvals)", "max_err": 0.0, "mean_err": 0.0, "energy": 1.0, "seconds": t_exact}]
-    for name, over, niter in configs:
-        errs, ens = [], []
+    for name, over, niter, *tol in configs:
+        tol = tol[0] if tol else None
+        errs, ens, its = [], [], []
         t = time.perf_counter()
         for k, w in mats.items():
             g = torch.Generator().manual_seed(0)
-            f = randomized_svd(w, rank, over, niter, g)
+            f = randomized_svd(w, rank, over, niter, g, tol=tol, max_niter=24)
+            its.append(f.niter)
             e = exact[k]
             errs.append(((f.S.double() - e).abs() / e).max().item())
             ens.append((f.S.double().square().sum() / e.square().sum()).item())
@@ -96,7 +98,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     mats = {f"{o}x{i}": decaying_matrix(o, i, g) for o, i in [(4096, 4096), (11008, 4096), (4096, 11008)]}
     r = a.synthetic_rank
-    cfgs = [("q=r (PEFT pissa_niter_4)", 0, 4), ("q=r+10, niter 4", 10, 4), ("q=2r, niter 4 (default)", r, 4)]
+    cfgs = [
+        ("q=r (PEFT pissa_niter_4)", 0, 4),
+        ("q=r+10, niter 4", 10, 4),
+        ("q=2r, niter 4", r, 4),
+        ("q=2r, niter >= 4 to tol 1e-4 (default)", r, 4, 1e-4),
+    ]
     rows = sweep(mats, r, cfgs)
     parts.append(
         table(
