@@ -20,7 +20,7 @@ import resource
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -654,9 +654,3 @@ def _finalize(
     }
     atomic_write_json(out / CONFIG_FILE, config)
     shutil.rmtree(partial, ignore_errors=True)
-
-
-def summary_dict(r: DecomposeResult) -> dict:
-    d = asdict(r)
-    d["out_dir"] = str(r.out_dir)
-    return d

@@ -9,7 +9,6 @@ has to sit in memory whole, and renames it into place only once complete.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import struct
@@ -349,10 +348,3 @@ def atomic_copy(src: str | Path, dst: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return dst
-
-
-def sha256_bytes(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
