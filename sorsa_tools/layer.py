@@ -1,0 +1,124 @@
+"""The SORSA layer and its orthonormal regularizer (paper section 4, eq. 8-10, appendix A).
+
+Forward in factored form, y = x W_r^T + ((x Vt^T) * S) U^T + b: the dense (out, in) delta the
+official implementation builds on every step is never formed. The regularizer's gradient is
+closed-form and batched over matrices of one shape, so it adds no autograd graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SORSALinear(nn.Module):
+    """A linear layer W = W_r + U diag(S) Vt with W_r frozen and U, S, Vt trainable."""
+
+    def __init__(
+        self,
+        weight_r: torch.Tensor,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vt: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        factor_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        out_f, in_f = weight_r.shape
+        r = S.shape[0]
+        if U.shape != (out_f, r) or Vt.shape != (r, in_f):
+            raise ValueError(
+                f"factor shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vt.shape)} do not fit {out_f}x{in_f}"
+            )
+        self.in_features, self.out_features, self.rank = in_f, out_f, r
+        self.weight = nn.Parameter(weight_r, requires_grad=False)  # named weight: HF hooks expect it
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.sorsa_U = nn.Parameter(U.to(factor_dtype))
+        self.sorsa_S = nn.Parameter(S.to(factor_dtype))
+        self.sorsa_Vt = nn.Parameter(Vt.to(factor_dtype))
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor
+    ) -> SORSALinear:
+        """Wrap an nn.Linear whose weight already holds W_r."""
+        return cls(linear.weight.data, U, S, Vt, None if linear.bias is None else linear.bias.data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = (self.weight, self.bias, self.sorsa_Vt, self.sorsa_S, self.sorsa_U)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts by itself
+            params = tuple(None if p is None else p.to(x.dtype) for p in params)
+        W, b, Vt, S, U = params
+        h = F.linear(x, Vt) * S
+        return F.linear(x, W, b) + F.linear(h, U)
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_r + U diag(S) Vt, computed in float32 and cast once."""
+        w = self.weight.float() + (self.sorsa_U.float() * self.sorsa_S.float()) @ self.sorsa_Vt.float()
+        return w.to(dtype or self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def orthonormality_errors(U: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||U^T U - I||_F, ||Vt Vt^T - I||_F), batched over leading dims."""
+    r = U.shape[-1]
+    eye = torch.eye(r, dtype=U.dtype, device=U.device)
+    a = U.mT @ U - eye
+    b = Vt @ Vt.mT - eye
+    return torch.linalg.matrix_norm(a), torch.linalg.matrix_norm(b)
+
+
+def regularizer_loss(layers: Iterable[SORSALinear]) -> torch.Tensor:
+    """L_reg (eq. 8) averaged over adapted matrices, as the official code does (for logging)."""
+    layers = list(layers)
+    total = sum(
+        sum(orthonormality_errors(m.sorsa_U.detach().float(), m.sorsa_Vt.detach().float())) for m in layers
+    )
+    return total / max(len(layers), 1)
+
+
+@torch.no_grad()
+def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> float:
+    """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors; return L_reg.
+
+    L_reg = mean over layers of ||U^T U - I||_F + ||Vt Vt^T - I||_F. With A = U^T U - I,
+    d||A||_F / dU = 2 U A / ||A||_F; with B = Vt Vt^T - I, d||B||_F / dVt = 2 B Vt / ||B||_F.
+    A zero norm (exactly orthonormal factors) contributes no gradient. Layers of one shape are
+    stacked and handled with batched matmuls.
+    """
+    layers = list(layers)
+    if not layers:
+        return 0.0
+    n = len(layers)
+    groups: dict[tuple, list[SORSALinear]] = defaultdict(list)
+    for m in layers:
+        groups[(tuple(m.sorsa_U.shape), tuple(m.sorsa_Vt.shape), m.sorsa_U.device, m.sorsa_U.dtype)].append(m)
+    total = 0.0
+    for group in groups.values():
+        U = torch.stack([m.sorsa_U for m in group]).float()
+        Vt = torch.stack([m.sorsa_Vt for m in group]).float()
+        r = U.shape[-1]
+        eye = torch.eye(r, dtype=U.dtype, device=U.device)
+        A = U.mT @ U - eye
+        B = Vt @ Vt.mT - eye
+        na = torch.linalg.matrix_norm(A)
+        nb = torch.linalg.matrix_norm(B)
+        total += float(na.sum() + nb.sum())
+        ca = torch.where(na > 0, 2.0 / na.clamp_min(torch.finfo(na.dtype).tiny), torch.zeros_like(na))
+        cb = torch.where(nb > 0, 2.0 / nb.clamp_min(torch.finfo(nb.dtype).tiny), torch.zeros_like(nb))
+        gU = (U @ A) * (ca * scale / n)[:, None, None]
+        gV = (B @ Vt) * (cb * scale / n)[:, None, None]
+        for m, gu, gv in zip(group, gU, gV, strict=True):
+            for p, g in ((m.sorsa_U, gu), (m.sorsa_Vt, gv)):
+                g = g.to(p.dtype)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.add_(g)
+    return total / n

@@ -1,0 +1,77 @@
+"""SORSALinear and the closed-form regularizer gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from sorsa_tools.layer import SORSALinear, add_regularizer_grad_, orthonormality_errors, regularizer_loss
+from sorsa_tools.svd import exact_svd, residual
+
+
+def make_layer(out_f=24, in_f=16, r=4, seed=0, bias=True) -> tuple[torch.nn.Linear, SORSALinear]:
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    f = exact_svd(lin.weight.detach(), r)
+    layer = SORSALinear(
+        residual(lin.weight.detach(), f), f.U, f.S, f.Vt, None if not bias else lin.bias.detach()
+    )
+    return lin, layer
+
+
+def test_output_equals_original_linear_at_init():
+    lin, layer = make_layer()
+    x = torch.randn(3, 5, 16)
+    assert torch.allclose(layer(x), lin(x), atol=1e-5)
+    assert torch.allclose(layer.merged_weight(), lin.weight, atol=1e-5)
+
+
+def test_only_factors_train():
+    _, layer = make_layer()
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"sorsa_U", "sorsa_S", "sorsa_Vt"}
+
+
+def test_regularizer_value_and_gradient_match_autograd():
+    layers = [make_layer(seed=s)[1] for s in range(3)] + [make_layer(out_f=8, in_f=12, r=3, seed=9)[1]]
+    with torch.no_grad():  # move the factors off orthonormality
+        for i, m in enumerate(layers):
+            m.sorsa_U.add_(0.05 * (i + 1) * torch.randn_like(m.sorsa_U))
+            m.sorsa_Vt.add_(0.03 * torch.randn_like(m.sorsa_Vt))
+    # reference: autograd of the averaged plain-norm regularizer
+    ref = sum(sum(orthonormality_errors(m.sorsa_U, m.sorsa_Vt)) for m in layers) / len(layers)
+    ref.backward()
+    ref_grads = [(m.sorsa_U.grad.clone(), m.sorsa_Vt.grad.clone()) for m in layers]
+    for m in layers:
+        m.sorsa_U.grad = None
+        m.sorsa_Vt.grad = None
+    value = add_regularizer_grad_(layers, scale=1.0)
+    assert abs(value - ref.item()) < 1e-5
+    assert abs(float(regularizer_loss(layers)) - ref.item()) < 1e-5
+    for m, (gu, gv) in zip(layers, ref_grads, strict=True):
+        assert torch.allclose(m.sorsa_U.grad, gu, atol=1e-5)
+        assert torch.allclose(m.sorsa_Vt.grad, gv, atol=1e-5)
+        assert m.sorsa_S.grad is None
+
+
+def test_regularizer_gradient_accumulates_and_is_zero_when_exactly_orthonormal():
+    """The plain norm is not differentiable at 0: exactly orthonormal factors get no gradient;
+    otherwise the gradient is added, scaled, to what .grad already holds."""
+    exact = SORSALinear(torch.zeros(24, 16), torch.eye(24, 4), torch.ones(4), torch.eye(4, 16))
+    exact.sorsa_U.grad = torch.ones_like(exact.sorsa_U)
+    assert add_regularizer_grad_([exact], scale=0.5) == 0.0
+    assert (
+        torch.equal(exact.sorsa_U.grad, torch.ones_like(exact.sorsa_U))
+        and exact.sorsa_Vt.grad.abs().sum() == 0
+    )
+    _, layer = make_layer()
+    with torch.no_grad():
+        layer.sorsa_U.mul_(1.1)  # ||U^T U - I|| = 0.21 * sqrt(4)
+    add_regularizer_grad_([layer], scale=1.0)
+    g1 = layer.sorsa_U.grad.clone()
+    add_regularizer_grad_([layer], scale=2.0)
+    assert torch.allclose(layer.sorsa_U.grad, 3 * g1, atol=1e-6)
+    assert float((g1 - 2 * 1.1 * 0.21 / (0.21 * 2) * layer.sorsa_U / 1.1).abs().max()) < 1e-4
