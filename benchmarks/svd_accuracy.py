@@ -50,6 +50,7 @@ def sweep(mats: dict[str, torch.Tensor], rank: int, configs) -> list[dict]:
                 "mean_err": sum(errs) / len(errs),
                 "energy": min(ens),
                 "seconds": time.perf_counter() - t,
+                "niter": sum(its) / len(its),
             }
         )
     return rows
@@ -59,12 +60,14 @@ def table(title: str, rows: list[dict]) -> str:
     lines = [
         f"**{title}**",
         "",
-        "| method | max rel. error of top-r S | mean | min energy vs optimal | time (s) |",
-        "|---|---|---|---|---|",
+        "| method | max rel. error of top-r S | mean | min energy vs optimal | mean iterations | time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        its = f"{r['niter']:.1f}" if "niter" in r else "-"
         lines.append(
-            f"| {r['config']} | {r['max_err']:.2e} | {r['mean_err']:.2e} | {r['energy']:.6f} | {r['seconds']:.2f} |"
+            f"| {r['config']} | {r['max_err']:.2e} | {r['mean_err']:.2e} | {r['energy']:.6f} | {its} "
+            f"| {r['seconds']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -89,8 +92,9 @@ def main() -> None:
             ("q=r+10, niter 4", 10, 4),
             ("q=r (PEFT pissa_niter_4)", 0, 4),
             ("q=2r, niter 2", r, 2),
-            ("q=2r, niter 4 (default)", r, 4),
+            ("q=2r, niter 4", r, 4),
             ("q=2r, niter 8", r, 8),
+            ("q=2r, niter >= 4 to tol 1e-4 (default)", r, 4, 1e-4),
         ]
         rows = sweep(mats, r, cfgs)
         parts.append(table(f"Gemma 3 270M, all {len(mats)} projection matrices, rank {r}", rows))
