@@ -61,7 +61,7 @@ from sorsa_tools.svd import (
     exact_singular_values,
     exact_svd,
     randomized_svd,
-    reconstruction_error,
+    reconstruction_probe,
     residual,
 )
 
@@ -566,10 +566,7 @@ def _verify_target(w: StreamWriter, info, W: torch.Tensor, d: _Done, ctx: _Ctx) 
     """
     code = _out_dtype_code(info, {d.name}, ctx.res_dtypes)
     W_r = w.read_back_tensor(info.name, code, info.shape)
-    err = reconstruction_error(W, W_r, d.factors)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(W.shape[1], 4, generator=g)
-    ratio = float((W_r.float() @ x).norm() / (W.float() @ x).norm().clamp_min(1e-30))
+    err, ratio = reconstruction_probe(W, W_r, d.factors)  # one probe: W and W_r are read once
     tol = torch.finfo(ctx.res_dtypes[d.name]).eps * ratio + 2e-5
     d.stats["reconstruction_error"] = err
     if not err <= tol:

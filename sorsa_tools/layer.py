@@ -65,12 +65,15 @@ class SORSALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 
 
+def _deviations(U: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U^T U - I, Vt Vt^T - I), batched over leading dims."""
+    eye = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
+    return U.mT @ U - eye, Vt @ Vt.mT - eye
+
+
 def orthonormality_errors(U: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(||U^T U - I||_F, ||Vt Vt^T - I||_F), batched over leading dims."""
-    r = U.shape[-1]
-    eye = torch.eye(r, dtype=U.dtype, device=U.device)
-    a = U.mT @ U - eye
-    b = Vt @ Vt.mT - eye
+    a, b = _deviations(U, Vt)
     return torch.linalg.matrix_norm(a), torch.linalg.matrix_norm(b)
 
 
@@ -103,17 +106,18 @@ def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> float:
     for group in groups.values():
         U = torch.stack([m.sorsa_U for m in group]).float()
         Vt = torch.stack([m.sorsa_Vt for m in group]).float()
-        r = U.shape[-1]
-        eye = torch.eye(r, dtype=U.dtype, device=U.device)
-        A = U.mT @ U - eye
-        B = Vt @ Vt.mT - eye
-        na = torch.linalg.matrix_norm(A)
-        nb = torch.linalg.matrix_norm(B)
+        A, B = _deviations(U, Vt)
+        na, nb = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
         total += float(na.sum() + nb.sum())
-        ca = torch.where(na > 0, 2.0 / na.clamp_min(torch.finfo(na.dtype).tiny), torch.zeros_like(na))
-        cb = torch.where(nb > 0, 2.0 / nb.clamp_min(torch.finfo(nb.dtype).tiny), torch.zeros_like(nb))
-        gU = (U @ A) * (ca * scale / n)[:, None, None]
-        gV = (B @ Vt) * (cb * scale / n)[:, None, None]
+
+        def coef(norm: torch.Tensor) -> torch.Tensor:  # 2 / ||.||, and 0 where the norm is 0
+            c = torch.where(
+                norm > 0, 2.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm)
+            )
+            return (c * scale / n)[:, None, None]
+
+        gU = (U @ A) * coef(na)
+        gV = (B @ Vt) * coef(nb)
         for m, gu, gv in zip(group, gU, gV, strict=True):
             for p, g in ((m.sorsa_U, gu), (m.sorsa_Vt, gv)):
                 g = g.to(p.dtype)

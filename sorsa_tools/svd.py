@@ -133,22 +133,33 @@ def energy_captured(S: torch.Tensor, W: torch.Tensor) -> float:
     return float(S.double().square().sum()) / total if total > 0 else 1.0
 
 
-def reconstruction_error(
+def reconstruction_probe(
     W: torch.Tensor, W_r: torch.Tensor, f: Factors, probes: int = 8, seed: int = 0
-) -> float:
-    """||(W_r + U S Vt - W) x|| / ||W x|| for a random probe block x (in, probes).
+) -> tuple[float, float]:
+    """(||(W_r + U S Vt - W) x|| / ||W x||, ||W_r x|| / ||W x||) for a random probe block x.
 
     A probe costs a few matrix-vector products instead of a dense reconstruction, and catches
     any error that is not vanishingly rare in direction. Float32 products: their rounding
-    (~1e-7 relative) sits far below every tolerance this is checked against.
+    (~1e-7 relative) sits far below every tolerance this is checked against. The second number
+    scales the rounding tolerance of a low-precision W_r.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(W.shape[1], probes, generator=g, dtype=torch.float32)
     ref = (W.float() @ x).double()
     low = f.U.double() @ (f.S.double().unsqueeze(1) * (f.Vt.double() @ x.double()))
-    got = (W_r.float() @ x).double() + low
+    res = (W_r.float() @ x).double()
+    diff = float((res + low - ref).norm())
     den = float(ref.norm())
-    return float((got - ref).norm()) / den if den > 0 else float((got - ref).norm())
+    if den == 0:
+        return diff, float(res.norm())
+    return diff / den, float(res.norm()) / den
+
+
+def reconstruction_error(
+    W: torch.Tensor, W_r: torch.Tensor, f: Factors, probes: int = 8, seed: int = 0
+) -> float:
+    """||(W_r + U S Vt - W) x|| / ||W x|| for a random probe block x (in, probes)."""
+    return reconstruction_probe(W, W_r, f, probes, seed)[0]
 
 
 def exact_singular_values(W: torch.Tensor) -> torch.Tensor:

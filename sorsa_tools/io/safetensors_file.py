@@ -215,7 +215,6 @@ class StreamWriter:
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
-        self._expected: list[tuple[str, int]] = []
         spans: dict[str, tuple[int, int]] = {}
         for name, dtype, shape in specs:
             numel = 1
@@ -223,7 +222,6 @@ class StreamWriter:
                 numel *= d
             nbytes = numel * ITEMSIZE[dtype]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._expected.append((name, nbytes))
             spans[name] = (offset, nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -236,6 +234,7 @@ class StreamWriter:
             self._f.write(raw)
         self.data_start = 8 + len(raw)
         self._spans = {k: (self.data_start + o, n) for k, (o, n) in spans.items()}
+        self._order = list(spans)
 
     def read_back(self, name: str) -> Iterator[bytearray]:
         """The bytes of an already written tensor, read back from the temp file in chunks."""
@@ -254,7 +253,8 @@ class StreamWriter:
         """Write a whole tensor, or one chunk of it (chunks of one tensor in order)."""
         if isinstance(data, torch.Tensor):
             data = tensor_bytes(data)
-        exp_name, exp_bytes = self._expected[self._next]
+        exp_name = self._order[self._next]
+        exp_bytes = self._spans[exp_name][1]
         if name != exp_name:
             raise RuntimeError(f"writer expected tensor {exp_name}, got {name}")
         n = len(memoryview(data).cast("B"))
@@ -277,8 +277,8 @@ class StreamWriter:
 
     def finish_to_temp(self) -> Path:
         """Flush and close; the file is complete at `self.tmp` but not yet in place."""
-        if self._next != len(self._expected):
-            missing = self._expected[self._next][0]
+        if self._next != len(self._order):
+            missing = self._order[self._next]
             raise RuntimeError(f"{self.path}: tensor {missing} was never written")
         with disk_errors(self.path):
             self._f.flush()
