@@ -3,7 +3,8 @@
 Runs on every target matrix of a real checkpoint (Gemma 3 270M, built offline by
 examples/prepare_gemma3_270m.py) and on Llama-2-7B-shaped synthetic matrices, and reports the
 top-r singular-value error, the captured energy against the optimum, and the time. This is
-what the defaults of `sorsa decompose` (oversample = rank, niter = 4) were chosen from.
+what the defaults of `sorsa decompose` (oversample = rank, niter >= 4 until the estimated S
+error is below 1e-4) were chosen from.
 
     python benchmarks/svd_accuracy.py --gemma out/gemma3-270m --rank 64 --record
 """
@@ -23,6 +24,9 @@ from _common import decaying_matrix, record  # noqa: E402
 from sorsa_tools.arch import select_targets  # noqa: E402
 from sorsa_tools.io.checkpoint import open_checkpoint  # noqa: E402
 from sorsa_tools.svd import exact_singular_values, randomized_svd  # noqa: E402
+
+
+DEFAULT = "q=2r, niter >= 4 to tol 1e-4 (default)"
 
 
 def sweep(mats: dict[str, torch.Tensor], rank: int, configs) -> list[dict]:
@@ -94,19 +98,24 @@ def main() -> None:
             ("q=2r, niter 2", r, 2),
             ("q=2r, niter 4", r, 4),
             ("q=2r, niter 8", r, 8),
-            ("q=2r, niter >= 4 to tol 1e-4 (default)", r, 4, 1e-4),
+            ("q=2r, niter >= 2 to tol 1e-3", r, 2, 1e-3),
+            ("q=2r, niter >= 2 to tol 5e-4", r, 2, 5e-4),
+            (DEFAULT, r, 4, 1e-4),
         ]
         rows = sweep(mats, r, cfgs)
         parts.append(table(f"Gemma 3 270M, all {len(mats)} projection matrices, rank {r}", rows))
         print(parts[-1], "\n")
     g = torch.Generator().manual_seed(0)
-    mats = {f"{o}x{i}": decaying_matrix(o, i, g) for o, i in [(4096, 4096), (11008, 4096), (4096, 11008)]}
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    # a bf16 checkpoint's weights, as the decompose benchmark generates them
+    mats = {f"{o}x{i}": decaying_matrix(o, i, g).bfloat16().float() for o, i in shapes}
     r = a.synthetic_rank
     cfgs = [
         ("q=r (PEFT pissa_niter_4)", 0, 4),
         ("q=r+10, niter 4", 10, 4),
         ("q=2r, niter 4", r, 4),
-        ("q=2r, niter >= 4 to tol 1e-4 (default)", r, 4, 1e-4),
+        ("q=2r, niter >= 2 to tol 5e-4", r, 2, 5e-4),
+        (DEFAULT, r, 4, 1e-4),
     ]
     rows = sweep(mats, r, cfgs)
     parts.append(

@@ -50,3 +50,21 @@ class VerificationError(SorsaError):
 
 class NotDecomposedError(SorsaError):
     """A directory that should hold a SORSA decomposition or adapter does not."""
+
+
+class DataError(InputError):
+    """The training or evaluation data is missing, malformed or unusable."""
+
+
+class RunDirError(SorsaError):
+    """A run directory holds another run's files, or an unfinished run that needs --resume."""
+
+
+class AdapterMismatchError(SorsaError):
+    """An adapter was made from another decomposition than the one it is used with."""
+
+
+class TrainingError(SorsaError):
+    """Training diverged (NaN/inf loss or gradients); the last good checkpoint is kept."""
+
+    exit_code = 4

@@ -87,8 +87,11 @@ def regularizer_loss(layers: Iterable[SORSALinear]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> float:
-    """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors; return L_reg.
+def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> tuple[float, float]:
+    """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors.
+
+    Returns (L_reg, the largest single ||U^T U - I||_F or ||Vt Vt^T - I||_F): the value the
+    gradient belongs to, and the worst orthonormality error, for the log. scale = 0 only measures.
 
     L_reg = mean over layers of ||U^T U - I||_F + ||Vt Vt^T - I||_F. With A = U^T U - I,
     d||A||_F / dU = 2 U A / ||A||_F; with B = Vt Vt^T - I, d||B||_F / dVt = 2 B Vt / ||B||_F.
@@ -97,18 +100,21 @@ def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> float:
     """
     layers = list(layers)
     if not layers:
-        return 0.0
+        return 0.0, 0.0
     n = len(layers)
     groups: dict[tuple, list[SORSALinear]] = defaultdict(list)
     for m in layers:
         groups[(tuple(m.sorsa_U.shape), tuple(m.sorsa_Vt.shape), m.sorsa_U.device, m.sorsa_U.dtype)].append(m)
-    total = 0.0
+    total, worst = 0.0, 0.0
     for group in groups.values():
         U = torch.stack([m.sorsa_U for m in group]).float()
         Vt = torch.stack([m.sorsa_Vt for m in group]).float()
         A, B = _deviations(U, Vt)
         na, nb = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
         total += float(na.sum() + nb.sum())
+        worst = max(worst, float(torch.maximum(na, nb).max()))
+        if scale == 0:
+            continue
 
         def coef(norm: torch.Tensor) -> torch.Tensor:  # 2 / ||.||, and 0 where the norm is 0
             c = torch.where(
@@ -125,4 +131,4 @@ def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> float:
                     p.grad = g.clone()
                 else:
                     p.grad.add_(g)
-    return total / n
+    return total / n, worst

@@ -78,3 +78,64 @@ def gemma_270m(tmp_path_factory) -> Path:
 
     cache = Path(os.environ.get("SORSA_TEST_CACHE", Path.home() / ".cache" / "sorsa-tools-tests"))
     return prepare(cache / "gemma3-270m")
+
+
+GSM8K_SLICE = ROOT / "tests" / "data" / "gsm8k_train_256.jsonl"  # first 256 lines, MIT (GSM8K_LICENSE)
+
+
+def make_tokenizer(path: Path, vocab_size: int = 384):
+    """A small byte-level BPE tokenizer trained on the GSM-8K slice, saved into `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for line in GSM8K_SLICE.read_text().splitlines():
+        rec = json.loads(line)
+        texts += [rec["question"], rec["answer"]]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(texts, trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tk.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_tiny_lm(path: Path, kind: str = "llama", seed: int = 0) -> Path:
+    """A tiny model with a real (small) tokenizer, for training tests: vocab 384, 2 layers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = _config(kind)
+    cfg.vocab_size = 384
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path, max_shard_size="200KB")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_decomposed(tmp_path_factory):
+    """(source dir, decomposed dir at rank 8) of tiny trainable models, by kind."""
+    from sorsa_tools import decompose
+
+    cache: dict = {}
+
+    def get(kind: str = "llama") -> tuple[Path, Path]:
+        if kind not in cache:
+            src = make_tiny_lm(tmp_path_factory.mktemp(f"lm-{kind}"), kind)
+            out = tmp_path_factory.mktemp(f"lm-{kind}-sorsa") / "d"
+            decompose(str(src), 8, out, svd="exact", check_sample=0)
+            cache[kind] = (src, out)
+        return cache[kind]
+
+    return get

@@ -48,8 +48,10 @@ def test_regularizer_value_and_gradient_match_autograd():
     for m in layers:
         m.sorsa_U.grad = None
         m.sorsa_Vt.grad = None
-    value = add_regularizer_grad_(layers, scale=1.0)
+    value, worst = add_regularizer_grad_(layers, scale=1.0)
     assert abs(value - ref.item()) < 1e-5
+    per_matrix = [float(x) for m in layers for x in orthonormality_errors(m.sorsa_U, m.sorsa_Vt)]
+    assert abs(worst - max(per_matrix)) < 1e-5
     assert abs(float(regularizer_loss(layers)) - ref.item()) < 1e-5
     for m, (gu, gv) in zip(layers, ref_grads, strict=True):
         assert torch.allclose(m.sorsa_U.grad, gu, atol=1e-5)
@@ -62,7 +64,7 @@ def test_regularizer_gradient_accumulates_and_is_zero_when_exactly_orthonormal()
     otherwise the gradient is added, scaled, to what .grad already holds."""
     exact = SORSALinear(torch.zeros(24, 16), torch.eye(24, 4), torch.ones(4), torch.eye(4, 16))
     exact.sorsa_U.grad = torch.ones_like(exact.sorsa_U)
-    assert add_regularizer_grad_([exact], scale=0.5) == 0.0
+    assert add_regularizer_grad_([exact], scale=0.5) == (0.0, 0.0)
     assert (
         torch.equal(exact.sorsa_U.grad, torch.ones_like(exact.sorsa_U))
         and exact.sorsa_Vt.grad.abs().sum() == 0

@@ -1,0 +1,266 @@
+"""Training data: a JSONL file streamed from disk, tokenized on the fly, loss on response tokens.
+
+One scan of the file validates every line (naming the first bad one), records its byte offset
+and tokenized length, and nothing else: examples are read back by offset when a batch needs them,
+so memory holds a few integers per example, never the text. Each epoch visits the examples in a
+seeded permutation of those offsets (a full shuffle at the cost of a shuffle buffer's memory), so
+a run is deterministic and resumes from (epoch, position) exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sorsa_tools.errors import DataError
+from sorsa_tools.prompts import FIELD_PAIRS, TEMPLATES, render_prompt, response_prefix
+
+IGNORE = -100
+_SCAN_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Fields:
+    prompt: str | None  # None: plain-text mode, loss on every token of `response`
+    response: str
+
+    def describe(self) -> str:
+        return self.response if self.prompt is None else f"{self.prompt},{self.response}"
+
+
+def parse_fields(spec: str | None) -> Fields | None:
+    """`--fields question,answer` (prompt, response) or `--fields text` (plain text)."""
+    if spec is None:
+        return None
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) == 1 and parts[0]:
+        return Fields(None, parts[0])
+    if len(parts) == 2 and all(parts):
+        return Fields(parts[0], parts[1])
+    raise DataError(f"--fields {spec!r}: give PROMPT,RESPONSE (e.g. question,answer) or one TEXT field")
+
+
+def _detect_fields(record: dict, lineno: int, path: Path) -> Fields:
+    for p, r in FIELD_PAIRS:
+        if p in record and r in record:
+            return Fields(p, r)
+    if "text" in record:
+        return Fields(None, "text")
+    keys = ", ".join(sorted(record)[:8]) or "none"
+    raise DataError(
+        f"{path}:{lineno}: no known fields (keys: {keys}); pass --fields PROMPT,RESPONSE or --fields TEXT"
+    )
+
+
+class Dataset:
+    """A tokenized view of a JSONL file, read lazily by byte offset."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer,
+        fields: Fields | None = None,
+        template: str = "paper",
+        max_length: int = 512,
+        pack: bool = False,
+    ):
+        self.path = Path(path).expanduser()
+        self.tok = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.pack = pack
+        if template not in TEMPLATES:
+            raise DataError(f"--template {template!r} is not one of {', '.join(TEMPLATES)}")
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "--template chat: this tokenizer has no chat template; use --template paper or raw"
+            )
+        if max_length < 2:
+            raise DataError(f"--max-length must be at least 2 (got {max_length})")
+        if not self.path.is_file():
+            raise DataError(f"data file not found: {self.path}; pass an existing JSONL file to --data")
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.fields = fields
+        self.offsets = array("q")  # byte offset of every usable example
+        self.lengths = array("l")  # its token count after truncation
+        self.response_tokens = array("l")  # tokens that carry loss
+        self.n_records = 0
+        self.n_truncated = 0
+        self.n_too_long = 0
+        self._scan()
+
+    # -- scanning -------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        pending: list[tuple[int, dict]] = []
+        with open(self.path, "rb") as f:
+            lineno = 0
+            while True:
+                off = f.tell()
+                raw = f.readline()
+                if not raw:
+                    break
+                lineno += 1
+                if not raw.strip():
+                    continue
+                rec = self._parse(raw, lineno)
+                if self.fields is None:
+                    self.fields = _detect_fields(rec, lineno, self.path)
+                self._check_fields(rec, lineno)
+                pending.append((off, rec))
+                if len(pending) >= _SCAN_BATCH:
+                    self._measure(pending)
+                    pending = []
+        self._measure(pending)
+        if self.n_records == 0:
+            raise DataError(
+                f"{self.path} holds no examples (empty file); pass a JSONL file with one object a line"
+            )
+        if not self.offsets:
+            raise DataError(
+                f"all {self.n_records} examples of {self.path} leave no response token within "
+                f"--max-length {self.max_length} (the prompt alone fills it); raise --max-length"
+            )
+
+    def _parse(self, raw: bytes, lineno: int) -> dict:
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(
+                f"{self.path}:{lineno}: not valid JSON ({e.__class__.__name__}: {e}); fix or remove the line"
+            ) from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{self.path}:{lineno}: a JSON object is needed, got {type(rec).__name__}")
+        return rec
+
+    def _check_fields(self, rec: dict, lineno: int) -> None:
+        for name in (self.fields.prompt, self.fields.response):
+            if name is None:
+                continue
+            if name not in rec:
+                raise DataError(
+                    f"{self.path}:{lineno}: field {name!r} is missing (keys: {', '.join(sorted(rec)[:8])}); "
+                    "pass --fields to name the right ones"
+                )
+            if not isinstance(rec[name], str):
+                raise DataError(
+                    f"{self.path}:{lineno}: field {name!r} must be a string, got {type(rec[name]).__name__}"
+                )
+
+    def _measure(self, pending: list[tuple[int, dict]]) -> None:
+        if not pending:
+            return
+        for (off, _), (ids, labels, truncated) in zip(
+            pending, self._encode([r for _, r in pending]), strict=True
+        ):
+            self.n_records += 1
+            n_resp = sum(1 for x in labels if x != IGNORE)
+            if n_resp == 0:
+                self.n_too_long += 1
+                continue
+            self.n_truncated += truncated
+            self.offsets.append(off)
+            self.lengths.append(len(ids))
+            self.response_tokens.append(n_resp)
+
+    # -- encoding -------------------------------------------------------------------------------
+    def _encode(self, records: list[dict]) -> list[tuple[list[int], list[int], bool]]:
+        """(input ids, labels, truncated) for each record, loss on response tokens only."""
+        tok, f = self.tok, self.fields
+        eos = [] if self.eos is None else [self.eos]
+        if f.prompt is None:
+            texts = [r[f.response] for r in records]
+            enc = tok(texts, add_special_tokens=True)["input_ids"]
+            out = []
+            for ids in enc:
+                ids = ids + eos
+                out.append((ids[: self.max_length], ids[: self.max_length], len(ids) > self.max_length))
+            return out
+        prompts = [render_prompt(r[f.prompt], self.template, tok) for r in records]
+        # a chat template writes its own BOS; the others get the tokenizer's special tokens
+        p_ids = tok(prompts, add_special_tokens=self.template != "chat")["input_ids"]
+        sep = response_prefix(self.template)
+        r_ids = tok([sep + r[f.response] for r in records], add_special_tokens=False)["input_ids"]
+        out = []
+        for p, r in zip(p_ids, r_ids, strict=True):
+            ids = p + r + eos
+            labels = [IGNORE] * len(p) + r + eos
+            out.append((ids[: self.max_length], labels[: self.max_length], len(ids) > self.max_length))
+        return out
+
+    def read(self, indices: list[int]) -> list[tuple[list[int], list[int]]]:
+        """Tokenized examples by index (into the usable examples), read from disk by offset."""
+        recs = []
+        with open(self.path, "rb") as fh:
+            for i in indices:
+                fh.seek(self.offsets[i])
+                recs.append(json.loads(fh.readline()))
+        return [(ids, labels) for ids, labels, _ in self._encode(recs)]
+
+    # -- epochs and batches ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def epoch_order(self, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+        if not shuffle:
+            return list(range(len(self)))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return torch.randperm(len(self), generator=g).tolist()
+
+    def micro_batches(
+        self, epoch: int, seed: int, batch_size: int, shuffle: bool = True
+    ) -> list[list[list[int]]]:
+        """The epoch's micro-batches: each a list of rows, each row the examples it holds
+        (one without packing; greedily packed up to max_length with it)."""
+        order = self.epoch_order(epoch, seed, shuffle)
+        if self.pack:
+            rows, cur, used = [], [], 0
+            for i in order:
+                n = self.lengths[i]
+                if cur and used + n > self.max_length:
+                    rows.append(cur)
+                    cur, used = [], 0
+                cur.append(i)
+                used += n
+            if cur:
+                rows.append(cur)
+        else:
+            rows = [[i] for i in order]
+        return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+
+    def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids, attention_mask, position_ids and labels (already shifted
+        alignment is left to the loss: labels[t] is the target of position t)."""
+        flat = self.read([i for row in batch for i in row])
+        it = iter(flat)
+        rows = []
+        for row in batch:
+            ids, labels, pos = [], [], []
+            for _ in row:
+                a, b = next(it)
+                ids += a
+                labels += b
+                pos += list(range(len(a)))
+            rows.append((ids, labels, pos))
+        width = max(len(r[0]) for r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for k, (ids, lab, pos) in enumerate(rows):
+            L = len(ids)
+            input_ids[k, :L] = torch.tensor(ids)
+            labels[k, :L] = torch.tensor(lab)
+            position_ids[k, :L] = torch.tensor(pos)
+            mask[k, :L] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "labels": labels,
+        }

@@ -1,0 +1,153 @@
+"""Load a decomposed checkpoint as a trainable SORSA model, and read adapters back out.
+
+Shared by train, eval and analyze: the residual model is an ordinary HF model whose target
+linears are swapped for SORSALinear layers holding the adapter's U, S, Vt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sorsa_tools.errors import AdapterMismatchError, NotDecomposedError
+from sorsa_tools.format import ADAPTER_FILE, factor_names, read_config
+from sorsa_tools.io.safetensors_file import SafetensorsFile
+from sorsa_tools.layer import SORSALinear
+
+
+def read_decomposition(directory: str | Path) -> dict:
+    """sorsa_config.json of a decomposed dir (not a trained run), with its adapter present."""
+    d = Path(directory).expanduser()
+    cfg = read_config(d)
+    if cfg.get("kind") != "decomposition":
+        raise NotDecomposedError(
+            f"{d} holds a {cfg.get('kind', 'unknown')!r}, not a decomposition; pass the output of `sorsa decompose`"
+        )
+    if not (d / ADAPTER_FILE).is_file():
+        raise NotDecomposedError(f"{d} lacks {ADAPTER_FILE}; re-run `sorsa decompose`")
+    return cfg
+
+
+def fingerprint(cfg: dict) -> str | None:
+    """The decomposition an adapter belongs to: a decomposed dir's job id, or the one a run records."""
+    if cfg.get("kind") == "decomposition":
+        return cfg.get("job_id")
+    return (cfg.get("decomposition") or {}).get("job_id")
+
+
+def check_adapter(decomp_cfg: dict, adapter_dir: str | Path) -> dict:
+    """The config of adapter_dir, refused unless it was trained from this decomposition."""
+    a = Path(adapter_dir).expanduser()
+    acfg = read_config(a)
+    if not (a / ADAPTER_FILE).is_file():
+        raise NotDecomposedError(f"{a} lacks {ADAPTER_FILE}; pass a finished `sorsa train` output")
+    if fingerprint(acfg) != decomp_cfg.get("job_id"):
+        raise AdapterMismatchError(
+            f"the adapter in {a} was made from another decomposition (fingerprint "
+            f"{str(fingerprint(acfg))[:12]} != {str(decomp_cfg.get('job_id'))[:12]}); pass the DIR it was trained on"
+        )
+    if acfg.get("target_modules") != decomp_cfg.get("target_modules") or acfg.get("rank") != decomp_cfg.get(
+        "rank"
+    ):
+        raise AdapterMismatchError(
+            f"the adapter in {a} has other modules or rank than the decomposition; re-train it"
+        )
+    return acfg
+
+
+def read_adapter(
+    directory: str | Path, modules: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """{module: (U, S, Vt)} from directory/sorsa_adapter.safetensors, one tensor at a time."""
+    f = SafetensorsFile(Path(directory).expanduser() / ADAPTER_FILE)
+    out = {}
+    for m in modules:
+        names = factor_names(m)
+        missing = [n for n in names if n not in f]
+        if missing:
+            raise NotDecomposedError(f"{f.path} lacks {missing[0]}; re-create the adapter")
+        out[m] = tuple(f.read_tensor(n) for n in names)
+    return out
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def attach_sorsa(
+    model: nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    factor_dtype: torch.dtype = torch.float32,
+) -> dict[str, SORSALinear]:
+    """Replace each target nn.Linear (holding W_r) by a SORSALinear with the given factors."""
+    layers = {}
+    for m, (U, S, Vt) in factors.items():
+        try:
+            lin = model.get_submodule(m)
+        except AttributeError:
+            raise NotDecomposedError(
+                f"the model has no module {m}; the adapter belongs to another model"
+            ) from None
+        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != (U.shape[0], Vt.shape[1]):
+            raise AdapterMismatchError(
+                f"{m}: adapter shapes {tuple(U.shape)}/{tuple(Vt.shape)} do not fit {type(lin).__name__} "
+                f"{tuple(getattr(lin, 'weight', torch.empty(0)).shape)}; the adapter belongs to another model"
+            )
+        dev = lin.weight.device
+        layer = SORSALinear(
+            lin.weight.data,
+            U.to(dev),
+            S.to(dev),
+            Vt.to(dev),
+            None if lin.bias is None else lin.bias.data,
+            factor_dtype=factor_dtype,
+        )
+        parent, child = _parent(model, m)
+        setattr(parent, child, layer)
+        layers[m] = layer
+    return layers
+
+
+def load_sorsa_model(
+    directory: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    factor_dtype: torch.dtype = torch.float32,
+    trainable: bool = False,
+) -> tuple[nn.Module, dict[str, SORSALinear], dict]:
+    """The residual model of a decomposed dir with SORSA layers from its own adapter or `adapter`.
+
+    Every base parameter is frozen; with `trainable` the factors require grad. Returns
+    (model, {module: layer}, the adapter's config).
+    """
+    from transformers import AutoModelForCausalLM
+
+    d = Path(directory).expanduser()
+    cfg = read_decomposition(d)
+    acfg = check_adapter(cfg, adapter) if adapter is not None else cfg
+    src = Path(adapter).expanduser() if adapter is not None else d
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+    model.requires_grad_(False)
+    layers = attach_sorsa(model, read_adapter(src, cfg["target_modules"]), factor_dtype)
+    model.to(device)
+    for layer in layers.values():
+        for p in (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt):
+            p.requires_grad_(trainable)
+    return model, layers, acfg
+
+
+def adapter_tensors(
+    layers: dict[str, SORSALinear], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """{M.sorsa_U, M.sorsa_S, M.sorsa_Vt: tensor} on the CPU, in the adapter format's names."""
+    out = {}
+    for m, layer in layers.items():
+        for name, p in zip(factor_names(m), (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt), strict=True):
+            t = p.detach()
+            out[name] = (t if dtype is None else t.to(dtype)).cpu().contiguous()
+    return out

@@ -1,0 +1,560 @@
+"""`sorsa train`: a minimal streaming trainer that trains only U, S and Vt.
+
+One optimizer step (paper eq. 10, as the official code orders it):
+  1. forward/backward over `grad_accum` micro-batches; the task loss is the sum of response-token
+     cross-entropies divided by the step's response-token count (so accumulation and packing
+     weigh every token alike), computed through the LM head in chunks (no full logits tensor);
+  2. the task gradient is clipped to `clip` (and its norm logged);
+  3. the closed-form regularizer gradient, times gamma / eta_max, is added (not clipped);
+  4. AdamW step, then the cosine schedule advances.
+Checkpoints (adapter, optimizer, schedule, data position, RNG) are written atomically every
+`save_every` steps; a resumed run ends with the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sorsa_tools import __version__
+from sorsa_tools.data import IGNORE, Dataset, parse_fields
+from sorsa_tools.errors import InputError, RunDirError, TrainingError
+from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
+from sorsa_tools.io.safetensors_file import atomic_write_json, atomic_write_text, write_tensors
+from sorsa_tools.layer import add_regularizer_grad_
+from sorsa_tools.model import adapter_tensors, load_sorsa_model, read_adapter, read_decomposition
+
+CKPT_DIR = "checkpoint"
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "loss.png"
+RUN_FILE = "run.json"
+LOSS_CHUNK = 2048  # response tokens per LM-head chunk
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting that shapes the result (hashed into the run id)."""
+
+    fields: str | None = None
+    template: str = "paper"
+    max_length: int = 512
+    pack: bool = False
+    shuffle: bool = True
+    lr: float = 3e-5
+    gamma: float = 4e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    grad_checkpointing: bool = False
+
+
+class TrainProgress:
+    """Receives progress events; the CLI subclasses it with a rich bar. The default is silent."""
+
+    def start(self, total_steps: int, done_steps: int) -> None: ...
+
+    def step(self, record: dict) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    tokens: int
+    final_loss: float | None
+    seconds: float
+    resumed_from: int | None
+    already_done: bool
+    examples: int
+    skipped_too_long: int
+    truncated: int
+    log_file: Path
+    plot_file: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"--device {device} was asked for but no CUDA GPU is available; use --device cpu or auto"
+            )
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"--device must be cpu, cuda or auto, not {device!r}")
+
+
+def _check(cfg: TrainConfig, save_every: int) -> None:
+    bad = [
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be > 0 (got {cfg.lr})"),
+        (cfg.gamma >= 0, f"--gamma must be >= 0 (got {cfg.gamma}); 0 turns the regularizer off"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+        (cfg.grad_accum >= 1, f"--grad-accum must be >= 1 (got {cfg.grad_accum})"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1 (got {cfg.max_steps})"),
+        (cfg.epochs >= 1, f"--epochs must be >= 1 (got {cfg.epochs})"),
+        (0 <= cfg.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1) (got {cfg.warmup_ratio})"),
+        (cfg.clip >= 0, f"--clip must be >= 0 (got {cfg.clip}); 0 turns clipping off"),
+        (save_every >= 1, f"--save-every must be >= 1 (got {save_every})"),
+        (cfg.dtype == "auto" or cfg.dtype in DTYPES, f"--dtype must be auto or one of {', '.join(DTYPES)}"),
+    ]
+    for ok, msg in bad:
+        if not ok:
+            raise InputError(msg)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to the peak over `warmup` steps (the first step already moves), then cosine
+    decay towards 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _peak_memory(device: torch.device) -> float:
+    """GiB: peak CUDA memory allocated, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over label positions, their count).
+
+    Runs the decoder, then the LM head only on positions that carry loss, chunk by chunk under
+    activation checkpointing, so that no (tokens, vocab) logits tensor of the whole batch exists.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    sel = targets != IGNORE
+    h = hidden[:, :-1][sel]
+    t = targets[sel]
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def ce(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        logits = head(hc).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, tc, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, t.numel(), chunk):
+        total = total + checkpoint(ce, h[i : i + chunk], t[i : i + chunk], use_reentrant=False)
+    return total, int(t.numel())
+
+
+# -- the run directory --------------------------------------------------------------------------
+def _prepare_run_dir(out: Path, decomp: Path, run_id: str, resume: bool, force: bool) -> str:
+    """'fresh', 'resume' or 'done'; refuses directories holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} is a file; -o must name a directory")
+    dres = decomp.resolve()
+    if out.resolve() == dres or dres in out.resolve().parents:
+        raise RunDirError(
+            f"-o {out} is inside the decomposed dir; sorsa train never writes there: choose another -o"
+        )
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not existing:
+        out.mkdir(parents=True, exist_ok=True)
+        return "fresh"
+    state = None
+    if (out / RUN_FILE).is_file():
+        try:
+            state = json.loads((out / RUN_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            state = None
+    same = state is not None and state.get("run_id") == run_id
+    if force:
+        if state is None and not (out / CONFIG_FILE).exists():
+            raise RunDirError(
+                f"{out} holds files that are not a sorsa run (e.g. {existing[0]}); --force only replaces runs"
+            )
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+        return "fresh"
+    if same and (out / CONFIG_FILE).is_file() and (out / ADAPTER_FILE).is_file():
+        return "done"
+    if same and resume:
+        return "resume"
+    if same:
+        raise RunDirError(
+            f"{out} holds an unfinished run of these settings; pass --resume to continue it or --force to restart"
+        )
+    what = (
+        "another run's files (other DIR, data or settings)" if state else f"other files (e.g. {existing[0]})"
+    )
+    raise RunDirError(f"{out} holds {what}; choose a new -o, or pass --force to replace a run")
+
+
+def _save_checkpoint(out: Path, layers, optimizer, scheduler, state: dict) -> None:
+    """Write checkpoint/ whole under a temp name, then swap it in; a crash leaves the old one."""
+    tmp, final, old = out / ".checkpoint-tmp", out / CKPT_DIR, out / ".checkpoint-old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_tensors(tmp / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": _cuda_rng(),
+        },
+        tmp / "trainer.pt",
+    )
+    atomic_write_json(tmp / "state.json", state)
+    for f in tmp.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _cuda_rng():
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def _checkpoint_dir(out: Path) -> Path | None:
+    for name in (CKPT_DIR, ".checkpoint-old"):  # -old: a crash between the two renames
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint a run resumes from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def plot_losses(log_file: Path, png: Path, title: str = "") -> Path | None:
+    """Training loss and orthonormality error against step, as a PNG (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(steps, [r["loss"] for r in rows], lw=1)
+    a.set(xlabel="step", ylabel="task loss (nats/token)", title=title or "training loss")
+    b.plot(steps, [r["reg_loss"] for r in rows], lw=1, label="L_reg (mean)")
+    b.plot(steps, [r["ortho_error_max"] for r in rows], lw=1, label="max ||U^T U - I||, ||V V^T - I||")
+    b.set(xlabel="step", title="orthonormality error")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+# -- the trainer --------------------------------------------------------------------------------
+def train(
+    decomposed_dir: str | Path,
+    data: str | Path,
+    output_dir: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    device: str = "auto",
+    save_every: int = 200,
+    resume: bool = False,
+    force: bool = False,
+    compile: bool = False,
+    progress: TrainProgress | None = None,
+) -> TrainResult:
+    """Train the SORSA factors of a decomposed dir on a JSONL file; write the adapter to output_dir."""
+    t_start = time.perf_counter()
+    cfg = config or TrainConfig()
+    progress = progress or TrainProgress()
+    _check(cfg, save_every)
+    dev = _device(device)
+    decomp = Path(decomposed_dir).expanduser()
+    dcfg = read_decomposition(decomp)
+    data = Path(data).expanduser()
+    fields = parse_fields(cfg.fields)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(decomp)
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"{decomp} has no usable tokenizer ({str(e).splitlines()[0]}); copy the base model's tokenizer files there"
+        ) from None
+    ds = Dataset(data, tok, fields, cfg.template, cfg.max_length, cfg.pack)
+    if fields is None:
+        cfg.fields = ds.fields.describe()
+    out = Path(output_dir).expanduser()
+    run_key = {
+        "decomposition": dcfg["job_id"],
+        "data": {"name": data.name, "sha256": _file_digest(data)},
+        "config": asdict(cfg),
+    }
+    run_id = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
+    mode = _prepare_run_dir(out, decomp, run_id, resume, force)
+    log_file = out / LOG_FILE
+    if mode == "done":
+        done = json.loads((out / CONFIG_FILE).read_text())["training"]
+        return TrainResult(
+            out,
+            done["steps"],
+            done["tokens"],
+            done["final_loss"],
+            0.0,
+            None,
+            True,
+            len(ds),
+            ds.n_too_long,
+            ds.n_truncated,
+            log_file,
+            out / PLOT_FILE if (out / PLOT_FILE).exists() else None,
+        )
+    if mode == "fresh":
+        atomic_write_json(
+            out / RUN_FILE, {"run_id": run_id, **run_key, "decomposed_dir": str(decomp.resolve())}
+        )
+
+    # plan: micro-batches per epoch, optimizer steps in all
+    per_epoch = len(ds.micro_batches(0, cfg.seed, cfg.batch_size, cfg.shuffle))
+    steps_per_epoch = math.ceil(per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    dtype = (
+        DTYPES[cfg.dtype]
+        if cfg.dtype != "auto"
+        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    )
+    torch.manual_seed(cfg.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    model, layers, _ = load_sorsa_model(decomp, device=dev, dtype=dtype, trainable=True)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    fwd_model = torch.compile(model) if compile else model
+    params = [p for layer in layers.values() for p in (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt)]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=dev.type == "cuda"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    layer_list = list(layers.values())
+    reg_scale = cfg.gamma / cfg.lr  # eq. 10: gamma / eta_max
+
+    step, epoch, pos, tokens_seen = 0, 0, 0, 0
+    resumed_from = None
+    if mode == "resume":
+        ck = _checkpoint_dir(out)
+        if ck is None:
+            raise RunDirError(
+                f"{out} has no checkpoint to resume from; run again without --resume (or with --force)"
+            )
+        st = json.loads((ck / "state.json").read_text())
+        saved = read_adapter(ck, list(layers))
+        with torch.no_grad():
+            for m, layer in layers.items():
+                for p, t in zip((layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt), saved[m], strict=True):
+                    p.copy_(t.to(p.device, p.dtype))
+        tr = torch.load(ck / "trainer.pt", map_location=dev, weights_only=True)
+        optimizer.load_state_dict(tr["optimizer"])
+        torch.set_rng_state(tr["rng_cpu"].cpu())
+        if dev.type == "cuda" and tr["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in tr["rng_cuda"]])
+        step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
+        scheduler.load_state_dict(tr["scheduler"])
+        resumed_from = step
+        _trim_log(log_file, step)
+        progress.note(f"resuming at step {step} of {total_steps}")
+    else:
+        log_file.unlink(missing_ok=True)
+
+    progress.start(total_steps, step)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if dev.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    batches = ds.micro_batches(epoch, cfg.seed, cfg.batch_size, cfg.shuffle)
+    last_loss: float | None = None
+    last_saved = step
+    with open(log_file, "a", encoding="utf-8") as log:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            group = []
+            while len(group) < cfg.grad_accum:
+                if pos >= len(batches):
+                    epoch, pos = epoch + 1, 0
+                    batches = ds.micro_batches(epoch, cfg.seed, cfg.batch_size, cfg.shuffle)
+                    if group and cfg.max_steps is None:
+                        break  # --epochs: an epoch's last accumulation group may be shorter
+                group.append(ds.collate(batches[pos]))
+                pos += 1
+            n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+            n_tok = sum(int(b["attention_mask"].sum()) for b in group)
+            loss_total = 0.0
+            for b in group:
+                b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+                with autocast:
+                    ls, _ = loss_sum(fwd_model, b)
+                (ls / n_loss).backward()
+                loss_total += float(ls.detach())
+            loss = loss_total / n_loss
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            )
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                ck = _checkpoint_dir(out)
+                where = (
+                    f"the last good checkpoint (step {last_saved}) is in {ck}"
+                    if ck
+                    else "no checkpoint was saved yet"
+                )
+                raise TrainingError(
+                    f"the loss became {loss} (gradient norm {grad_norm}) at step {step + 1}; training stopped, "
+                    f"{where}: lower --lr (or raise --warmup-ratio) and run again with --resume"
+                )
+            reg, worst = add_regularizer_grad_(layer_list, reg_scale)
+            lr_now = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_tok
+            dt = time.perf_counter() - t0
+            rec = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "reg_loss": reg,
+                "ortho_error_max": worst,
+                "grad_norm": grad_norm,
+                "lr": lr_now,
+                "tokens": n_tok,
+                "loss_tokens": n_loss,
+                "tokens_per_s": n_tok / dt if dt > 0 else None,
+                "step_seconds": dt,
+                "memory_gib": _peak_memory(dev),
+            }
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            last_loss = loss
+            if step % save_every == 0 and step < total_steps:
+                _save_checkpoint(
+                    out,
+                    layers,
+                    optimizer,
+                    scheduler,
+                    {"step": step, "epoch": epoch, "pos": pos, "tokens": tokens_seen},
+                )
+                last_saved = step
+            progress.step({**rec, "total_steps": total_steps})
+
+    final = adapter_tensors(layers, torch.float32)
+    write_tensors(out / ADAPTER_FILE, final)
+    seconds = time.perf_counter() - t_start
+    config_out = {
+        "format_version": FORMAT_VERSION,
+        "kind": "trained",
+        "rank": dcfg["rank"],
+        "target_modules": dcfg["target_modules"],
+        "base_model": dcfg.get("base_model", {}),
+        "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
+        "dtypes": {
+            "factors": "float32",
+            "residual": dcfg.get("dtypes", {}).get("residual"),
+            "train_compute": str(dtype).removeprefix("torch."),
+        },
+        "training": {
+            **asdict(cfg),
+            "data": {
+                "path": str(data.resolve()),
+                "sha256": run_key["data"]["sha256"],
+                "examples": len(ds),
+                "skipped_too_long": ds.n_too_long,
+                "truncated": ds.n_truncated,
+            },
+            "steps": step,
+            "tokens": tokens_seen,
+            "final_loss": last_loss,
+            "device": str(dev),
+            "run_id": run_id,
+            "regularizer": "eq. 10: task gradient clipped, then (gamma / lr) * grad L_reg added",
+        },
+        "tool": {"name": "sorsa-tools", "version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    png = plot_losses(log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}")
+    atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
+    shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+    shutil.rmtree(out / ".checkpoint-old", ignore_errors=True)
+    return TrainResult(
+        out,
+        step,
+        tokens_seen,
+        last_loss,
+        seconds,
+        resumed_from,
+        False,
+        len(ds),
+        ds.n_too_long,
+        ds.n_truncated,
+        log_file,
+        png,
+    )
