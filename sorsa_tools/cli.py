@@ -51,7 +51,11 @@ def handle_errors(fn):
                 raise
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; finished shards are kept: run the same command again to resume", 130)
+            _fail(
+                "interrupted; finished work is kept: run the same command again to resume "
+                "(sorsa train: add --resume)",
+                130,
+            )
         except MemoryError:
             _fail("out of memory; close other programs, or use --device cuda / a smaller --rank", 1)
         except OSError as e:
@@ -140,7 +144,7 @@ def decompose(
         str, typer.Option(help="auto (exact where cheap, else randomized), randomized or exact.")
     ] = "auto",
     oversample: Annotated[
-        int, typer.Option(help="Extra sketch columns for randomized SVD [default: rank].")
+        int, typer.Option(help="Extra sketch columns for randomized SVD \\[default: rank].")
     ] = None,
     niter: Annotated[int, typer.Option(help="Power iterations for randomized SVD (at least).")] = 4,
     svd_tol: Annotated[
@@ -152,7 +156,7 @@ def decompose(
     compute_dtype: Annotated[str, typer.Option(help="SVD precision: float32 or float64.")] = "float32",
     factor_dtype: Annotated[str, typer.Option(help="Dtype of U, S, Vt in the adapter.")] = "float32",
     residual_dtype: Annotated[
-        str, typer.Option(help="Dtype of W_r [default: each weight's source dtype].")
+        str, typer.Option(help="Dtype of W_r \\[default: each weight's source dtype].")
     ] = None,
     check_sample: Annotated[
         int, typer.Option(help="Modules that also get an exact SVD, to record the accuracy reached.")
@@ -224,6 +228,151 @@ def decompose(
     out.print(t)
     if r.resumed_shards:
         out.print(f"resumed: {r.resumed_shards} of {r.shards} shards were already done")
+
+
+class _TrainBar:
+    """One bar over optimizer steps, with loss, tokens/s and ETA."""
+
+    def __init__(self, progress: Progress):
+        self.p = progress
+        self.task = None
+
+    def start(self, total_steps: int, done_steps: int) -> None:
+        self.task = self.p.add_task("train", total=total_steps, completed=done_steps, stats="")
+
+    def step(self, r: dict) -> None:
+        tps = f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
+        stats = f"loss {r['loss']:.4f}  reg {r['reg_loss']:.2e}  {tps}  {r['memory_gib']:.1f} GiB"
+        self.p.update(
+            self.task, completed=r["step"], stats=stats, description=f"step {r['step']}/{r['total_steps']}"
+        )
+
+    def note(self, message: str) -> None:
+        if not self.p.disable:
+            self.p.console.print(f"[dim]{message}[/]", highlight=False)
+
+
+TRAIN_EPILOG = """[bold]Examples[/]
+
+  sorsa train gemma-sorsa-r64 --data gsm8k/train.jsonl -o run1
+
+  sorsa train llama2-sorsa-r128 --data metamath.jsonl --fields query,response --batch-size 4 \\
+      --grad-accum 32 --lr 3e-5 --gamma 4e-4 --grad-checkpointing -o run2
+
+  sorsa train DIR --data notes.jsonl --fields text --template raw --max-steps 500 -o run3
+
+  sorsa train DIR --data gsm8k/train.jsonl -o run1 --resume      (continue an interrupted run)
+"""
+
+
+@app.command(epilog=TRAIN_EPILOG)
+@handle_errors
+def train(
+    directory: Annotated[Path, typer.Argument(help="A decomposed directory (`sorsa decompose` output).")],
+    data: Annotated[Path, typer.Option("--data", help="JSONL training file, one example per line.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory for the trained adapter.")],
+    fields: Annotated[
+        str,
+        typer.Option(
+            help="PROMPT,RESPONSE fields, or one TEXT field \\[default: question,answer / query,response / ...]."
+        ),
+    ] = None,
+    template: Annotated[
+        str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")
+    ] = "paper",
+    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
+    pack: Annotated[bool, typer.Option("--pack", help="Pack several examples into each sequence.")] = False,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (eta_max).")] = 3e-5,
+    gamma: Annotated[float, typer.Option(help="Orthonormal regularizer weight (0: off).")] = 4e-4,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_steps: Annotated[
+        int, typer.Option(help="Optimizer steps \\[default: --epochs over the data].")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data (when --max-steps is not given).")] = 1,
+    warmup_ratio: Annotated[float, typer.Option(help="Share of steps of linear warm-up.")] = 0.03,
+    clip: Annotated[float, typer.Option(help="Clip the task gradient's norm to this (0: off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = 0,
+    no_shuffle: Annotated[bool, typer.Option("--no-shuffle", help="Keep the file's order.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Dtype of the frozen model [default auto: bfloat16 on CUDA, float32 on CPU].")
+    ] = "auto",
+    grad_checkpointing: Annotated[
+        bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass.")
+    ] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.")] = 200,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in -o from its checkpoint.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the run in -o.")] = False,
+) -> None:
+    """Train only U, S and Vt of a decomposed model on a JSONL dataset (paper eq. 10)."""
+    from transformers.utils import logging as hf_logging
+
+    from sorsa_tools.train import TrainConfig
+    from sorsa_tools.train import train as run
+
+    hf_logging.disable_progress_bar()
+    cfg = TrainConfig(
+        fields=fields,
+        template=template,
+        max_length=max_length,
+        pack=pack,
+        shuffle=not no_shuffle,
+        lr=lr,
+        gamma=gamma,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=max_steps,
+        epochs=epochs,
+        warmup_ratio=warmup_ratio,
+        clip=clip,
+        seed=seed,
+        dtype=dtype,
+        grad_checkpointing=grad_checkpointing,
+    )
+    columns = (
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as p:
+        r = run(
+            directory,
+            data,
+            output,
+            config=cfg,
+            device=device,
+            save_every=save_every,
+            resume=resume,
+            force=force,
+            compile=compile,
+            progress=_TrainBar(p),
+        )
+    if r.already_done:
+        out.print(f"[green]{r.output_dir} already holds this finished run ({r.steps} steps).[/]")
+        return
+    t = Table(title=f"sorsa train → {r.output_dir}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("steps", f"{r.steps}" + (f" (resumed at {r.resumed_from})" if r.resumed_from is not None else "")),
+        ("tokens", f"{r.tokens:,}"),
+        ("final loss", "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"),
+        ("time", f"{r.seconds:.1f} s"),
+        (
+            "examples",
+            f"{r.examples} ({r.truncated} truncated, {r.skipped_too_long} skipped: prompt too long)",
+        ),
+        ("log / plot", f"{r.log_file.name} / {r.plot_file.name if r.plot_file else 'no matplotlib'}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
 
 
 @app.command(

@@ -1,0 +1,204 @@
+"""`sorsa train` on tiny models with a real (small) tokenizer and real GSM-8K lines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GSM8K_SLICE
+from safetensors.torch import load_file
+
+from sorsa_tools.data import IGNORE, Dataset, parse_fields
+from sorsa_tools.errors import DataError
+from sorsa_tools.model import load_sorsa_model
+from sorsa_tools.train import TrainConfig, TrainProgress, loss_sum, lr_factor, train
+
+
+def _tree_digest(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+FAST = dict(max_length=384, batch_size=4, lr=1e-2, warmup_ratio=0.1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_sorsa_model_at_init_equals_original(tiny_lm_decomposed, kind):
+    from transformers import AutoModelForCausalLM
+
+    src, dec = tiny_lm_decomposed(kind)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model, layers, _ = load_sorsa_model(dec)
+    model.eval()
+    assert len(layers) == 14
+    ids = torch.randint(3, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+
+
+def test_loss_sum_matches_transformers_loss(tiny_lm_decomposed):
+    """The chunked response-only loss equals HF's own mean loss over label tokens."""
+    src, dec = tiny_lm_decomposed("llama")
+    model, _, _ = load_sorsa_model(dec)
+    model.eval()
+    from transformers import AutoTokenizer
+
+    ds = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(dec), max_length=384)
+    batch = ds.collate(ds.micro_batches(0, 0, 3)[0])
+    with torch.no_grad():
+        total, n = loss_sum(model, batch, chunk=7)  # chunks smaller than the batch's tokens
+        hf = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+    assert n == int((batch["labels"][:, 1:] != IGNORE).sum()) > 0
+    assert abs(float(total) / n - float(hf)) < 1e-5
+
+
+def test_dataset_fields_template_masking_and_determinism(tiny_lm_decomposed, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, dec = tiny_lm_decomposed("llama")
+    tok = AutoTokenizer.from_pretrained(dec)
+    ds = Dataset(GSM8K_SLICE, tok, max_length=512)
+    assert ds.fields.describe() == "question,answer" and ds.n_records == 256
+    ids, labels = ds.read([0])[0]
+    first = json.loads(GSM8K_SLICE.read_text().splitlines()[0])
+    text = tok.decode(ids)
+    assert "### Instruction:\n" + first["question"] in text and "Lets think step by step." in text
+    # the loss falls on the response only: the unmasked labels decode to " " + answer + eos
+    resp = [t for t in labels if t != IGNORE]
+    assert tok.decode(resp[:-1]).strip() == first["answer"] and resp[-1] == tok.eos_token_id
+    assert labels[: len(ids) - len(resp)] == [IGNORE] * (len(ids) - len(resp))
+    # seeded permutations: reproducible, different across epochs and seeds
+    assert ds.epoch_order(0, 1) == ds.epoch_order(0, 1) != ds.epoch_order(1, 1)
+    assert sorted(ds.epoch_order(3, 5)) == list(range(len(ds)))
+    # packing keeps every loss token and fills rows up to max_length
+    packed = Dataset(GSM8K_SLICE, tok, max_length=2048, pack=True)
+    mb = packed.micro_batches(0, 0, 2)
+    rows = [row for b in mb for row in b]
+    assert sorted(i for row in rows for i in row) == list(range(len(packed)))
+    assert all(sum(packed.lengths[i] for i in row) <= 2048 for row in rows) and len(rows) < len(packed) / 3
+    b = packed.collate(mb[0])
+    starts = (b["position_ids"][0] == 0) & (b["attention_mask"][0] == 1)
+    assert b["position_ids"][0, 0] == 0 and int(starts.sum()) == len(mb[0][0])
+    # plain-text mode: loss on every token
+    txt = tmp_path / "t.jsonl"
+    txt.write_text('{"text": "Natalia sold 48 clips."}\n')
+    plain = Dataset(txt, tok, max_length=64)
+    ids, labels = plain.read([0])[0]
+    assert plain.fields == parse_fields("text") and ids == labels
+
+
+def test_training_lowers_loss_and_changes_only_the_factors(tiny_lm_decomposed, tmp_path):
+    src, dec = tiny_lm_decomposed("llama")
+    before = _tree_digest(dec)
+    run = tmp_path / "run"
+    r = train(dec, GSM8K_SLICE, run, config=TrainConfig(**FAST, max_steps=40), device="cpu")
+    assert _tree_digest(dec) == before  # never writes to DIR
+    log = _log(run)
+    assert [x["step"] for x in log] == list(range(1, 41)) and r.steps == 40
+    first, last = sum(x["loss"] for x in log[:5]) / 5, sum(x["loss"] for x in log[-5:]) / 5
+    assert last < first, (first, last)
+    assert {"loss", "reg_loss", "ortho_error_max", "grad_norm", "lr", "tokens_per_s", "memory_gib"} <= set(
+        log[0]
+    )
+    assert sorted(p.name for p in run.iterdir()) == [
+        "loss.png",
+        "run.json",
+        "sorsa_adapter.safetensors",
+        "sorsa_config.json",
+        "train_log.jsonl",
+    ]
+    cfg = json.loads((run / "sorsa_config.json").read_text())
+    dcfg = json.loads((dec / "sorsa_config.json").read_text())
+    assert cfg["kind"] == "trained" and cfg["decomposition"]["job_id"] == dcfg["job_id"]
+    assert cfg["target_modules"] == dcfg["target_modules"] and cfg["training"]["steps"] == 40
+    new, old = load_file(run / "sorsa_adapter.safetensors"), load_file(dec / "sorsa_adapter.safetensors")
+    assert new.keys() == old.keys() and all(v.dtype == torch.float32 for v in new.values())
+    assert all(not torch.equal(new[k], old[k]) for k in new)  # every factor trained
+    # on a fixed batch, the trained adapter (loaded back on its decomposition) has a lower loss
+    from transformers import AutoTokenizer
+
+    ds = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(dec), max_length=384)
+    batch = ds.collate([[i] for i in range(8)])
+    losses = []
+    for adapter in (None, run):
+        model, layers, acfg = load_sorsa_model(dec, adapter)
+        with torch.no_grad():
+            total, n = loss_sum(model, batch)
+        losses.append(float(total) / n)
+    assert acfg["kind"] == "trained" and losses[1] < losses[0] - 0.05, losses
+
+
+def test_regularizer_keeps_factors_orthonormal(tiny_lm_decomposed, tmp_path):
+    """gamma > 0 ends with a smaller orthonormality error than gamma = 0 (the paper's ablation)."""
+    _, dec = tiny_lm_decomposed("llama")
+    errs = {}
+    for gamma in (0.0, 2e-2):
+        run = tmp_path / f"g{gamma}"
+        train(
+            dec,
+            GSM8K_SLICE,
+            run,
+            config=TrainConfig(**{**FAST, "lr": 5e-3}, gamma=gamma, max_steps=25),
+            device="cpu",
+        )
+        errs[gamma] = _log(run)[-1]["ortho_error_max"]
+    assert errs[2e-2] < 0.5 * errs[0.0], errs
+
+
+class _StopAt(TrainProgress):
+    def __init__(self, at: int):
+        self.at = at
+
+    def step(self, record: dict) -> None:
+        if record["step"] == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(tiny_lm_decomposed, tmp_path):
+    _, dec = tiny_lm_decomposed("llama")
+    cfg = dict(**FAST, max_steps=7, grad_accum=2)
+    full = tmp_path / "full"
+    train(dec, GSM8K_SLICE, full, config=TrainConfig(**cfg), save_every=2, device="cpu")
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), save_every=2, device="cpu", progress=_StopAt(5)
+        )
+    assert json.loads((cut / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert not (cut / "sorsa_adapter.safetensors").exists()
+    r = train(dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), save_every=2, device="cpu", resume=True)
+    assert r.resumed_from == 4 and r.steps == 7
+    a, b = load_file(full / "sorsa_adapter.safetensors"), load_file(cut / "sorsa_adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x["step"] for x in _log(cut)] == list(range(1, 8))
+    assert [x["loss"] for x in _log(cut)] == [x["loss"] for x in _log(full)]
+    # a finished run is reported as done, not redone
+    again = train(dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), save_every=2, device="cpu")
+    assert again.already_done and again.steps == 7
+
+
+def test_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 0.01
+    assert f[55] == pytest.approx(0.5)
+
+
+def test_data_errors_name_the_line(tiny_lm_decomposed, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, dec = tiny_lm_decomposed("llama")
+    tok = AutoTokenizer.from_pretrained(dec)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "b"}\n{"question": "c"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'answer' is missing"):
+        Dataset(bad, tok)
