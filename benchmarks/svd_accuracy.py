@@ -25,7 +25,6 @@ from sorsa_tools.arch import select_targets  # noqa: E402
 from sorsa_tools.io.checkpoint import open_checkpoint  # noqa: E402
 from sorsa_tools.svd import exact_singular_values, randomized_svd  # noqa: E402
 
-
 DEFAULT = "q=2r, niter >= 4 to tol 1e-4 (default)"
 
 
