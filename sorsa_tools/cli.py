@@ -354,7 +354,9 @@ def train(
             progress=_TrainBar(p),
         )
     if r.already_done:
-        out.print(f"[green]{r.output_dir} already holds this finished run ({r.steps} steps).[/]")
+        out.print(
+            f"[green]{r.output_dir} already holds this finished run ({r.steps} steps).[/]", soft_wrap=True
+        )
         return
     t = Table(title=f"sorsa train → {r.output_dir}", show_header=False)
     t.add_column(style="bold")

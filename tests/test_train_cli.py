@@ -1,0 +1,160 @@
+"""`sorsa train` bad inputs: one line naming the problem and the fix, non-zero exit, no traceback,
+nothing written where it should not be."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GSM8K_SLICE
+from test_cli_errors import assert_clean_error, run
+
+
+@pytest.fixture
+def dec(tiny_lm_decomposed) -> Path:
+    return tiny_lm_decomposed("llama")[1]
+
+
+def train_args(dec: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        str(dec),
+        "--data",
+        str(data),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        "--max-length",
+        "384",
+        *extra,
+    ]
+
+
+def test_train_cli_runs_and_reports(dec, tmp_path):
+    res = run(*train_args(dec, GSM8K_SLICE, tmp_path / "r", "--max-steps", "3", "--batch-size", "2"))
+    assert res.exit_code == 0, res.stderr
+    assert "final loss" in res.stdout and (tmp_path / "r" / "sorsa_adapter.safetensors").exists()
+    res = run(*train_args(dec, GSM8K_SLICE, tmp_path / "r", "--max-steps", "3", "--batch-size", "2"))
+    assert res.exit_code == 0 and "already holds this finished run" in res.stdout
+    res = run("inspect", str(tmp_path / "r"))
+    assert res.exit_code == 0 and "trained" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        (None, ["data file not found", "--data"]),
+        ("", ["no examples", "empty"]),
+        ('{"question": "a", "answer": "b"}\n{oops\n', ["bad.jsonl:2: not valid JSON"]),
+        (
+            '{"question": "a", "answer": "b"}\n{"question": "c"}\n',
+            ["bad.jsonl:2: field 'answer' is missing", "--fields"],
+        ),
+        ('{"title": "a"}\n', ["bad.jsonl:1: no known fields", "--fields"]),
+        ('["a", "b"]\n', ["bad.jsonl:1: a JSON object is needed"]),
+    ],
+)
+def test_bad_data(dec, tmp_path, content, needles):
+    data = tmp_path / "bad.jsonl"
+    if content is not None:
+        data.write_text(content)
+    res = run(*train_args(dec, data, tmp_path / "r"))
+    assert_clean_error(res, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_example_too_long(dec, tmp_path):
+    res = run(*train_args(dec, GSM8K_SLICE, tmp_path / "r")[:-2], "--max-length", "20")
+    assert_clean_error(res, "all 256 examples", "raise --max-length")
+
+
+def test_not_a_decomposed_dir(tiny_lm_decomposed, tmp_path):
+    src, _ = tiny_lm_decomposed("llama")
+    assert_clean_error(
+        run(*train_args(src, GSM8K_SLICE, tmp_path / "r")), "has no sorsa_config.json", "sorsa decompose"
+    )
+    assert_clean_error(run(*train_args(tmp_path / "nope", GSM8K_SLICE, tmp_path / "r")), "no such directory")
+
+
+def test_run_dir_conflicts(dec, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_clean_error(run(*train_args(dec, GSM8K_SLICE, other)), "holds other files", "choose a new -o")
+    assert_clean_error(run(*train_args(dec, GSM8K_SLICE, other, "--force")), "not a sorsa run")
+    assert (other / "notes.txt").read_text() == "mine"
+    assert_clean_error(run(*train_args(dec, GSM8K_SLICE, dec / "run")), "never writes there")
+    # a finished run with other settings is another run's files
+    r = tmp_path / "r"
+    assert run(*train_args(dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2")).exit_code == 0
+    assert_clean_error(
+        run(*train_args(dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-4")),
+        "another run's files",
+        "--force",
+    )
+    assert (
+        run(
+            *train_args(
+                dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-4", "--force"
+            )
+        ).exit_code
+        == 0
+    )
+
+
+def test_unfinished_run_needs_resume(dec, tmp_path):
+    r = tmp_path / "r"
+    r.mkdir()
+    (r / "run.json").write_text(json.dumps({"run_id": "x"}))
+    assert_clean_error(run(*train_args(dec, GSM8K_SLICE, r)), "another run's files")
+
+
+def test_bad_options(dec, tmp_path):
+    for extra, needle in [
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--gamma", "-1"], "--gamma must be >= 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--warmup-ratio", "1.5"], "--warmup-ratio"),
+        (["--template", "alpaca"], "--template 'alpaca'"),
+        (["--fields", "a,b,c"], "--fields"),
+        (["--dtype", "int8"], "--dtype"),
+    ]:
+        assert_clean_error(run(*train_args(dec, GSM8K_SLICE, tmp_path / "r", *extra)), needle)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_but_absent(dec, tmp_path):
+    args = train_args(dec, GSM8K_SLICE, tmp_path / "r")
+    args[args.index("--device") + 1] = "cuda"
+    assert_clean_error(run(*args), "no CUDA GPU", "--device cpu")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dec, tmp_path):
+    r = tmp_path / "r"
+    res = run(
+        *train_args(
+            dec,
+            GSM8K_SLICE,
+            r,
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e30",
+            "--warmup-ratio",
+            "0",
+            "--save-every",
+            "1",
+        )
+    )
+    line = assert_clean_error(res, "the loss became", "last good checkpoint (step 1)", "lower --lr", code=4)
+    assert "--resume" in line
+    assert json.loads((r / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert not (r / "sorsa_adapter.safetensors").exists()
+    shutil.rmtree(r)
