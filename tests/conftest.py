@@ -80,7 +80,7 @@ def gemma_270m(tmp_path_factory) -> Path:
     return prepare(cache / "gemma3-270m")
 
 
-GSM8K_SLICE = ROOT / "tests" / "data" / "gsm8k_train_256.jsonl"  # first 256 lines, MIT (GSM8K_LICENSE)
+GSM8K_SLICE = ROOT / "examples" / "data" / "gsm8k_train_256.jsonl"  # first 256 lines, MIT (GSM8K_LICENSE)
 
 
 def make_tokenizer(path: Path, vocab_size: int = 384):
