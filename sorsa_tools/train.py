@@ -179,6 +179,53 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK) -> 
     return total, int(t.numel())
 
 
+def factor_params(layers) -> list[torch.nn.Parameter]:
+    return [p for layer in layers for p in (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt)]
+
+
+@dataclass
+class StepOutput:
+    stepped: bool  # False: the loss or gradient was not finite and nothing was changed
+    loss: float
+    grad_norm: float
+    reg_loss: float
+    ortho_error_max: float
+    lr: float
+    tokens: int
+    loss_tokens: int
+
+
+def optimizer_step(
+    model, layers, optimizer, scheduler, group, clip: float, reg_scale: float, device
+) -> StepOutput:
+    """One optimizer step over the micro-batches of `group` (see the module docstring).
+
+    The benchmark times this very function; the trainer adds only data, logging and checkpoints.
+    """
+    params = factor_params(layers)
+    n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+    n_tok = sum(int(b["attention_mask"].sum()) for b in group)
+    lr = optimizer.param_groups[0]["lr"]
+    cuda = torch.device(device).type == "cuda"
+    total = torch.zeros((), device=device)
+    for b in group:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            ls, _ = loss_sum(model, b)
+        (ls / n_loss).backward()
+        total += ls.detach()
+    loss = float(total) / n_loss
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutput(False, loss, grad_norm, 0.0, 0.0, lr, n_tok, n_loss)
+    reg, worst = add_regularizer_grad_(layers, reg_scale)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(True, loss, grad_norm, reg, worst, lr, n_tok, n_loss)
+
+
 # -- the run directory --------------------------------------------------------------------------
 def _prepare_run_dir(out: Path, decomp: Path, run_id: str, resume: bool, force: bool) -> str:
     """'fresh', 'resume' or 'done'; refuses directories holding anything else."""
@@ -390,9 +437,13 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     fwd_model = torch.compile(model) if compile else model
-    params = [p for layer in layers.values() for p in (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt)]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=dev.type == "cuda"
+        factor_params(layers.values()),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        fused=dev.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     layer_list = list(layers.values())
@@ -426,11 +477,6 @@ def train(
         log_file.unlink(missing_ok=True)
 
     progress.start(total_steps, step)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
     batches = ds.micro_batches(epoch, cfg.seed, cfg.batch_size, cfg.shuffle)
     last_loss: float | None = None
     last_saved = step
@@ -446,20 +492,17 @@ def train(
                         break  # --epochs: an epoch's last accumulation group may be shorter
                 group.append(ds.collate(batches[pos]))
                 pos += 1
-            n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-            n_tok = sum(int(b["attention_mask"].sum()) for b in group)
-            loss_total = 0.0
-            for b in group:
-                b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-                with autocast:
-                    ls, _ = loss_sum(fwd_model, b)
-                (ls / n_loss).backward()
-                loss_total += float(ls.detach())
-            loss = loss_total / n_loss
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            o = optimizer_step(fwd_model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
+            loss, grad_norm, reg, worst, lr_now, n_tok, n_loss = (
+                o.loss,
+                o.grad_norm,
+                o.reg_loss,
+                o.ortho_error_max,
+                o.lr,
+                o.tokens,
+                o.loss_tokens,
             )
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if not o.stepped:
                 ck = _checkpoint_dir(out)
                 where = (
                     f"the last good checkpoint (step {last_saved}) is in {ck}"
@@ -470,11 +513,6 @@ def train(
                     f"the loss became {loss} (gradient norm {grad_norm}) at step {step + 1}; training stopped, "
                     f"{where}: lower --lr (or raise --warmup-ratio) and run again with --resume"
                 )
-            reg, worst = add_regularizer_grad_(layer_list, reg_scale)
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += n_tok
             dt = time.perf_counter() - t0
