@@ -39,7 +39,8 @@ CKPT_DIR = "checkpoint"
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
 RUN_FILE = "run.json"
-LOSS_CHUNK = 2048  # response tokens per LM-head chunk
+LOSS_CHUNK = 2048  # response tokens per LM-head chunk, when the logits would be large
+LOGITS_BUDGET = 2**28  # logits elements (1 GiB in float32) computed in one piece without chunking
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -149,11 +150,15 @@ def _peak_memory(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+def loss_sum(
+    model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK, budget: int = LOGITS_BUDGET
+) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies over label positions, their count).
 
-    Runs the decoder, then the LM head only on positions that carry loss, chunk by chunk under
-    activation checkpointing, so that no (tokens, vocab) logits tensor of the whole batch exists.
+    Runs the decoder, then the LM head only on positions that carry loss. Where their logits
+    would exceed `budget` elements (a 262k vocabulary times a few thousand tokens), it goes chunk
+    by chunk under activation checkpointing, so that no (tokens, vocab) tensor of the whole batch
+    exists; below it, one piece (the recomputation would cost time for no memory worth saving).
     """
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"],
@@ -173,6 +178,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK) -> 
             logits = torch.tanh(logits / cap) * cap
         return F.cross_entropy(logits, tc, reduction="sum")
 
+    if t.numel() * head.weight.shape[0] <= budget:
+        return ce(h, t), int(t.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, t.numel(), chunk):
         total = total + checkpoint(ce, h[i : i + chunk], t[i : i + chunk], use_reentrant=False)

@@ -53,12 +53,13 @@ def test_loss_sum_matches_transformers_loss(tiny_lm_decomposed):
     ds = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(dec), max_length=384)
     batch = ds.collate(ds.micro_batches(0, 0, 3)[0])
     with torch.no_grad():
-        total, n = loss_sum(model, batch, chunk=7)  # chunks smaller than the batch's tokens
+        total, n = loss_sum(model, batch, chunk=7, budget=0)  # chunks smaller than the batch's tokens
+        whole, _ = loss_sum(model, batch)
         hf = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         ).loss
     assert n == int((batch["labels"][:, 1:] != IGNORE).sum()) > 0
-    assert abs(float(total) / n - float(hf)) < 1e-5
+    assert abs(float(total) / n - float(hf)) < 1e-5 and abs(float(whole) - float(total)) < 1e-3
 
 
 def test_dataset_fields_template_masking_and_determinism(tiny_lm_decomposed, tmp_path):

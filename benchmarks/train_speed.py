@@ -1,0 +1,259 @@
+"""Training-step speed and memory: `sorsa train`'s step against PEFT LoRA, PEFT PiSSA and the
+official SORSA layer (dense delta `(U*S)@Vt` every forward, regularizer through autograd).
+
+Every flow runs in its own process on the same Llama-shaped model (random weights: speed does
+not depend on the values), rank r on all seven projections, gradient checkpointing, bf16 on CUDA
+(float32 on CPU), the same random token batches, and AdamW on the adapter only. The sorsa flow
+calls `sorsa_tools.train.optimizer_step`, the very function `sorsa train` runs.
+
+    python benchmarks/train_speed.py --preset 7b --record          # the GPU machine
+    python benchmarks/train_speed.py --preset cpu-small --record   # this 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import record  # noqa: E402
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRESETS = {
+    # Llama-2-7B's real shapes
+    "7b": dict(
+        hidden=4096, inter=11008, layers=32, heads=32, vocab=32000, seq=512, batch=4, rank=128, steps=10
+    ),
+    "cpu-small": dict(
+        hidden=512, inter=1376, layers=4, heads=8, vocab=8000, seq=256, batch=2, rank=32, steps=4
+    ),
+}
+FLOWS = ["sorsa", "lora", "pissa", "sorsa_official"]
+LABELS = {
+    "sorsa": "sorsa train step (factored, closed-form regularizer)",
+    "lora": "PEFT LoRA",
+    "pissa": "PEFT PiSSA (pissa_niter_4)",
+    "sorsa_official": "official SORSA layer (dense delta, autograd regularizer)",
+}
+
+
+def build(p: dict, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=p["hidden"],
+        intermediate_size=p["inter"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["heads"],
+        vocab_size=p["vocab"],
+        max_position_embeddings=max(4096, p["seq"]),
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def targets(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in PROJ]
+
+
+def random_factors(out_f: int, in_f: int, r: int, g: torch.Generator, device: str):
+    U = torch.linalg.qr(torch.randn(out_f, r, generator=g))[0]
+    Vt = torch.linalg.qr(torch.randn(in_f, r, generator=g))[0].T.contiguous()
+    S = torch.rand(r, generator=g) + 0.5
+    return U.to(device), S.to(device), Vt.to(device)
+
+
+class OfficialSORSALinear(nn.Module):
+    """The official implementation's forward: W_r x + ((U * S) @ Vt) x, the dense delta rebuilt
+    on every call."""
+
+    def __init__(self, lin: nn.Linear, U, S, Vt):
+        super().__init__()
+        self.weight = lin.weight
+        self.sorsa_U, self.sorsa_S, self.sorsa_Vt = (nn.Parameter(t.float()) for t in (U, S, Vt))
+
+    def forward(self, x):
+        delta = (self.sorsa_U * self.sorsa_S) @ self.sorsa_Vt
+        return F.linear(x, self.weight) + F.linear(x, delta.to(x.dtype))
+
+
+def child(flow: str, p: dict, result: str) -> None:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    model = build(p, dtype, device)
+    names = targets(model)
+    g = torch.Generator().manual_seed(0)
+    r = p["rank"]
+    t_init = time.perf_counter()
+    if flow in ("sorsa", "sorsa_official"):
+        from sorsa_tools.layer import SORSALinear
+        from sorsa_tools.model import attach_sorsa
+
+        fac = {n: random_factors(*model.get_submodule(n).weight.shape, r, g, device) for n in names}
+        if flow == "sorsa":
+            layers = list(attach_sorsa(model, fac).values())
+        else:
+            layers = []
+            for n in names:
+                parent, _, child_name = n.rpartition(".")
+                layer = OfficialSORSALinear(model.get_submodule(n), *fac[n])
+                setattr(model.get_submodule(parent), child_name, layer)
+                layers.append(layer)
+        assert all(isinstance(x, (SORSALinear, OfficialSORSALinear)) for x in layers)
+        params = [q for x in layers for q in (x.sorsa_U, x.sorsa_S, x.sorsa_Vt)]
+        net = model
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        init = "pissa_niter_4" if flow == "pissa" else True
+        net = get_peft_model(
+            model,
+            LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=PROJ, init_lora_weights=init),
+        )
+        params = [q for q in net.parameters() if q.requires_grad]
+        for q in params:
+            q.data = q.data.float()  # adapters in float32 as in the sorsa flow (autocast computes in bf16)
+    init_s = time.perf_counter() - t_init
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    B, T = p["batch"], p["seq"]
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, p["vocab"], (B, T), generator=gen) for _ in range(p["steps"] + 2)]
+
+    def step(ids: torch.Tensor) -> None:
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.arange(T).expand(B, T),
+            "labels": ids,
+        }
+        if flow == "sorsa":
+            from sorsa_tools.train import optimizer_step
+
+            optimizer_step(model, layers, opt, sched, [batch], 1.0, 4e-4 / 1e-5, device)
+            return
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = net(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if flow == "sorsa_official":  # the official order: clip the task gradient, then add the regularizer's
+            eye = {}
+            reg = 0.0
+            for x in layers:
+                k = x.sorsa_S.shape[0]
+                eye.setdefault(k, torch.eye(k, device=device))
+                reg = reg + torch.linalg.matrix_norm(x.sorsa_U.T @ x.sorsa_U - eye[k])
+                reg = reg + torch.linalg.matrix_norm(x.sorsa_Vt @ x.sorsa_Vt.T - eye[k])
+            (reg / len(layers) * (4e-4 / 1e-5)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for ids in batches[:2]:  # warm-up
+        step(ids)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for ids in batches[2:]:
+        step(ids)
+    sync()
+    dt = time.perf_counter() - t0
+    out = {
+        "tokens_per_s": B * T * p["steps"] / dt,
+        "step_seconds": dt / p["steps"],
+        "init_seconds": init_s,
+        "peak_gib": (
+            torch.cuda.max_memory_allocated()
+            if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 2**30,
+        "params": sum(q.numel() for q in model.parameters()),
+        "trainable": sum(q.numel() for q in params),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+    }
+    Path(result).write_text(json.dumps(out))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    ap.add_argument("--flows", default=",".join(FLOWS))
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 throughput to compute MFU against")
+    ap.add_argument("--workdir", default=".bench")
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    p = dict(PRESETS[a.preset])
+    if a.steps:
+        p["steps"] = a.steps
+    work = Path(a.workdir)
+    work.mkdir(exist_ok=True)
+    res = {}
+    for flow in a.flows.split(","):
+        out = work / f"train-speed-{flow}.json"
+        out.unlink(missing_ok=True)
+        print(f"running {flow} ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--child", flow, json.dumps(p), str(out)], check=True)
+        res[flow] = json.loads(out.read_text())
+        print(
+            f"  {res[flow]['tokens_per_s']:,.0f} tokens/s, peak {res[flow]['peak_gib']:.2f} GiB", flush=True
+        )
+    base = res.get("lora")
+    cuda = torch.cuda.is_available()
+    mem_kind = "peak GPU memory" if cuda else "peak RSS"
+    lines = [
+        f"## Training step speed, preset `{a.preset}` (`benchmarks/train_speed.py`)",
+        "",
+        f"Llama-shaped: hidden {p['hidden']}, intermediate {p['inter']}, {p['layers']} layers, vocab "
+        f"{p['vocab']}; rank {p['rank']} on all seven projections; batch {p['batch']} x {p['seq']} tokens; "
+        f"gradient checkpointing; {'bf16 autocast' if cuda else 'float32'}; {p['steps']} timed steps after 2 "
+        "warm-up steps; each flow in its own process.",
+        "",
+        f"| flow | tokens/s | vs PEFT LoRA | {mem_kind} (GiB) | vs PEFT LoRA |" + (" MFU |" if cuda else ""),
+        "|---|---|---|---|---|" + ("---|" if cuda else ""),
+    ]
+    for flow, r in res.items():
+        tps = r["tokens_per_s"]
+        row = f"| {LABELS[flow]} | {tps:,.0f} | "
+        row += f"{tps / base['tokens_per_s']:.2f}x | " if base else "- | "
+        row += f"{r['peak_gib']:.2f} | " + (f"{r['peak_gib'] / base['peak_gib']:.2f}x |" if base else "- |")
+        if cuda:
+            row += f" {tps * 6 * r['params'] / (a.peak_tflops * 1e12):.1%} |"
+        lines.append(row)
+    if cuda:
+        lines += [
+            "",
+            f"MFU: tokens/s x 6 x parameters / {a.peak_tflops:g} TFLOP/s (frozen base, checkpointing).",
+        ]
+    body = "\n".join(lines)
+    print(body)
+    if a.record:
+        record(f"train_speed_{a.preset}_{'cuda' if cuda else 'cpu'}", body)
+
+
+if __name__ == "__main__":
+    main()
