@@ -301,6 +301,13 @@ def train(
     grad_checkpointing: Annotated[
         bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass.")
     ] = False,
+    offload_residual: Annotated[
+        bool,
+        typer.Option(
+            "--offload-residual",
+            help="Keep the frozen W_r in host memory and stream it to the GPU (low VRAM).",
+        ),
+    ] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.")] = 200,
     resume: Annotated[
@@ -332,6 +339,7 @@ def train(
         seed=seed,
         dtype=dtype,
         grad_checkpointing=grad_checkpointing,
+        offload_residual=offload_residual,
     )
     columns = (
         TextColumn("{task.description:<16}"),

@@ -40,6 +40,8 @@ class SORSALinear(nn.Module):
         self.sorsa_U = nn.Parameter(U.to(factor_dtype))
         self.sorsa_S = nn.Parameter(S.to(factor_dtype))
         self.sorsa_Vt = nn.Parameter(Vt.to(factor_dtype))
+        self.residual_store = None  # set by offload.ResidualStore: W_r then lives in host memory
+        self.residual_index = -1
 
     @classmethod
     def from_linear(
@@ -54,6 +56,11 @@ class SORSALinear(nn.Module):
             params = tuple(None if p is None else p.to(x.dtype) for p in params)
         W, b, Vt, S, U = params
         h = F.linear(x, Vt) * S
+        if self.residual_store is not None:
+            from sorsa_tools.offload import residual_matmul
+
+            base = residual_matmul(x, self)
+            return (base if b is None else base + b) + F.linear(h, U)
         return F.linear(x, W, b) + F.linear(h, U)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -119,11 +119,13 @@ def load_sorsa_model(
     dtype: torch.dtype = torch.float32,
     factor_dtype: torch.dtype = torch.float32,
     trainable: bool = False,
+    offload_residual: bool = False,
 ) -> tuple[nn.Module, dict[str, SORSALinear], dict]:
     """The residual model of a decomposed dir with SORSA layers from its own adapter or `adapter`.
 
-    Every base parameter is frozen; with `trainable` the factors require grad. Returns
-    (model, {module: layer}, the adapter's config).
+    Every base parameter is frozen; with `trainable` the factors require grad. With
+    `offload_residual` every W_r stays in (pinned) host memory and is streamed to `device` when a
+    layer needs it (offload.py). Returns (model, {module: layer}, the adapter's config).
     """
     from transformers import AutoModelForCausalLM
 
@@ -134,6 +136,10 @@ def load_sorsa_model(
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     model.requires_grad_(False)
     layers = attach_sorsa(model, read_adapter(src, cfg["target_modules"]), factor_dtype)
+    if offload_residual:
+        from sorsa_tools.offload import ResidualStore
+
+        ResidualStore(list(layers.values()), torch.device(device))
     model.to(device)
     for layer in layers.values():
         for p in (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt):

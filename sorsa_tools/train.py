@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"
     grad_checkpointing: bool = False
+    offload_residual: bool = False
 
 
 class TrainProgress:
@@ -439,9 +440,16 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(dev)
-    model, layers, _ = load_sorsa_model(decomp, device=dev, dtype=dtype, trainable=True)
+    model, layers, _ = load_sorsa_model(
+        decomp, device=dev, dtype=dtype, trainable=True, offload_residual=cfg.offload_residual
+    )
+    store = next(iter(layers.values())).residual_store if cfg.offload_residual else None
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.train()
     fwd_model = torch.compile(model) if compile else model
     optimizer = torch.optim.AdamW(
@@ -499,6 +507,8 @@ def train(
                         break  # --epochs: an epoch's last accumulation group may be shorter
                 group.append(ds.collate(batches[pos]))
                 pos += 1
+            if store is not None:
+                store.begin_step()
             o = optimizer_step(fwd_model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
             loss, grad_norm, reg, worst, lr_now, n_tok, n_loss = (
                 o.loss,
