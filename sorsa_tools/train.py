@@ -451,7 +451,8 @@ def train(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.train()
-    fwd_model = torch.compile(model) if compile else model
+    if compile:  # in place: loss_sum calls the decoder directly, not the model's forward
+        model.get_decoder().compile()
     optimizer = torch.optim.AdamW(
         factor_params(layers.values()),
         lr=cfg.lr,
@@ -509,7 +510,7 @@ def train(
                 pos += 1
             if store is not None:
                 store.begin_step()
-            o = optimizer_step(fwd_model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
+            o = optimizer_step(model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
             loss, grad_norm, reg, worst, lr_now, n_tok, n_loss = (
                 o.loss,
                 o.grad_norm,
