@@ -426,6 +426,19 @@ def inspect(
         rows.append(
             ("max S error vs exact", f"{d['max_s_rel_error']:.2e} ({d['s_error_sampled_modules']} sampled)")
         )
+    tr = d.get("training")
+    if tr:
+        rows.append(
+            ("decomposition", f"{d['decomposition']['path']} (job {d['decomposition']['job_id'][:12]})")
+        )
+        rows.append(
+            (
+                "training",
+                f"{tr['steps']} steps, {tr['tokens']:,} tokens, final loss {tr['final_loss']:.4f}; "
+                f"lr {tr['lr']:g}, gamma {tr['gamma']:g}, batch {tr['batch_size']}x{tr['grad_accum']}",
+            )
+        )
+        rows.append(("data", f"{tr['data']['path']} ({tr['data']['examples']} examples)"))
     rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))
     for k, v in rows:
         t.add_row(k, v)

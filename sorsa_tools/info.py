@@ -46,6 +46,8 @@ def describe(directory: str | Path) -> dict:
         "max_reconstruction_error": max(recon) if recon else None,
         "max_s_rel_error": max(s_err) if s_err else None,
         "s_error_sampled_modules": len(s_err),
+        "training": cfg.get("training"),
+        "decomposition": cfg.get("decomposition"),
         "tool": cfg.get("tool", {}),
         "created": cfg.get("created"),
     }
