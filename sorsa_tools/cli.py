@@ -427,7 +427,8 @@ def inspect(
             ("max S error vs exact", f"{d['max_s_rel_error']:.2e} ({d['s_error_sampled_modules']} sampled)")
         )
     tr = d.get("training")
-    if tr:
+    if tr:  # a trained run: its SVD and residual live in the decomposition it names
+        rows = [r for r in rows if r[0] not in ("svd", "residual weights")]
         rows.append(
             ("decomposition", f"{d['decomposition']['path']} (job {d['decomposition']['job_id'][:12]})")
         )
