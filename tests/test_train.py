@@ -219,7 +219,9 @@ def test_offloaded_residual_gives_the_same_training(tiny_lm_decomposed, tmp_path
             runs.append(run)
         a, b = (load_file(r / "sorsa_adapter.safetensors") for r in runs)
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-        assert [x["loss"] for x in _log(runs[0])] == pytest.approx([x["loss"] for x in _log(runs[1])], abs=1e-6)
+        assert [x["loss"] for x in _log(runs[0])] == pytest.approx(
+            [x["loss"] for x in _log(runs[1])], abs=1e-6
+        )
 
 
 def test_residual_store_prefetches_along_the_recorded_trace(tiny_lm_decomposed):
