@@ -27,6 +27,7 @@ import torch
 
 from sorsa_tools import __version__
 from sorsa_tools.arch import select_targets
+from sorsa_tools.device import resolve_device
 from sorsa_tools.errors import (
     DiskFullError,
     InputError,
@@ -120,20 +121,6 @@ class _Done:
 
 def _module_seed(seed: int, module: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{module}".encode()).digest()[:7], "little")
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(
-                "--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto"
-            )
-        return device
-    if device == "cpu":
-        return device
-    raise InputError(f"--device must be cpu, cuda or auto, not {device!r}")
 
 
 def _dtype_arg(value: str | None, flag: str, allowed: dict[str, torch.dtype]) -> torch.dtype | None:
@@ -244,7 +231,7 @@ def decompose(
         raise InputError(f"--svd-tol must be >= 0 and --max-niter >= --niter (got {tol}, {max_niter})")
     if oversample is None:
         oversample = rank
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     cdt = _dtype_arg(compute_dtype, "--compute-dtype", COMPUTE_DTYPES)
     fdt = _dtype_arg(factor_dtype, "--factor-dtype", FLOAT_DTYPES)
     rdt = _dtype_arg(residual_dtype, "--residual-dtype", FLOAT_DTYPES)

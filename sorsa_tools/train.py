@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sorsa_tools import __version__
 from sorsa_tools.data import IGNORE, Dataset, parse_fields
+from sorsa_tools.device import resolve_device
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
 from sorsa_tools.io.safetensors_file import atomic_write_json, atomic_write_text, write_tensors
@@ -95,20 +96,6 @@ class TrainResult:
 
 
 # -- small helpers ------------------------------------------------------------------------------
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(
-                f"--device {device} was asked for but no CUDA GPU is available; use --device cpu or auto"
-            )
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"--device must be cpu, cuda or auto, not {device!r}")
-
-
 def _check(cfg: TrainConfig, save_every: int) -> None:
     bad = [
         (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be > 0 (got {cfg.lr})"),
@@ -378,7 +365,7 @@ def train(
     cfg = config or TrainConfig()
     progress = progress or TrainProgress()
     _check(cfg, save_every)
-    dev = _device(device)
+    dev = torch.device(resolve_device(device))
     decomp = Path(decomposed_dir).expanduser()
     dcfg = read_decomposition(decomp)
     data = Path(data).expanduser()
