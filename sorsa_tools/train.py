@@ -20,7 +20,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -92,7 +92,6 @@ class TrainResult:
     truncated: int
     log_file: Path
     plot_file: Path | None
-    notes: list[str] = field(default_factory=list)
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -412,8 +411,8 @@ def train(
         )
 
     # plan: micro-batches per epoch, optimizer steps in all
-    per_epoch = len(ds.micro_batches(0, cfg.seed, cfg.batch_size, cfg.shuffle))
-    steps_per_epoch = math.ceil(per_epoch / cfg.grad_accum)
+    first_epoch = ds.micro_batches(0, cfg.seed, cfg.batch_size, cfg.shuffle)
+    steps_per_epoch = math.ceil(len(first_epoch) / cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
@@ -480,7 +479,7 @@ def train(
         log_file.unlink(missing_ok=True)
 
     progress.start(total_steps, step)
-    batches = ds.micro_batches(epoch, cfg.seed, cfg.batch_size, cfg.shuffle)
+    batches = first_epoch if epoch == 0 else ds.micro_batches(epoch, cfg.seed, cfg.batch_size, cfg.shuffle)
     last_loss: float | None = None
     last_saved = step
     with open(log_file, "a", encoding="utf-8") as log:
@@ -498,15 +497,6 @@ def train(
             if store is not None:
                 store.begin_step()
             o = optimizer_step(model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
-            loss, grad_norm, reg, worst, lr_now, n_tok, n_loss = (
-                o.loss,
-                o.grad_norm,
-                o.reg_loss,
-                o.ortho_error_max,
-                o.lr,
-                o.tokens,
-                o.loss_tokens,
-            )
             if not o.stepped:
                 ck = _checkpoint_dir(out)
                 where = (
@@ -515,29 +505,29 @@ def train(
                     else "no checkpoint was saved yet"
                 )
                 raise TrainingError(
-                    f"the loss became {loss} (gradient norm {grad_norm}) at step {step + 1}; training stopped, "
+                    f"the loss became {o.loss} (gradient norm {o.grad_norm}) at step {step + 1}; training stopped, "
                     f"{where}: lower --lr (or raise --warmup-ratio) and run again with --resume"
                 )
             step += 1
-            tokens_seen += n_tok
+            tokens_seen += o.tokens
             dt = time.perf_counter() - t0
             rec = {
                 "step": step,
                 "epoch": epoch,
-                "loss": loss,
-                "reg_loss": reg,
-                "ortho_error_max": worst,
-                "grad_norm": grad_norm,
-                "lr": lr_now,
-                "tokens": n_tok,
-                "loss_tokens": n_loss,
-                "tokens_per_s": n_tok / dt if dt > 0 else None,
+                "loss": o.loss,
+                "reg_loss": o.reg_loss,
+                "ortho_error_max": o.ortho_error_max,
+                "grad_norm": o.grad_norm,
+                "lr": o.lr,
+                "tokens": o.tokens,
+                "loss_tokens": o.loss_tokens,
+                "tokens_per_s": o.tokens / dt if dt > 0 else None,
                 "step_seconds": dt,
                 "memory_gib": _peak_memory(dev),
             }
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            last_loss = loss
+            last_loss = o.loss
             if step % save_every == 0 and step < total_steps:
                 _save_checkpoint(
                     out,
