@@ -86,11 +86,41 @@ def main(
     """SORSA fine-tuning tools."""
 
 
-class _RichProgress:
+def _live(description: str, stats_field: str) -> Progress:
+    """A progress display on stderr, shown only on a terminal (logs get the final table)."""
+    columns = (
+        TextColumn(description),
+        BarColumn(),
+        TextColumn(stats_field),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=err, transient=False, disable=not err.is_terminal)
+
+
+def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+class _Bars:
+    def __init__(self, progress: Progress):
+        self.p = progress
+
+    def note(self, message: str) -> None:
+        if not self.p.disable:  # progress chatter only on a terminal; errors stay one line in logs
+            self.p.console.print(f"[dim]{message}[/]", highlight=False)
+
+
+class _RichProgress(_Bars):
     """Two bars: target modules done, and bytes of the output checkpoint written."""
 
     def __init__(self, progress: Progress):
-        self.p = progress
+        super().__init__(progress)
         self.tasks: dict[str, int] = {}
         self.done = {"modules": 0, "bytes": 0}
         self.total = {"modules": 0, "bytes": 0}
@@ -114,10 +144,6 @@ class _RichProgress:
         desc = {"description": label} if modules else {}
         self.p.update(self.tasks["modules"], advance=modules, count=self._count("modules"), **desc)
         self.p.update(self.tasks["bytes"], advance=nbytes, count=self._count("bytes"))
-
-    def note(self, message: str) -> None:
-        if not self.p.disable:  # progress chatter only on a terminal; errors stay one line in logs
-            self.p.console.print(f"[dim]{message}[/]", highlight=False)
 
 
 DECOMPOSE_EPILOG = """[bold]Examples[/]
@@ -168,14 +194,7 @@ def decompose(
     """Split every target weight W into a residual W_r (an HF checkpoint) and factors U, S, Vt."""
     from sorsa_tools.decompose import decompose as run
 
-    columns = (
-        TextColumn("{task.description:<36.36}"),
-        BarColumn(),
-        TextColumn("{task.fields[count]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as p:
+    with _live("{task.description:<36.36}", "{task.fields[count]}") as p:
         r = run(
             model,
             rank,
@@ -203,9 +222,7 @@ def decompose(
             f"[green]{r.out_dir} is already a finished decomposition of {model} with these settings.[/]"
         )
         return
-    t = Table(title=f"sorsa decompose → {r.out_dir}", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
+    title = f"sorsa decompose → {r.out_dir}"
     rows = [
         ("modules", str(r.modules)),
         ("rank", str(r.rank)),
@@ -223,19 +240,15 @@ def decompose(
         ),
         ("max reconstruction error", f"{r.max_reconstruction_error:.1e}"),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    out.print(t)
+    out.print(_kv_table(title, rows))
     if r.resumed_shards:
         out.print(f"resumed: {r.resumed_shards} of {r.shards} shards were already done")
 
 
-class _TrainBar:
+class _TrainBar(_Bars):
     """One bar over optimizer steps, with loss, tokens/s and ETA."""
 
-    def __init__(self, progress: Progress):
-        self.p = progress
-        self.task = None
+    task = None
 
     def start(self, total_steps: int, done_steps: int) -> None:
         self.task = self.p.add_task("train", total=total_steps, completed=done_steps, stats="")
@@ -246,10 +259,6 @@ class _TrainBar:
         self.p.update(
             self.task, completed=r["step"], stats=stats, description=f"step {r['step']}/{r['total_steps']}"
         )
-
-    def note(self, message: str) -> None:
-        if not self.p.disable:
-            self.p.console.print(f"[dim]{message}[/]", highlight=False)
 
 
 TRAIN_EPILOG = """[bold]Examples[/]
@@ -341,14 +350,7 @@ def train(
         grad_checkpointing=grad_checkpointing,
         offload_residual=offload_residual,
     )
-    columns = (
-        TextColumn("{task.description:<16}"),
-        BarColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as p:
+    with _live("{task.description:<16}", "{task.fields[stats]}") as p:
         r = run(
             directory,
             data,
@@ -366,9 +368,7 @@ def train(
             f"[green]{r.output_dir} already holds this finished run ({r.steps} steps).[/]", soft_wrap=True
         )
         return
-    t = Table(title=f"sorsa train → {r.output_dir}", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
+    title = f"sorsa train → {r.output_dir}"
     rows = [
         ("steps", f"{r.steps}" + (f" (resumed at {r.resumed_from})" if r.resumed_from is not None else "")),
         ("tokens", f"{r.tokens:,}"),
@@ -380,9 +380,7 @@ def train(
         ),
         ("log / plot", f"{r.log_file.name} / {r.plot_file.name if r.plot_file else 'no matplotlib'}"),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    out.print(t)
+    out.print(_kv_table(title, rows))
 
 
 @app.command(
@@ -403,9 +401,7 @@ def inspect(
         out.print_json(json.dumps(d))
         return
     base = d["base_model"]
-    t = Table(show_header=False, title=f"{d['directory']} ({d['kind']}, format v{d['format_version']})")
-    t.add_column(style="bold")
-    t.add_column()
+    title = f"{d['directory']} ({d['kind']}, format v{d['format_version']})"
     rows = [
         ("base model", f"{base.get('name_or_path')} ({base.get('source')}, revision {base.get('revision')})"),
         ("architecture", f"{base.get('model_type')} {base.get('architectures')}"),
@@ -441,9 +437,7 @@ def inspect(
         )
         rows.append(("data", f"{tr['data']['path']} ({tr['data']['examples']} examples)"))
     rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))
-    for k, v in rows:
-        t.add_row(k, v)
-    out.print(t)
+    out.print(_kv_table(title, rows))
 
 
 if __name__ == "__main__":  # pragma: no cover
