@@ -45,10 +45,17 @@ class SORSALinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor
+        cls,
+        linear: nn.Linear,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vt: torch.Tensor,
+        factor_dtype: torch.dtype = torch.float32,
     ) -> SORSALinear:
-        """Wrap an nn.Linear whose weight already holds W_r."""
-        return cls(linear.weight.data, U, S, Vt, None if linear.bias is None else linear.bias.data)
+        """Wrap an nn.Linear whose weight already holds W_r; the factors move to its device."""
+        dev = linear.weight.device
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(linear.weight.data, U.to(dev), S.to(dev), Vt.to(dev), bias, factor_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight, self.bias, self.sorsa_Vt, self.sorsa_S, self.sorsa_U)

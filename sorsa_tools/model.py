@@ -96,15 +96,7 @@ def attach_sorsa(
                 f"{m}: adapter shapes {tuple(U.shape)}/{tuple(Vt.shape)} do not fit {type(lin).__name__} "
                 f"{tuple(getattr(lin, 'weight', torch.empty(0)).shape)}; the adapter belongs to another model"
             )
-        dev = lin.weight.device
-        layer = SORSALinear(
-            lin.weight.data,
-            U.to(dev),
-            S.to(dev),
-            Vt.to(dev),
-            None if lin.bias is None else lin.bias.data,
-            factor_dtype=factor_dtype,
-        )
+        layer = SORSALinear.from_linear(lin, U, S, Vt, factor_dtype)
         parent, child = _parent(model, m)
         setattr(parent, child, layer)
         layers[m] = layer
