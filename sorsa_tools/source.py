@@ -1,0 +1,92 @@
+"""A checkpoint seen tensor by tensor with the adapter folded in: what merge, GGUF export and
+analyze read.
+
+`MergedSource(DIR, RUN)` reads the residual checkpoint of a decomposed DIR one tensor at a time;
+a target weight comes back as W = W_r + U diag(S) Vt computed in float32 (from RUN's adapter, or
+DIR's own untrained one, which gives back the original model), every other tensor exactly as
+stored. `MergedSource.plain(path)` wraps an ordinary HF checkpoint the same way (no targets), so
+the exporters also take a model that was never decomposed. Nothing is held beyond one tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from sorsa_tools.format import ADAPTER_FILE, factor_names
+from sorsa_tools.io.checkpoint import Checkpoint, open_checkpoint
+from sorsa_tools.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
+from sorsa_tools.model import check_adapter, read_decomposition
+
+
+class MergedSource:
+    """The dense model DIR + adapter describes, read lazily in checkpoint order."""
+
+    def __init__(self, directory: str | Path, adapter: str | Path | None = None):
+        d = Path(directory).expanduser()
+        self.decomposition = read_decomposition(d)
+        self.adapter_config = (
+            check_adapter(self.decomposition, adapter) if adapter is not None else self.decomposition
+        )
+        self.adapter_dir = Path(adapter).expanduser() if adapter is not None else d
+        self._init(open_checkpoint(d), self.decomposition["target_modules"])
+        self._adapter = SafetensorsFile(self.adapter_dir / ADAPTER_FILE)
+        for m in self.targets:
+            missing = [n for n in factor_names(m) if n not in self._adapter]
+            if missing:
+                from sorsa_tools.errors import AdapterMismatchError
+
+                raise AdapterMismatchError(
+                    f"{self._adapter.path} lacks {missing[0]}; it does not belong to {d}, re-create it"
+                )
+
+    @classmethod
+    def plain(cls, path: str | Path) -> MergedSource:
+        """An ordinary HF checkpoint, nothing to fold."""
+        self = cls.__new__(cls)
+        self.decomposition = None
+        self.adapter_config = None
+        self.adapter_dir = None
+        self._adapter = None
+        self._init(open_checkpoint(Path(path).expanduser()), [])
+        return self
+
+    def _init(self, ckpt: Checkpoint, targets: list[str]) -> None:
+        self.checkpoint = ckpt
+        self.root: Path = ckpt.root
+        self.config: dict = ckpt.config
+        self.targets: list[str] = list(targets)
+        self._target_weights = {m + ".weight" for m in self.targets}
+
+    def infos(self) -> Iterator[TensorInfo]:
+        """Every tensor, shard by shard, in file order (the order that reads the disk once)."""
+        for shard in self.checkpoint.shards:
+            yield from shard.tensors.values()
+
+    def names(self) -> list[str]:
+        return [i.name for i in self.infos()]
+
+    def info(self, name: str) -> TensorInfo:
+        return self.checkpoint.info(name)
+
+    def is_target(self, name: str) -> bool:
+        return name in self._target_weights
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype (for a target: the residual's)."""
+        return DTYPES[self.info(name).dtype]
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self._adapter.read_tensor(n) for n in factor_names(module))  # type: ignore[return-value]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A target weight merged in float32 (not yet rounded); any other tensor as stored."""
+        t = self.checkpoint.shard_of(name).read_tensor(name)
+        if name not in self._target_weights:
+            return t
+        U, S, Vt = (f.float() for f in self.factors(name.removesuffix(".weight")))
+        W = t.float()
+        W.addmm_(U * S, Vt)
+        return W
