@@ -90,3 +90,48 @@ class MergedSource:
         W = t.float()
         W.addmm_(U * S, Vt)
         return W
+
+
+PAPER_URL = "https://arxiv.org/abs/2409.00055"
+PROVENANCE_FILE = "sorsa_provenance.json"
+
+
+def provenance(source: MergedSource) -> dict:
+    """What a merged / exported artifact came from: written beside it (or into GGUF metadata) so
+    that `sorsa push` can write a model card and a reader can trace the weights back."""
+    from sorsa_tools import __version__
+
+    d = source.decomposition
+    if d is None:
+        return {"method": None, "tool": {"name": "sorsa-tools", "version": __version__}}
+    a = source.adapter_config or d
+    t = a.get("training") if a.get("kind") == "trained" else None
+    training = None
+    if t:
+        keep = ("lr", "gamma", "batch_size", "grad_accum", "max_length", "warmup_ratio", "template", "seed")
+        training = {k: t.get(k) for k in keep if k in t}
+        training.update(
+            steps=t.get("steps"),
+            tokens=t.get("tokens"),
+            final_loss=t.get("final_loss"),
+            data=(t.get("data") or {}).get("path"),
+            data_sha256=(t.get("data") or {}).get("sha256"),
+            run_id=t.get("run_id"),
+        )
+    base = d.get("base_model") or {}
+    return {
+        "method": "SORSA",
+        "paper": PAPER_URL,
+        "rank": d.get("rank"),
+        "target_modules": len(d.get("target_modules") or []),
+        "base_model": {
+            "name_or_path": base.get("name_or_path"),
+            "revision": base.get("revision"),
+            "model_type": base.get("model_type"),
+        },
+        "decomposition": {"job_id": d.get("job_id"), "svd": (d.get("svd") or {}).get("method")},
+        "adapter": "trained" if t else "untrained (gives back the base model)",
+        "training": training,
+        "metrics": None,
+        "tool": {"name": "sorsa-tools", "version": __version__},
+    }
