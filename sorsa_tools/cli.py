@@ -383,6 +383,100 @@ def train(
     out.print(_kv_table(title, rows))
 
 
+MERGE_EPILOG = """[bold]Examples[/]
+
+  sorsa merge gemma-sorsa-r64 --adapter run1 --to hf -o gemma-gsm8k
+
+  sorsa merge gemma-sorsa-r64 --adapter run1 --to gguf --outtype q8_0 -o gemma-gsm8k.q8_0.gguf
+
+  sorsa merge llama2-sorsa-r128 --adapter run2 --to gguf --outtype q4_k_m -o llama2-ft.q4_k_m.gguf
+
+  sorsa merge gemma-sorsa-r64 --to hf -o gemma-back      (DIR's own adapter: the original model)
+"""
+
+
+def _size(text: str | None) -> int | None:
+    """'2G', '500M', '1.5GB' or a byte count, for --split-max-size."""
+    if text is None:
+        return None
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if t[-1:] in "KMGT" else t) * mult
+    except ValueError:
+        n = -1
+    if n < 1:
+        from sorsa_tools.errors import InputError
+
+        raise InputError(f"--split-max-size {text!r} is not a size; write e.g. 2G or 500M")
+    return int(n)
+
+
+class _MergeBar(_Bars):
+    def __init__(self, progress: Progress):
+        super().__init__(progress)
+        self.task = progress.add_task("merge", total=None, count="")
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        self.p.update(
+            self.task,
+            total=total,
+            completed=done,
+            description=name,
+            count=f"{done / 1e9:.2f}/{total / 1e9:.2f} GB",
+        )
+
+
+@app.command(epilog=MERGE_EPILOG)
+@handle_errors
+def merge(
+    directory: Annotated[Path, typer.Argument(help="A decomposed directory (`sorsa decompose` output).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (hf) or .gguf file.")],
+    adapter: Annotated[
+        Path, typer.Option(help="A `sorsa train` run \\[default: DIR's own adapter, the original model].")
+    ] = None,
+    to: Annotated[str, typer.Option("--to", help="hf (safetensors checkpoint) or gguf (llama.cpp).")] = "hf",
+    dtype: Annotated[
+        str, typer.Option(help="hf: float32, float16 or bfloat16 \\[default: the residual dtype].")
+    ] = None,
+    outtype: Annotated[
+        str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q4_0, q5_0, or a k-quant such as q4_k_m.")
+    ] = "f16",
+    split_max_size: Annotated[
+        str, typer.Option(help="gguf: split into files of at most this size (e.g. 2G).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Fold W = W_r + U diag(S) Vt into dense weights: an HF checkpoint or a GGUF file."""
+    from sorsa_tools.merge import merge as run
+
+    with _live("{task.description:<40.40}", "{task.fields[count]}") as p:
+        r = run(
+            directory,
+            output,
+            adapter=adapter,
+            to=to,
+            dtype=dtype,
+            outtype=outtype,
+            split_max_size=_size(split_max_size),
+            force=force,
+            progress=_MergeBar(p),
+        )
+    for w in r.warnings or []:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    rows = [
+        ("adapter", f"{adapter or directory} ({r.adapter})"),
+        ("modules folded", str(r.modules)),
+        ("tensors", str(r.tensors)),
+        ("type", r.outtype if r.to == "gguf" else r.dtype),
+        ("written", f"{r.bytes_written / 1e9:.2f} GB in {len(r.files or [])} files"),
+        ("time", f"{r.seconds:.1f} s"),
+    ]
+    if r.max_fold_error is not None:
+        rows.append(("max fold error (checked)", f"{r.max_fold_error:.1e}"))
+    out.print(_kv_table(f"sorsa merge --to {r.to} → {r.out}", rows))
+
+
 @app.command(
     epilog="[bold]Examples[/]\n\n  sorsa inspect llama2-7b-sorsa-r128\n\n  sorsa inspect run1 --json"
 )

@@ -1,0 +1,297 @@
+"""`sorsa merge`: fold W = W_r + U diag(S) Vt back into dense weights (zero inference latency).
+
+`--to hf` streams the residual checkpoint of DIR shard by shard and tensor by tensor: each target
+weight is folded in float32 and cast once to the output dtype; every other tensor is copied byte
+for byte (or cast, when a different --dtype is asked). Shard names, the index json, config,
+tokenizer and generation files carry over, so the result loads with `from_pretrained`. The whole
+output is built in a hidden temp directory beside OUT, read back and checked, then renamed into
+place: an interrupted merge leaves nothing under OUT's name. `--to gguf` hands the same merged
+stream to gguf_export.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sorsa_tools.errors import DiskFullError, InputError, OutputDirError, VerificationError
+from sorsa_tools.io.checkpoint import INDEX_NAME, open_checkpoint
+from sorsa_tools.io.safetensors_file import (
+    DTYPE_CODES,
+    DTYPES,
+    ITEMSIZE,
+    SafetensorsFile,
+    StreamWriter,
+    atomic_copy,
+    atomic_write_json,
+    iter_file_chunks,
+)
+from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
+from sorsa_tools.svd import Factors, reconstruction_probe
+
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TARGETS = ("hf", "gguf")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    to: str
+    modules: int
+    tensors: int
+    bytes_written: int
+    seconds: float
+    dtype: str
+    max_fold_error: float | None = None
+    adapter: str = "untrained"
+    outtype: str | None = None
+    files: list[Path] | None = None
+    warnings: list[str] | None = None
+
+
+def merge(
+    directory: str | Path,
+    output: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    to: str = "hf",
+    dtype: str | None = None,
+    outtype: str = "f16",
+    split_max_size: int | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> MergeResult:
+    """Fold DIR's residual + adapter (RUN's, or DIR's own untrained one) into OUT.
+
+    `to="hf"` writes an HF checkpoint in `dtype` (default: the residual dtype);
+    `to="gguf"` writes a GGUF file of `outtype` (gguf_export.py).
+    """
+    if to not in TARGETS:
+        raise InputError(f"--to {to!r} is not one of {', '.join(TARGETS)}; pass --to hf or --to gguf")
+    source = MergedSource(directory, adapter)
+    if to == "gguf":
+        if dtype is not None:
+            raise InputError("--dtype applies to --to hf; for GGUF choose the tensor type with --outtype")
+        from sorsa_tools.gguf_export import export_gguf
+
+        t0 = time.perf_counter()
+        r = export_gguf(
+            source,
+            output,
+            outtype,
+            split_max_size=split_max_size,
+            force=force,
+            provenance=provenance(source),
+            progress=progress,
+        )
+        files = list(getattr(r, "paths", None) or [getattr(r, "path", Path(output))])
+        return MergeResult(
+            Path(output),
+            "gguf",
+            len(source.targets),
+            getattr(r, "tensors", 0),
+            sum(p.stat().st_size for p in files),
+            time.perf_counter() - t0,
+            outtype,
+            adapter=_adapter_kind(source),
+            outtype=outtype,
+            files=files,
+            warnings=list(getattr(r, "warnings", None) or []),
+        )
+    if split_max_size is not None:
+        raise InputError("--split-max-size applies to --to gguf; an HF merge keeps DIR's shard layout")
+    return merge_to_hf(source, output, dtype=dtype, force=force, progress=progress)
+
+
+def _adapter_kind(source: MergedSource) -> str:
+    return "trained" if (source.adapter_config or {}).get("kind") == "trained" else "untrained"
+
+
+def _out_dtype(source: MergedSource, dtype: str | None) -> dict[str, torch.dtype]:
+    """Output dtype per tensor: --dtype for every floating tensor, else each target's residual dtype."""
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise InputError(f"--dtype {dtype!r} is not one of {', '.join(OUT_DTYPES)}; pick one of those")
+    out = {}
+    for info in source.infos():
+        d = DTYPES.get(info.dtype)
+        if dtype is not None and d is not None and d.is_floating_point:
+            d = OUT_DTYPES[dtype]
+        if d is None:
+            raise InputError(
+                f"{info.name} has dtype {info.dtype}, which merge cannot carry; report this model"
+            )
+        out[info.name] = d
+    return out
+
+
+def _prepare_out(out: Path, source: MergedSource, force: bool) -> Path:
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputDirError(f"{out} already exists; choose a new -o, or pass --force to replace it")
+        protected = {source.root.resolve(), Path.home().resolve(), Path("/").resolve(), Path.cwd().resolve()}
+        if source.adapter_dir is not None:
+            protected.add(source.adapter_dir.resolve())
+        if out.resolve() in protected or source.root.resolve().is_relative_to(out.resolve()):
+            raise OutputDirError(f"refusing to replace {out} with --force; choose a dedicated output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.merge-*"):  # left by a killed merge
+        shutil.rmtree(stale, ignore_errors=True)
+    return out.parent / f".{out.name}.merge-{os.getpid()}"
+
+
+def merge_to_hf(
+    source: MergedSource,
+    output: str | Path,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> MergeResult:
+    """Write the dense HF checkpoint of `source`; see the module docstring."""
+    t0 = time.perf_counter()
+    out = Path(output).expanduser()
+    dtypes = _out_dtype(source, dtype)
+    infos = list(source.infos())
+    total = sum(i.numel * ITEMSIZE[DTYPE_CODES[dtypes[i.name]]] for i in infos)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if total > free:
+        raise DiskFullError(
+            f"{out} needs about {total / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free there; "
+            "free space or choose another -o"
+        )
+    tmp = _prepare_out(out, source, force)
+    ckpt = source.checkpoint
+    max_err = 0.0
+    done = 0
+    try:
+        tmp.mkdir()
+        # one tensor read ahead on an I/O thread, so the disk works while the cores fold
+        with ThreadPoolExecutor(1, thread_name_prefix="sorsa-read") as pool:
+            reads = {}
+
+            def prefetch(k: int) -> None:
+                if k < len(infos) and infos[k].name not in reads:
+                    i = infos[k]
+                    reads[i.name] = pool.submit(ckpt.shard_of(i.name).read_tensor, i.name)
+
+            k = 0
+            for shard in ckpt.shards:
+                specs = [(i.name, DTYPE_CODES[dtypes[i.name]], i.shape) for i in shard.tensors.values()]
+                with StreamWriter(tmp / shard.path.name, specs, shard.metadata) as w:
+                    for info in shard.tensors.values():
+                        name = info.name
+                        target_dtype = dtypes[name]
+                        if source.is_target(name):
+                            prefetch(k)
+                            prefetch(k + 1)
+                            W_r = reads.pop(name).result()
+                            f = Factors(*(t.float() for t in source.factors(name.removesuffix(".weight"))))
+                            W = W_r.to(torch.float32, copy=True).addmm_(f.U * f.S, f.Vt).to(target_dtype)
+                            w.write(name, W)
+                            max_err = max(max_err, _verify_fold(w, name, W, W_r, f))
+                            del W, W_r
+                        elif DTYPES[info.dtype] == target_dtype:
+                            w.copy_from(name, shard.path, info)
+                            src = iter_file_chunks(shard.path, info.start, info.nbytes)
+                            if not all(a == b for a, b in zip(src, w.read_back(name), strict=True)):
+                                raise VerificationError(
+                                    f"{name} was not copied bit-identically into {w.path.name}; check the disk"
+                                )
+                        else:
+                            prefetch(k)
+                            t = reads.pop(name).result().to(target_dtype)
+                            w.write(name, t)
+                        reads.pop(name, None)
+                        k += 1
+                        done += info.numel * ITEMSIZE[DTYPE_CODES[target_dtype]]
+                        if progress:
+                            progress(name, done, total)
+                    w.commit()
+        _write_side_files(source, tmp, dtype)
+        _check_output(source, tmp, dtypes)
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(
+        out,
+        "hf",
+        len(source.targets),
+        len(infos),
+        total,
+        time.perf_counter() - t0,
+        dtype or _dtype_label(source),
+        max_fold_error=max_err if source.targets else None,
+        adapter=_adapter_kind(source),
+        files=sorted(out.iterdir()),
+    )
+
+
+def _dtype_label(source: MergedSource) -> str:
+    names = {str(source.dtype(m + ".weight")).removeprefix("torch.") for m in source.targets}
+    return ", ".join(sorted(names)) or "as stored"
+
+
+def _verify_fold(w: StreamWriter, name: str, W: torch.Tensor, W_r: torch.Tensor, f: Factors) -> float:
+    """The bytes on disk are W, and W x == W_r x + U S Vt x on a random probe (within W's rounding)."""
+    back = w.read_back_tensor(name, DTYPE_CODES[W.dtype], tuple(W.shape))
+    if not torch.equal(back.view(torch.uint8), W.view(torch.uint8)):
+        raise VerificationError(f"{name} did not read back as written in {w.path.name}; check the disk")
+    err, _ = reconstruction_probe(back, W_r, f)
+    tol = torch.finfo(W.dtype).eps + 2e-5
+    if not err <= tol:
+        raise VerificationError(
+            f"{name}: merged weight differs from W_r + U diag(S) Vt by {err:.2e} (tolerance {tol:.1e}); "
+            "the adapter may hold non-finite values, check it with `sorsa inspect`"
+        )
+    return err
+
+
+def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None) -> None:
+    ckpt = source.checkpoint
+    if ckpt.index is not None:
+        written = [SafetensorsFile(tmp / s.path.name) for s in ckpt.shards]
+        index = dict(ckpt.index)
+        index["metadata"] = {
+            **(index.get("metadata") or {}),
+            "total_size": sum(f.size - f.data_start for f in written),
+        }
+        atomic_write_json(tmp / INDEX_NAME, index)
+    for p in ckpt.side_files():
+        if p.name == PROVENANCE_FILE:
+            continue
+        if p.name == "config.json" and dtype is not None:
+            cfg = json.loads(p.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg or key == "dtype":
+                    cfg[key] = dtype
+            atomic_write_json(tmp / p.name, cfg)
+        else:
+            atomic_copy(p, tmp / p.name)
+    atomic_write_json(tmp / PROVENANCE_FILE, provenance(source))
+
+
+def _check_output(source: MergedSource, tmp: Path, dtypes: dict[str, torch.dtype]) -> None:
+    """The written directory opens as a checkpoint with every tensor, shape and dtype expected."""
+    ckpt = open_checkpoint(tmp)
+    want = {i.name: (DTYPE_CODES[dtypes[i.name]], i.shape) for i in source.infos()}
+    got = {i.name: (i.dtype, i.shape) for s in ckpt.shards for i in s.tensors.values()}
+    if want != got:
+        missing = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+        raise VerificationError(f"the merged checkpoint does not list {missing[0]} as expected; run again")

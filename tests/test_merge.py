@@ -1,0 +1,173 @@
+"""`sorsa merge --to hf`: the folded checkpoint is the model the adapter describes, written safely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GSM8K_SLICE, make_tiny
+from safetensors.torch import load_file
+from test_cli_errors import assert_clean_error, run
+
+from sorsa_tools import decompose
+from sorsa_tools.errors import AdapterMismatchError, OutputDirError
+from sorsa_tools.format import ADAPTER_FILE, factor_names
+from sorsa_tools.io.checkpoint import open_checkpoint
+from sorsa_tools.merge import merge
+from sorsa_tools.model import load_sorsa_model
+from sorsa_tools.source import PROVENANCE_FILE
+
+
+def _all_tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in sorted(d.glob("*.safetensors")):
+        if p.name != ADAPTER_FILE:
+            out.update(load_file(p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm_decomposed, tmp_path_factory):
+    """(source, DIR, RUN): a tiny model trained 4 steps at a high lr, so the factors moved."""
+    from sorsa_tools.train import TrainConfig, train
+
+    src, dec = tiny_lm_decomposed("llama")
+    run_dir = tmp_path_factory.mktemp("merge-run") / "run"
+    cfg = TrainConfig(max_length=256, batch_size=2, lr=2e-2, warmup_ratio=0.0, max_steps=4)
+    train(dec, GSM8K_SLICE, run_dir, config=cfg, device="cpu")
+    return src, dec, run_dir
+
+
+def test_untrained_adapter_gives_back_the_original(tiny_lm_decomposed, tmp_path):
+    src, dec = tiny_lm_decomposed("llama")
+    r = merge(dec, tmp_path / "m")
+    assert r.adapter == "untrained" and r.modules == 14 and r.max_fold_error < 1e-5
+    a, b = _all_tensors(src), _all_tensors(tmp_path / "m")
+    assert a.keys() == b.keys()
+    targets = set(json.loads((dec / "sorsa_config.json").read_text())["target_modules"])
+    for name, t in a.items():
+        if name.removesuffix(".weight") in targets:
+            assert (t - b[name]).abs().max() <= 1e-5 * t.abs().max(), name
+        else:  # copied bit for bit
+            assert torch.equal(t.view(torch.uint8), b[name].view(torch.uint8)), name
+    src_ck, out_ck = open_checkpoint(src), open_checkpoint(tmp_path / "m")
+    assert out_ck.shard_names == src_ck.shard_names and out_ck.weight_map == src_ck.weight_map
+    assert (tmp_path / "m" / "tokenizer.json").exists() and not (tmp_path / "m" / ADAPTER_FILE).exists()
+    prov = json.loads((tmp_path / "m" / PROVENANCE_FILE).read_text())
+    assert prov["method"] == "SORSA" and prov["rank"] == 8 and prov["training"] is None
+
+
+def test_trained_merge_equals_the_sorsa_model(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, dec, run_dir = trained
+    r = merge(dec, tmp_path / "m", adapter=run_dir)
+    assert r.adapter == "trained"
+    ids = torch.randint(3, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    sorsa, layers, _ = load_sorsa_model(dec, run_dir)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want, got, orig = sorsa(ids).logits, merged(ids).logits, base(ids).logits
+    assert (want - got).abs().max() < 1e-5
+    assert (orig - got).abs().max() > 1e-2  # the training really moved the model
+    # one module by hand: W = W_r + U diag(S) Vt with the run's factors
+    m = "model.layers.1.mlp.down_proj"
+    W_r = _all_tensors(dec)[m + ".weight"]
+    U, S, Vt = (load_file(run_dir / ADAPTER_FILE)[n] for n in factor_names(m))
+    assert torch.allclose(_all_tensors(tmp_path / "m")[m + ".weight"], W_r + (U * S) @ Vt, atol=1e-6)
+    prov = json.loads((tmp_path / "m" / PROVENANCE_FILE).read_text())
+    assert prov["training"]["steps"] == 4 and prov["training"]["lr"] == 2e-2
+
+
+def test_bf16_residual_and_dtype_option(tmp_path):
+    src = make_tiny(tmp_path / "src", "qwen2", torch.bfloat16)
+    dec = tmp_path / "dec"
+    decompose(str(src), 8, dec, svd="exact", check_sample=0)
+    merge(dec, tmp_path / "m")
+    a, b, res = _all_tensors(src), _all_tensors(tmp_path / "m"), _all_tensors(dec)
+    assert {t.dtype for t in b.values()} == {torch.bfloat16}
+    for name, t in a.items():  # only two roundings apart: W_r to bf16, then the merged W once
+        err = (t.float() - b[name].float()).abs()
+        assert (err <= 2**-8 * (res[name].float().abs() + t.float().abs()) + 1e-30).all(), name
+    r = merge(dec, tmp_path / "m32", dtype="float32")
+    c = _all_tensors(tmp_path / "m32")
+    assert {t.dtype for t in c.values()} == {torch.float32} and r.dtype == "float32"
+    assert json.loads((tmp_path / "m32" / "config.json").read_text())["dtype"] == "float32"
+    non_target = "model.embed_tokens.weight"
+    assert torch.equal(c[non_target], a[non_target].float())
+
+
+def test_output_is_atomic(tiny_lm_decomposed, tmp_path, monkeypatch):
+    """A merge that fails part-way leaves no output and no temp dir; an existing OUT survives --force."""
+    import sorsa_tools.merge as mod
+
+    _, dec = tiny_lm_decomposed("llama")
+    keep = tmp_path / "m"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("precious")
+    with pytest.raises(OutputDirError, match="already exists; choose a new -o, or pass --force"):
+        merge(dec, keep)
+    calls = {"n": 0}
+    real = mod._verify_fold
+
+    def fail_late(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "_verify_fold", fail_late)
+    with pytest.raises(OSError):
+        merge(dec, keep, force=True)
+    calls["n"] = 0
+    with pytest.raises(OSError):
+        merge(dec, tmp_path / "new")
+    assert (keep / "mine.txt").read_text() == "precious" and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_adapter_of_another_decomposition_is_refused(trained, tmp_path):
+    src, dec, run_dir = trained
+    other = tmp_path / "other"
+    decompose(str(src), 4, other, svd="exact", check_sample=0)
+    with pytest.raises(AdapterMismatchError, match="made from another decomposition"):
+        merge(other, tmp_path / "m", adapter=run_dir)
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_cli(trained, tmp_path):
+    _, dec, run_dir = trained
+    res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "m"))
+    assert res.exit_code == 0, res.stderr
+    assert "modules folded" in res.stdout and "trained" in res.stdout
+    assert (tmp_path / "m" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--to", "onnx"], ["--to 'onnx' is not one of hf, gguf"]),
+        (["--dtype", "int8"], ["--dtype 'int8' is not one of float32, float16, bfloat16"]),
+        (["--split-max-size", "2G"], ["--split-max-size applies to --to gguf"]),
+        (["--to", "gguf", "--split-max-size", "lots"], ["'lots' is not a size"]),
+        (["--to", "gguf", "--dtype", "float16"], ["--dtype applies to --to hf", "--outtype"]),
+    ],
+)
+def test_bad_options(tiny_lm_decomposed, tmp_path, args, needles):
+    _, dec = tiny_lm_decomposed("llama")
+    res = run("merge", str(dec), "-o", str(tmp_path / "m"), *args)
+    assert_clean_error(res, *needles)
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_dirs(trained, tmp_path):
+    src, dec, run_dir = trained
+    assert_clean_error(run("merge", str(src), "-o", str(tmp_path / "m")), "has no sorsa_config.json")
+    assert_clean_error(run("merge", str(run_dir), "-o", str(tmp_path / "m")), "not a decomposition")
+    res = run("merge", str(dec), "--adapter", str(tmp_path / "nope"), "-o", str(tmp_path / "m"))
+    assert_clean_error(res, "no such directory")
+    (tmp_path / "m").mkdir()
+    assert_clean_error(run("merge", str(dec), "-o", str(tmp_path / "m")), "already exists", "--force")
