@@ -22,6 +22,14 @@ class HubError(SorsaError):
     """The Hub could not be reached, or refused the request."""
 
 
+class HubAuthError(HubError):
+    """No Hugging Face token to push with, or the Hub refused the one given."""
+
+
+class ArtifactError(InputError):
+    """PATH of `sorsa push` is missing, or is not an artifact it knows (merged, GGUF, LoRA, adapter)."""
+
+
 class CheckpointError(SorsaError):
     """The source checkpoint is incomplete, corrupt or of an unsupported kind."""
 
