@@ -76,3 +76,15 @@ class TrainingError(SorsaError):
     """Training diverged (NaN/inf loss or gradients); the last good checkpoint is kept."""
 
     exit_code = 4
+
+
+class ExportError(SorsaError):
+    """A model cannot be written in the requested export format (architecture, type, tokenizer...)."""
+
+
+class OutputExistsError(ExportError):
+    """The export's output file already exists and --force was not given."""
+
+
+class TokenizerMissingError(ExportError):
+    """The checkpoint has no tokenizer files, which a self-contained export (GGUF) must embed."""
