@@ -96,7 +96,7 @@ KINDS: tuple[ArtifactKind, ...] = (
     ),
     ArtifactKind(
         "gguf",
-        "a GGUF file (or the first file of a split set)",
+        "a GGUF file or split set",
         "sorsa merge --to gguf",
         ("*.gguf",),
         is_file=True,
@@ -481,9 +481,10 @@ def build_card(art: Artifact, repo_id: str, revision: str | None = None):
     )
     lines = [f"# {repo_id.split('/')[-1]}", ""]
     lines.append(
-        f"{k.what[0].upper()}{k.what[1:]} made with SORSA (Singular Values and Orthonormal Regularized "
-        f"Singular Vectors Adaptation, [arXiv:2409.00055]({PAPER_URL})): each adapted weight is split by SVD "
-        "into a frozen residual and a trainable U diag(S) Vt, trained with an orthonormality regularizer."
+        f"{k.what[0].upper()}{k.what[1:]}, written by `{k.made_by}` (sorsa-tools). SORSA (Singular Values "
+        f"and Orthonormal Regularized Singular Vectors Adaptation, [arXiv:2409.00055]({PAPER_URL})) splits "
+        "each adapted weight by SVD into a frozen residual and a trainable U diag(S) Vt, trained with an "
+        "orthonormality regularizer."
     )
     lines += ["", "## Training", "", "| | |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in _facts(art)]
