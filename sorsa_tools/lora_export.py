@@ -1,0 +1,309 @@
+"""`sorsa export-lora`: a trained SORSA adapter as a plain PEFT LoRA on the ORIGINAL base model.
+
+SORSA trains W = W_r + U' diag(S') Vt' where DIR's initial factors gave W = W_r + U diag(S) Vt, so
+
+    Delta W = U' diag(S') Vt' - U diag(S) Vt = [U'√S' | -U√S] [√S' Vt' ; √S Vt] = B A
+
+is exactly a rank-2r product (PEFT converts PiSSA the same way, `subtract_mutated_init`). With
+lora_alpha = r_lora the PEFT scale is 1, so base W + B A is the trained model; the file is the size
+of two adapters instead of a whole checkpoint, and PEFT, vLLM and llama.cpp `--lora` load it.
+
+Each rank-1 term is balanced (both halves get the same norm, sqrt(|s| ||u|| ||v||)), so that half
+precision storage neither overflows nor flushes to zero. Everything is computed in float32 from
+the stored factors, one module at a time, streamed into a temp dir next to OUT, read back and
+checked on a random probe, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sorsa_tools.errors import InputError, OutputDirError, VerificationError
+from sorsa_tools.format import ADAPTER_FILE, factor_names
+from sorsa_tools.io.safetensors_file import (
+    DTYPE_CODES,
+    SafetensorsFile,
+    StreamWriter,
+    atomic_write_json,
+)
+from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
+
+LORA_CONFIG_FILE = "adapter_config.json"
+LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROBES = 4  # random vectors per module in the read-back check
+
+
+@dataclass
+class LoraExportResult:
+    out_dir: Path
+    rank: int  # the LoRA's r = 2 x the SORSA rank
+    sorsa_rank: int
+    modules: int
+    target_modules: list[str]  # as written to adapter_config.json
+    exact_names: bool  # target_modules are full module names (short names would hit other modules)
+    dtype: str
+    bytes: int  # size of adapter_model.safetensors
+    max_check_error: float  # max |B A x - Delta W x| / max(|U'S'Vt' x|, |U S Vt x|) over probes
+    max_relative_delta: float  # largest ||Delta W||_F / ||U S Vt||_F: how far training moved a module
+    base_model: str | None
+    seconds: float
+
+
+def lora_keys(module: str) -> tuple[str, str]:
+    """PEFT's saved names of a module's (lora_A, lora_B) weights."""
+    return f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
+
+
+def peft_targets(targets: list[str], module_names: list[str]) -> tuple[list[str], bool]:
+    """target_modules for adapter_config.json: the short names (q_proj, ...) when PEFT's suffix
+    matching of them hits exactly `targets` among the model's modules, otherwise the full names
+    (a partial selection, e.g. only some layers). Returns (names, whether they are full names)."""
+    short = sorted({t.rpartition(".")[2] for t in targets})
+    hits = {n for n in module_names if n.rpartition(".")[2] in short}
+    if hits == set(targets):
+        return short, False
+    return list(targets), True
+
+
+def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) in float32 with B @ A = U diag(S) Vt and, per rank-1 term, ||B[:, i]|| = ||A[i]||.
+
+    For orthonormal factors this is B = U sqrt(S), A = sqrt(S) Vt; it also holds for factors the
+    training pulled off the unit sphere, or negative singular values (the sign goes to B)."""
+    U, S, Vt = (t.double() for t in (U, S, Vt))
+    nu, nv = U.norm(dim=0), Vt.norm(dim=1)
+    live = (nu > 0) & (nv > 0) & (S != 0)
+    one = torch.ones_like(S)
+    mag = (S.abs() * nu * nv).sqrt()
+    b = torch.where(live, torch.sign(S) * mag / torch.where(live, nu, one), 0.0)
+    a = torch.where(live, mag / torch.where(live, nv, one), 0.0)
+    return (U * b).float(), (Vt * a[:, None]).float()
+
+
+def _delta_apply(
+    new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Delta W x, the scale max(|U'S'Vt' x|, |U S Vt x|)) in float64, from the stored factors."""
+    parts = [U.double() @ (S.double()[:, None] * (Vt.double() @ x)) for U, S, Vt in (new, old)]
+    return parts[0] - parts[1], torch.maximum(parts[0].abs().max(), parts[1].abs().max())
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """The read-back check's bound: float32 rounding of A and B, or the storage dtype's."""
+    return 1e-5 if dtype == torch.float32 else 8 * torch.finfo(dtype).eps
+
+
+def _check_paths(out: Path, force: bool, protected: list[Path]) -> bool:
+    """Whether OUT exists (and may be replaced); refuses what must not be written or replaced."""
+    res = out.resolve()
+    for p in protected:
+        pr = p.resolve()
+        if res == pr or pr in res.parents or res in pr.parents:
+            raise OutputDirError(
+                f"-o {out} overlaps {p}; export-lora never writes into DIR or RUN: choose another -o"
+            )
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise OutputDirError(f"{out} is a file; -o must name a directory")
+    if not force:
+        raise OutputDirError(f"{out} already exists; choose a new -o, or pass --force to replace it")
+    names = sorted(p.name for p in out.iterdir())
+    if names and LORA_CONFIG_FILE not in names:
+        raise OutputDirError(
+            f"{out} holds files that are not a LoRA export (e.g. {names[0]}); --force only replaces an "
+            "export: choose another -o"
+        )
+    return True
+
+
+def export_lora(
+    directory: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    force: bool = False,
+    seed: int = 0,
+) -> LoraExportResult:
+    """Write RUN's training as a PEFT LoRA adapter (rank 2r, scale 1) for DIR's original base model.
+
+    The LoRA applies to the original W; SORSA's own merged model is W_r + U'S'Vt', which equals
+    W + Delta W up to the rounding of W_r in its residual dtype."""
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    tdtype = DTYPES[dtype]
+    d, run, out = (Path(p).expanduser() for p in (directory, adapter, out))
+    src = MergedSource(d, run)  # refuses a non-decomposed DIR and an adapter of another decomposition
+    acfg = src.adapter_config
+    if acfg.get("kind") != "trained":
+        raise InputError(
+            f"{run} holds {acfg.get('kind', 'an unknown')!r} factors, not a trained run: their LoRA would be "
+            f"zero; pass the output of `sorsa train {d} --data FILE -o RUN`"
+        )
+    exists = _check_paths(out, force, [d, run])
+    init = SafetensorsFile(d / ADAPTER_FILE)
+    targets = src.targets
+    r = int(src.decomposition["rank"])
+    shapes = {m: tuple(src.info(m + ".weight").shape) for m in targets}
+
+    moved, max_rel = 0, 0.0
+    for m in targets:  # untrained check first, so that nothing is written for a no-op
+        new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
+        if not all(torch.equal(a.float(), b.float()) for a, b in zip(new, old, strict=True)):
+            moved += 1
+    if moved == 0:
+        raise InputError(
+            f"the adapter in {run} equals {d}'s initial factors (Delta W = 0, the LoRA would do nothing); "
+            "train it first (`sorsa train` with --max-steps > 0 and lr > 0)"
+        )
+
+    names, exact = peft_targets(targets, [n.removesuffix(".weight") for n in src.names()])
+    base = src.decomposition.get("base_model") or {}
+    base_id = base.get("name_or_path") if base.get("source") == "hub" else base.get("local_path")
+    base_id = base_id or base.get("name_or_path")
+    code = DTYPE_CODES[tdtype]
+    specs = []
+    for m in targets:
+        out_f, in_f = shapes[m]
+        ka, kb = lora_keys(m)
+        specs += [(ka, code, (2 * r, in_f)), (kb, code, (out_f, 2 * r))]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weights = tmp / LORA_WEIGHTS_FILE
+        with StreamWriter(weights, specs, metadata={"format": "pt"}) as w:
+            for m in targets:
+                new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
+                B1, A1 = balanced_factors(*new)
+                B0, A0 = balanced_factors(*old)
+                A = torch.cat([A1, A0], dim=0).to(tdtype)
+                B = torch.cat([B1, -B0], dim=1).to(tdtype)
+                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                    raise VerificationError(
+                        f"{m}: the LoRA factors overflow {dtype}; export with --dtype float32 (or bfloat16)"
+                    )
+                ka, kb = lora_keys(m)
+                w.write(ka, A)
+                w.write(kb, B)
+            w.commit()
+        max_err, max_rel = _verify(weights, src, init, targets, tdtype, seed)
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": 2 * r,
+            "lora_alpha": 2 * r,
+            "target_modules": names,
+            "base_model_name_or_path": base_id,
+            "revision": base.get("revision"),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+        atomic_write_json(tmp / LORA_CONFIG_FILE, config)
+        prov = provenance(src)
+        prov["export"] = {
+            "format": "peft-lora",
+            "lora_rank": 2 * r,
+            "lora_alpha": 2 * r,
+            "dtype": dtype,
+            "applies_to": "the original base model (Delta W = U'S'Vt' - U S Vt of the SORSA factors)",
+            "adapter": str(run),
+            "decomposition": str(d),
+            "max_check_error": max_err,
+        }
+        atomic_write_json(tmp / PROVENANCE_FILE, prov)
+        nbytes = weights.stat().st_size
+        if exists:
+            old_dir = out.parent / f".{out.name}.export-old-{os.getpid()}"
+            os.replace(out, old_dir)
+            os.replace(tmp, out)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return LoraExportResult(
+        out_dir=out,
+        rank=2 * r,
+        sorsa_rank=r,
+        modules=len(targets),
+        target_modules=names,
+        exact_names=exact,
+        dtype=dtype,
+        bytes=nbytes,
+        max_check_error=max_err,
+        max_relative_delta=max_rel,
+        base_model=base_id,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _verify(
+    path: Path,
+    src: MergedSource,
+    init: SafetensorsFile,
+    targets: list[str],
+    dtype: torch.dtype,
+    seed: int,
+) -> tuple[float, float]:
+    """Read the written file back and check B A x against Delta W x per module on random probes.
+
+    Returns (max check error, max ||Delta W||_F / ||U S Vt||_F); raises VerificationError."""
+    from safetensors import safe_open
+
+    f = SafetensorsFile(path)
+    with safe_open(path, framework="pt") as so:  # the reader PEFT uses must parse it too
+        keys = set(so.keys())
+    expected = {k for m in targets for k in lora_keys(m)}
+    if keys != expected:
+        raise VerificationError(f"{path} holds other tensors than expected; export again")
+    gen = torch.Generator().manual_seed(seed)
+    tol = _tolerance(dtype)
+    worst, max_rel = 0.0, 0.0
+    for m in targets:
+        ka, kb = lora_keys(m)
+        A, B = f.read_tensor(ka).double(), f.read_tensor(kb).double()
+        new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
+        x = torch.randn(A.shape[1], PROBES, generator=gen, dtype=torch.float64)
+        ref, scale = _delta_apply(new, old, x)
+        err = float((B @ (A @ x) - ref).abs().max() / scale.clamp_min(torch.finfo(torch.float64).tiny))
+        if not err <= tol:  # also catches NaN
+            raise VerificationError(
+                f"{m}: the written LoRA gives B A x off by {err:.2e} (relative) from Delta W x, above {tol:.0e}; "
+                "export again, with --dtype float32 if a half dtype was asked for"
+            )
+        worst = max(worst, err)
+        max_rel = max(max_rel, _relative_delta(new, old))
+    return worst, max_rel
+
+
+def _relative_delta(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]) -> float:
+    """||U'S'Vt' - U S Vt||_F / ||U S Vt||_F through (2r x 2r) Gram matrices, never the dense delta:
+    ||L R||_F^2 = sum((L^T L) * (R R^T))."""
+    (U1, S1, V1), (U0, S0, V0) = ((t.double() for t in f) for f in (new, old))
+    L, R = torch.cat([U1 * S1, -U0 * S0], dim=1), torch.cat([V1, V0], dim=0)
+    delta2 = float(((L.T @ L) * (R @ R.T)).sum())
+    base2 = float((((U0 * S0).T @ (U0 * S0)) * (V0 @ V0.T)).sum())
+    return max(delta2, 0.0) ** 0.5 / max(base2, 1e-300) ** 0.5
