@@ -114,7 +114,7 @@ def provenance(source: MergedSource) -> dict:
             steps=t.get("steps"),
             tokens=t.get("tokens"),
             final_loss=t.get("final_loss"),
-            data=(t.get("data") or {}).get("path"),
+            data=Path((t.get("data") or {}).get("path") or "").name or None,  # no local paths published
             data_sha256=(t.get("data") or {}).get("sha256"),
             run_id=t.get("run_id"),
         )
