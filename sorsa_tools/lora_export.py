@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sorsa_tools.errors import InputError, OutputDirError, VerificationError
+from sorsa_tools.errors import InputError, NotDecomposedError, OutputDirError, VerificationError
 from sorsa_tools.format import ADAPTER_FILE, factor_names
 from sorsa_tools.io.safetensors_file import (
     DTYPE_CODES,
@@ -142,6 +142,8 @@ def export_lora(
         raise InputError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
     d, run, out = (Path(p).expanduser() for p in (directory, adapter, out))
+    if not run.is_dir():
+        raise NotDecomposedError(f"no such directory: {run}; pass the output of `sorsa train` as --adapter")
     src = MergedSource(d, run)  # refuses a non-decomposed DIR and an adapter of another decomposition
     acfg = src.adapter_config
     if acfg.get("kind") != "trained":
@@ -237,7 +239,11 @@ def export_lora(
         if exists:
             old_dir = out.parent / f".{out.name}.export-old-{os.getpid()}"
             os.replace(out, old_dir)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old_dir, out)  # the earlier export stays as it was
+                raise
             shutil.rmtree(old_dir, ignore_errors=True)
         else:
             os.replace(tmp, out)

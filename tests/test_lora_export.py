@@ -79,7 +79,7 @@ def test_each_lora_module_is_base_plus_dense_delta(trained, exported):
     for m, layer in wrapped.items():
         assert torch.equal(layer.base_layer.weight, base.get_submodule(m).weight)  # the ORIGINAL W
         assert layer.scaling["default"] == 1.0
-        got = (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()) * 1.0
+        got = layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
         (U1, S1, V1), (U0, S0, V0) = ([t.double() for t in f] for f in (new[m], old[m]))
         want = (U1 * S1) @ V1 - (U0 * S0) @ V0
         assert float((got - want).abs().max()) < 1e-6 * float((U0 * S0).abs().max()), m
@@ -210,15 +210,42 @@ def test_cli_existing_output_and_force(trained, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_cli_mismatched_adapter(trained, tiny_lm_decomposed, tmp_path):
+@pytest.fixture(scope="module")
+def partial(trained, tmp_path_factory) -> tuple[Path, Path]:
+    """(DIR, RUN) of another decomposition of the same model: layer 0's q_proj and v_proj only."""
     from sorsa_tools import decompose
 
-    src, dec, _ = trained
-    other = tmp_path / "other"
-    decompose(str(src), 4, other, targets="q_proj,v_proj", svd="exact", check_sample=0)
-    other_run = tmp_path / "other-run"
-    train(other, GSM8K_SLICE, other_run, config=TrainConfig(**{**QUICK, "max_steps": 1}), device="cpu")
-    res = run("export-lora", str(dec), "--adapter", str(other_run), "-o", str(tmp_path / "lora"))
+    src = trained[0]
+    base = tmp_path_factory.mktemp("partial")
+    decompose(
+        str(src), 4, base / "d", targets=r"layers\.0\.self_attn\.(q|v)_proj", svd="exact", check_sample=0
+    )
+    train(base / "d", GSM8K_SLICE, base / "r", config=TrainConfig(**{**QUICK, "max_steps": 1}), device="cpu")
+    return base / "d", base / "r"
+
+
+def test_partial_selection_targets_exactly_those_modules(trained, partial, tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    src = trained[0]
+    res = export_lora(*partial, tmp_path / "lora")
+    want = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert res.exact_names and res.target_modules == want and res.rank == 8
+    lora = PeftModel.from_pretrained(_base(src), res.out_dir).eval()
+    wrapped = [
+        n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLayer)
+    ]
+    assert wrapped == want  # short names would have hit layer 1 too
+    sorsa, _, _ = load_sorsa_model(*partial)
+    with torch.no_grad():
+        err = float((lora(IDS).logits - sorsa.eval()(IDS).logits).abs().max())
+    assert err < 1e-4, err
+
+
+def test_cli_mismatched_adapter(trained, partial, tmp_path):
+    _, dec, _ = trained
+    res = run("export-lora", str(dec), "--adapter", str(partial[1]), "-o", str(tmp_path / "lora"))
     assert_clean_error(res, "made from another decomposition", "pass the DIR it was trained on")
     assert not (tmp_path / "lora").exists() and _leftovers(tmp_path) == []
 
@@ -226,7 +253,7 @@ def test_cli_mismatched_adapter(trained, tiny_lm_decomposed, tmp_path):
 def test_cli_missing_run(trained, tmp_path):
     _, dec, _ = trained
     res = run("export-lora", str(dec), "--adapter", str(tmp_path / "nope"), "-o", str(tmp_path / "lora"))
-    assert_clean_error(res, f"no such directory: {tmp_path / 'nope'}")
+    assert_clean_error(res, f"no such directory: {tmp_path / 'nope'}", "output of `sorsa train` as --adapter")
     assert not (tmp_path / "lora").exists()
 
 
