@@ -230,8 +230,8 @@ def export_lora(
             "lora_alpha": 2 * r,
             "dtype": dtype,
             "applies_to": "the original base model (Delta W = U'S'Vt' - U S Vt of the SORSA factors)",
-            "adapter": str(run),
-            "decomposition": str(d),
+            "adapter": run.resolve().name,
+            "decomposition": d.resolve().name,
             "max_check_error": max_err,
         }
         atomic_write_json(tmp / PROVENANCE_FILE, prov)

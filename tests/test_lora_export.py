@@ -138,6 +138,7 @@ def test_adapter_files_and_config(trained, exported):
     prov = json.loads((out / "sorsa_provenance.json").read_text())
     assert prov["method"] == "SORSA" and prov["adapter"] == "trained" and prov["training"]["steps"] == 3
     assert prov["decomposition"]["job_id"] == dcfg["job_id"] and prov["export"]["lora_rank"] == 16
+    assert prov["export"]["adapter"] == r.name and str(r.parent) not in json.dumps(prov)  # no local paths
 
 
 def test_partial_selection_is_written_as_exact_names():
