@@ -477,6 +477,124 @@ def merge(
     out.print(_kv_table(f"sorsa merge --to {r.to} → {r.out}", rows))
 
 
+EXPORT_LORA_EPILOG = """[bold]Examples[/]
+
+  sorsa export-lora gemma-sorsa-r64 --adapter run1 -o gemma-gsm8k-lora
+
+  sorsa export-lora llama2-sorsa-r128 --adapter run2 --dtype bfloat16 -o llama2-lora-bf16
+
+The LoRA (rank 2r, alpha 2r) applies to the ORIGINAL base model:
+PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT), vllm --lora-modules,
+llama.cpp --lora (after convert_lora_to_gguf.py).
+"""
+
+
+@app.command(name="export-lora", epilog=EXPORT_LORA_EPILOG)
+@handle_errors
+def export_lora(
+    directory: Annotated[Path, typer.Argument(help="The decomposed directory RUN was trained on.")],
+    adapter: Annotated[Path, typer.Option("--adapter", help="A trained run (`sorsa train` output).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the PEFT LoRA adapter.")],
+    dtype: Annotated[str, typer.Option(help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in -o.")] = False,
+) -> None:
+    """Write a trained adapter as a PEFT LoRA (rank 2r) for the ORIGINAL base model."""
+    from sorsa_tools.lora_export import export_lora as run
+
+    r = run(directory, adapter, output, dtype=dtype, force=force)
+    rows = [
+        ("LoRA rank / alpha", f"{r.rank} (2 x {r.sorsa_rank}) / {r.rank}: scale 1"),
+        ("modules", str(r.modules)),
+        ("target_modules", ", ".join(r.target_modules) if not r.exact_names else f"{r.modules} full names"),
+        ("applies to", f"the original base model {r.base_model}"),
+        ("dtype / size", f"{r.dtype} / {r.bytes / 2**20:.2f} MiB"),
+        ("max check error", f"{r.max_check_error:.1e} (B A x vs Delta W x, relative)"),
+        ("max ||Delta W|| / ||U S Vt||", f"{r.max_relative_delta:.3f}"),
+        ("time", f"{r.seconds:.1f} s"),
+    ]
+    out.print(_kv_table(f"sorsa export-lora → {r.out_dir}", rows))
+
+
+PUSH_EPILOG = """[bold]Examples[/]
+
+  sorsa push gemma-gsm8k --repo-id alice/gemma-3-270m-sorsa-gsm8k
+
+  sorsa push gemma-gsm8k.q8_0.gguf --repo-id alice/gemma-3-270m-sorsa-gsm8k-GGUF --private
+
+  sorsa push gemma-gsm8k-lora --repo-id alice/gemma-sorsa-lora --revision r64
+
+  sorsa push run1 --repo-id alice/gemma-sorsa-adapter --dry-run      (show the card and files, send nothing)
+
+The token comes from HF_TOKEN or `hf auth login`. PATH is never modified: the model card is sent as
+README.md from memory; a README.md of your own in PATH is sent instead unless --card overwrite.
+"""
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@app.command(epilog=PUSH_EPILOG)
+@handle_errors
+def push(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A merged HF dir, a .gguf file (or the first of a split set), a LoRA export, "
+            "a trained run or a decomposed dir."
+        ),
+    ],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repository USER/NAME (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    revision: Annotated[
+        str, typer.Option(help="Branch to push to, created if missing \\[default: main].")
+    ] = None,
+    card: Annotated[
+        str,
+        typer.Option(
+            help="auto: generated README.md, or PATH's own README.md if it has one; overwrite: the "
+            "generated card even then (PATH is not changed); skip: no generated card."
+        ),
+    ] = "auto",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the card and the files, send nothing.")
+    ] = False,
+) -> None:
+    """Upload a SORSA artifact to the Hugging Face Hub with a model card written from its provenance."""
+    from sorsa_tools.hub import push as run
+
+    r = run(path, repo_id, private=private, revision=revision, dry_run=dry_run, card=card)
+    if dry_run:
+        if r.card is not None:
+            out.rule("README.md (generated model card)")
+            out.print(r.card, markup=False, highlight=False, soft_wrap=True)
+            out.rule()
+        files = Table(title=f"files for {r.repo_id}", show_header=True)
+        files.add_column("file")
+        files.add_column("size", justify="right")
+        for name, size in r.files:
+            files.add_row(name, _human_bytes(size))
+        out.print(files)
+    card_note = {"generated": "generated", "user": f"{path}/README.md (yours)", "none": "none"}[r.card_source]
+    rows = [
+        ("kind", r.kind),
+        ("repository", f"{r.repo_id} ({'private' if r.private else 'public if new'})"),
+        ("revision", r.revision or "main"),
+        ("files", f"{len(r.files)}, {_human_bytes(r.bytes)}"),
+        ("upload", "one commit" if r.method == "commit" else "large-folder upload, then the card"),
+        ("model card", card_note),
+        ("url", r.url),
+    ]
+    if dry_run:
+        rows.append(("sent", "nothing (dry run)"))
+    else:
+        rows.append(("commit", r.commit or "(several commits)"))
+    out.print(_kv_table(f"sorsa push {'--dry-run ' if dry_run else ''}→ {r.repo_id}", rows))
+
+
 @app.command(
     epilog="[bold]Examples[/]\n\n  sorsa inspect llama2-7b-sorsa-r128\n\n  sorsa inspect run1 --json"
 )
