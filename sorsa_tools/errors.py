@@ -72,6 +72,10 @@ class AdapterMismatchError(SorsaError):
     """An adapter was made from another decomposition than the one it is used with."""
 
 
+class ModelMismatchError(InputError):
+    """Two models that should share an architecture do not (a module is missing or of another shape)."""
+
+
 class TrainingError(SorsaError):
     """Training diverged (NaN/inf loss or gradients); the last good checkpoint is kept."""
 
@@ -88,3 +92,11 @@ class OutputExistsError(ExportError):
 
 class TokenizerMissingError(ExportError):
     """The checkpoint has no tokenizer files, which a self-contained export (GGUF) must embed."""
+
+
+class ModelKindError(InputError):
+    """MODEL of `sorsa eval` is none of the kinds it reads (HF checkpoint, decomposed dir, GGUF)."""
+
+
+class MissingDependencyError(SorsaError):
+    """An optional package that this path needs is not installed (llama_cpp for a GGUF file)."""
