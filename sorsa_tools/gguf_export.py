@@ -863,8 +863,14 @@ def _llama_quantize(src: Path, dst: Path, ot: OutType) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ot.file_type)
     params.nthread = max(1, os.cpu_count() or 1)
-    with disk_errors(dst):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    log = logging.getLogger("llama-cpp-python")  # llama.cpp's log goes to stderr through it
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with disk_errors(dst):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    finally:
+        log.setLevel(level)
     if rc != 0 or not dst.is_file():
         raise ExportError(f"llama.cpp's quantizer failed on {src} (code {rc}); try --outtype f16 or q8_0")
 

@@ -1,0 +1,540 @@
+"""GGUF export checked against the real llama.cpp runtime (llama-cpp-python).
+
+Each supported architecture: a tiny random model with peaked attention (so that a wrong q/k row
+order or attention scale shows in the logits), decomposed, its adapter perturbed (so the merged
+weights differ from the original ones), exported, loaded by llama.cpp and compared with
+transformers on the same token ids. Tokenizers are compared on GSM-8K text.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import GSM8K_SLICE, _config, make_tokenizer
+
+from sorsa_tools import decompose
+from sorsa_tools.errors import DiskFullError, ExportError, OutputExistsError, TokenizerMissingError
+from sorsa_tools.gguf_export import PROVENANCE_KEY, export_gguf, read_layout
+from sorsa_tools.source import MergedSource, provenance
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+KINDS = ["llama", "qwen2", "qwen3", "gemma3"]
+F32_TOL = 1e-3
+
+
+def _texts(n: int) -> list[str]:
+    out = []
+    for line in GSM8K_SLICE.read_text().splitlines()[:n]:
+        rec = json.loads(line)
+        out += [rec["question"], rec["answer"]]
+    return out
+
+
+def _cfg(kind: str, hidden: int):
+    if kind == "qwen3":
+        from transformers import Qwen3Config
+
+        cfg = Qwen3Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            head_dim=16,
+        )
+    else:
+        cfg = _config(kind)
+    if kind == "gemma3":  # a window shorter than the text and one global layer: the SWA layout matters
+        cfg.sliding_window = 4
+        cfg.layer_types = ["sliding_attention", "full_attention"]
+    if hidden != 64:
+        cfg.hidden_size, cfg.intermediate_size = hidden, 2 * hidden
+        cfg.head_dim = hidden // cfg.num_attention_heads
+    return cfg
+
+
+def build(path: Path, kind: str, hidden: int = 64, seed: int = 0) -> Path:
+    """A tiny model whose attention is peaked and whose logits are far from flat."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer(path)
+    cfg = _cfg(kind, hidden)
+    cfg.vocab_size = len(tok)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # qwen3 / gemma3 normalize q and k
+                p.fill_(3.0 if kind == "qwen3" else 2.0)
+            elif name.endswith("lm_head.weight") or (
+                name.endswith("embed_tokens.weight") and cfg.tie_word_embeddings
+            ):
+                p.mul_(5.0)
+            elif name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def perturb_adapter(d: Path, seed: int = 1) -> None:
+    """Change the factors as training would, so the merged model is not the original one."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    f = d / "sorsa_adapter.safetensors"
+    tensors = load_file(f)
+    for name, t in tensors.items():
+        if name.endswith(".sorsa_S"):
+            tensors[name] = t * (1 + 0.5 * torch.rand(t.shape, generator=g, dtype=t.dtype))
+        elif name.endswith(".sorsa_U"):
+            tensors[name] = t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype)
+    save_file(tensors, f)
+
+
+class GgmlGelu(torch.nn.Module):
+    """llama.cpp's CPU GELU: a table of fp16 outputs indexed by the fp16-rounded input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+
+
+def hf_logits(source: MergedSource, src_dir: Path, ids: list[int], ggml_gelu: bool = True) -> np.ndarray:
+    """transformers' float32 logits of the model SOURCE describes (merged weights loaded in).
+
+    ggml_gelu: Gemma's GELU computed the way llama.cpp's CPU backend does (through an fp16 table),
+    which alone moves tiny-Gemma logits by ~1e-3; the comparison then isolates the export."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32).eval()
+    sd = {n: source.read(n).float() for n in source.names()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing)
+    if ggml_gelu and model.config.model_type.startswith("gemma"):
+        for layer in model.model.layers:
+            layer.mlp.act_fn = GgmlGelu()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(
+        model_path=str(path), logits_all=True, type_k=0, type_v=0, verbose=False, n_ctx=128, n_threads=2
+    )
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)])
+    llm.close()
+    return out
+
+
+def token_ids(src_dir: Path, n: int = 48) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src_dir)
+    return tok(_texts(1)[0] + " " + _texts(1)[1])["input_ids"][:n]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(source dir, decomposed dir with a perturbed adapter) by kind."""
+    cache: dict = {}
+
+    def get(kind: str) -> tuple[Path, Path]:
+        if kind not in cache:
+            src = build(tmp_path_factory.mktemp(f"gguf-{kind}"), kind)
+            dec = tmp_path_factory.mktemp(f"gguf-{kind}-sorsa") / "d"
+            decompose(str(src), 8, dec, svd="exact", check_sample=0)
+            perturb_adapter(dec)
+            cache[kind] = (src, dec)
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f32_logits_match_transformers(kind, tiny, tmp_path):
+    src, dec = tiny(kind)
+    ids = token_ids(src)
+    # the original checkpoint, as is
+    plain = MergedSource.plain(src)
+    r = export_gguf(plain, tmp_path / "plain.gguf", "f32")
+    ref = hf_logits(plain, src, ids)
+    got = cpp_logits(r.path, ids)
+    err_plain = np.abs(got - ref).max()
+    err_exact_gelu = np.abs(got - hf_logits(plain, src, ids, ggml_gelu=False)).max()
+    # the decomposed one with a changed adapter: llama.cpp must run the merged weights
+    merged = MergedSource(dec)
+    r2 = export_gguf(merged, tmp_path / "merged.gguf", "f32", provenance=provenance(merged))
+    ref2 = hf_logits(merged, src, ids)
+    got2 = cpp_logits(r2.path, ids)
+    err = np.abs(got2 - ref2).max()
+    print(
+        f"{kind} f32: max|llama.cpp - transformers| plain {err_plain:.2e}, merged {err:.2e} "
+        f"(exact GELU {err_exact_gelu:.2e}), logits up to {np.abs(ref).max():.1f}"
+    )
+    assert np.abs(ref2 - ref).max() > 0.1  # the perturbation is visible, so the check below means something
+    assert np.abs(ref).max() > 1.0  # logits far from flat
+    assert err_plain < F32_TOL and err < F32_TOL
+    assert r2.arch == {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}[kind]
+    assert r2.outtype == "f32" and r2.tensor_count == len(read_layout(r2.path)[1])
+    kv, tensors = read_layout(r2.path)
+    assert json.loads(kv[PROVENANCE_KEY])["method"] == "SORSA"
+    assert ("output.weight" in tensors) == (kind != "gemma3")  # gemma3 ties its head to token_embd
+    assert all(t.qtype.name == "F32" for t in tensors.values())
+
+
+def test_q_k_permutation_matters(tiny, tmp_path, monkeypatch):
+    """Without reordering q/k rows LLM_ARCH_LLAMA computes another network: the check above can fail."""
+    import sorsa_tools.gguf_export as ge
+
+    src, _ = tiny("llama")
+    ids = token_ids(src)
+    plain = MergedSource.plain(src)
+    monkeypatch.setattr(ge, "_PERMUTE_QK", False)
+    r = export_gguf(plain, tmp_path / "noperm.gguf", "f32")
+    err = np.abs(cpp_logits(r.path, ids) - hf_logits(plain, src, ids)).max()
+    assert err > 100 * F32_TOL
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_q8_0_same_top1(kind, tiny, tmp_path):
+    src, dec = tiny(kind)
+    ids = token_ids(src)
+    merged = MergedSource(dec)
+    r = export_gguf(merged, tmp_path / "q8.gguf", "q8_0")
+    got, ref = cpp_logits(r.path, ids), hf_logits(merged, src, ids)
+    agree = (got.argmax(-1) == ref.argmax(-1)).mean()
+    print(f"{kind} q8_0: top-1 agreement {agree:.3f}, max abs err {np.abs(got - ref).max():.3f}")
+    assert agree >= 0.9
+    types = {n: t.qtype.name for n, t in read_layout(r.path)[1].items()}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    assert r.bytes < 0.35 * sum(i.nbytes for i in merged.infos())  # about a quarter of float32
+
+
+def test_q4_0_keeps_the_head_finer(tiny, tmp_path):
+    """q4_0 body, Q8_0 head (llama.cpp's quantizer keeps output.weight finer than the body too)."""
+    src, dec = tiny("llama")
+    merged = MergedSource(dec)
+    r = export_gguf(merged, tmp_path / "q4.gguf", "q4_0")
+    types = {n: t.qtype.name for n, t in read_layout(r.path)[1].items()}
+    assert types["blk.1.attn_v.weight"] == "Q4_0" and types["output.weight"] == "Q8_0"
+    ids = token_ids(src)
+    agree = (cpp_logits(r.path, ids).argmax(-1) == hf_logits(merged, src, ids).argmax(-1)).mean()
+    assert agree >= 0.7
+
+
+def test_rows_that_do_not_fit_the_block_fall_back_to_f16():
+    from sorsa_tools.gguf_export import _qtype_for
+    from sorsa_tools.gguf_tables import OUTTYPES
+
+    qt, note = _qtype_for("blk.0.ffn_down.weight", (64, 100), OUTTYPES["q8_0"], True)
+    assert qt.name == "F16"
+    assert note == "blk.0.ffn_down.weight: rows of 100 do not split into Q8_0 blocks of 32; written as F16"
+    assert _qtype_for("blk.0.ffn_down.weight", (64, 96), OUTTYPES["q8_0"], True) == (qt.Q8_0, None)
+    assert _qtype_for("blk.0.attn_q.bias", (64,), OUTTYPES["q8_0"], True) == (qt.F32, None)
+    assert _qtype_for("token_embd.weight", (384, 64), OUTTYPES["q4_0"], False) == (qt.Q8_0, None)  # tied head
+
+
+def _corr(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(got, ref, strict=True)]))
+
+
+def test_k_quants_through_llama_cpp(tmp_path):
+    """q4_k_m / q6_k come from llama.cpp's own quantizer; rows of 256 take K blocks, no temp left.
+    (4-bit noise moves this random, peaked model a lot: measured logit correlation 0.91 for q4_k_m,
+    0.99 for q6_k.)"""
+    src = build(tmp_path / "wide", "llama", hidden=256)
+    ids = token_ids(src)
+    ref = hf_logits(MergedSource.plain(src), src, ids)
+    out = tmp_path / "out"
+    out.mkdir()
+    for outtype, ftype, qname, min_corr in (("q4_k_m", 15, "Q4_K", 0.85), ("q6_k", 18, "Q6_K", 0.98)):
+        r = export_gguf(
+            MergedSource.plain(src), out / f"{outtype}.gguf", outtype, provenance={"method": "SORSA"}
+        )
+        kv, tensors = read_layout(r.path)
+        assert qname in {t.qtype.name for t in tensors.values()} and kv["general.file_type"] == ftype
+        assert tensors["blk.0.attn_norm.weight"].qtype.name == "F32"
+        assert json.loads(kv[PROVENANCE_KEY]) == {"method": "SORSA"}
+        corr = _corr(cpp_logits(r.path, ids), ref)
+        print(f"{outtype}: logit correlation with transformers {corr:.3f}")
+        assert corr >= min_corr
+    assert sorted(p.name for p in out.iterdir()) == ["q4_k_m.gguf", "q6_k.gguf"]  # no temp left behind
+
+
+def test_k_quant_without_llama_cpp(tiny, tmp_path, monkeypatch):
+    import sys
+
+    src, _ = tiny("llama")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ExportError) as e:
+        export_gguf(MergedSource.plain(src), tmp_path / "k.gguf", "q4_k_m")
+    assert str(e.value) == (
+        "--outtype q4_k_m uses llama.cpp's quantizer; install llama-cpp-python (pip install "
+        "llama-cpp-python) or pick one of f32, f16, bf16, q8_0, q5_0, q4_0"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_split_files_load_as_one(tiny, tmp_path):
+    src, dec = tiny("qwen2")
+    merged = MergedSource(dec)
+    whole = export_gguf(merged, tmp_path / "whole.gguf", "f32")
+    r = export_gguf(merged, tmp_path / "part.gguf", "f32", split_max_size=150_000)
+    n = len(r.paths)
+    assert n >= 3 and [p.name for p in r.paths] == [f"part-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    assert not (tmp_path / "part.gguf").exists()
+    kv = read_layout(r.paths[0])[0]
+    assert kv["split.count"] == n and kv["split.no"] == 0 and kv["split.tensors.count"] == whole.tensor_count
+    ids = token_ids(src)
+    assert np.array_equal(cpp_logits(r.path, ids), cpp_logits(whole.path, ids))
+
+
+def test_progress_and_atomic_on_failure(tiny, tmp_path):
+    src, _ = tiny("llama")
+    seen = []
+    r = export_gguf(MergedSource.plain(src), tmp_path / "a.gguf", "f16", progress=lambda *a: seen.append(a))
+    assert len(seen) == r.tensor_count and seen[-1][1] == seen[-1][2]
+    assert [s[1] for s in seen] == sorted(s[1] for s in seen)
+
+    def full(name, done, total):
+        if done > total // 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError) as e:
+        export_gguf(MergedSource.plain(src), tmp_path / "b.gguf", "f16", progress=full)
+    assert str(e.value).startswith(f"no space left on the device while writing {tmp_path / 'b.gguf'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]
+
+
+def test_tied_and_gemma_specifics(tiny, tmp_path):
+    """Gemma 3: norms stored as 1 + w, q_norm carries query_pre_attn_scalar, SWA layout written."""
+    src, _ = tiny("gemma3")
+    plain = MergedSource.plain(src)
+    r = export_gguf(plain, tmp_path / "g.gguf", "f32")
+    kv, tensors = read_layout(r.path)
+    assert kv["gemma3.attention.sliding_window"] == 4
+    assert kv["gemma3.rope.freq_base"] == 1e6 and kv["gemma3.rope.freq_base_swa"] == 1e4
+    t = tensors["blk.0.attn_norm.weight"]
+    got = np.fromfile(t.path, dtype=np.float32, count=t.shape[0], offset=t.offset)
+    assert np.array_equal(got, plain.read("model.layers.0.input_layernorm.weight").numpy() + 1)
+    t = tensors["blk.0.attn_q_norm.weight"]  # (2 + 1) * sqrt(16 / 256)
+    got = np.fromfile(t.path, dtype=np.float32, count=t.shape[0], offset=t.offset)
+    assert np.allclose(got, 3.0 * 0.25)
+
+
+# --- tokenizers ----------------------------------------------------------------------------------
+
+
+def _cpp_tokens(path: Path, text: str, add_bos: bool = True) -> list[int]:
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    out = llm.tokenize(text.encode(), add_bos=add_bos, special=False)
+    llm.close()
+    return out
+
+
+def _with_tokenizer(src: Path, dst: Path, files: dict[str, bytes | str], vocab: int) -> Path:
+    """src's weights and config with another tokenizer (vocab rows re-sized to fit it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.resize_token_embeddings(vocab)
+    model.config.vocab_size = vocab
+    model.save_pretrained(dst)
+    for p in dst.glob("tokenizer*"):
+        p.unlink()
+    for name, content in files.items():
+        (dst / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_byte_level_bpe_tokenization_matches_hf(kind, tiny, tmp_path):
+    """gpt2-style BPE: llama.cpp's pre-tokenizer found from the split rule transformers uses."""
+    from transformers import AutoTokenizer
+
+    src, _ = tiny(kind)
+    r = export_gguf(MergedSource.plain(src), tmp_path / "t.gguf", "f16")
+    assert r.pre_tokenizer == {"llama": "gpt-2", "qwen2": "qwen2"}[kind] and r.warnings == [
+        "gguf: TemplateProcessing<single> leading/trailing special tokens do not match TemplateProcessing<pair>"
+    ]
+    tok = AutoTokenizer.from_pretrained(src)
+    llm = llama_cpp.Llama(model_path=str(r.path), vocab_only=True, verbose=False)
+    for text in _texts(60):
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+    llm.close()
+
+
+def _byte_fallback_bpe(dst: Path) -> int:
+    """A Llama-2-style tokenizer.json (Prepend/Replace '▁', byte fallback), trained on GSM-8K."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
+    # no digits in training: the text's numbers take the byte-fallback path
+    tk.train_from_iterator([t.translate(str.maketrans("", "", "0123456789")) for t in _texts(256)], trainer)
+    tk.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    j = json.loads(tk.to_str())  # the byte pieces are ordinary vocabulary in Llama 2, not added tokens
+    j["added_tokens"] = [a for a in j["added_tokens"] if a["content"] not in byte_tokens]
+    tk = Tokenizer.from_str(json.dumps(j))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(dst)
+    return tk.get_vocab_size()
+
+
+def test_byte_fallback_bpe_tokenization_matches_hf(tiny, tmp_path):
+    """tokenizer.json BPE with byte fallback (Llama 2 as transformers writes it) -> llama.cpp SPM."""
+    from transformers import AutoTokenizer
+
+    src, _ = tiny("llama")
+    tdir = tmp_path / "tok"
+    n = _byte_fallback_bpe(tdir)
+    files = {p.name: p.read_bytes() for p in tdir.iterdir()}
+    model_dir = _with_tokenizer(src, tmp_path / "m", files, n)
+    r = export_gguf(MergedSource.plain(model_dir), tmp_path / "t.gguf", "f16")
+    assert r.tokenizer == "llama (tokenizer.json byte-fallback BPE)"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = llama_cpp.Llama(model_path=str(r.path), vocab_only=True, verbose=False)
+    texts = [*_texts(60), "naïve café — 3.5€ ½ 漢字 🦙"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+    llm.close()
+
+
+def test_sentencepiece_tokenization_matches_sentencepiece(tiny, tmp_path):
+    """tokenizer.model read without the sentencepiece package; compared with sentencepiece itself."""
+    spm = pytest.importorskip("sentencepiece")
+    src, _ = tiny("llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_texts(256)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        minloglevel=2,
+        # as Llama 2's tokenizer.model: llama.cpp, like it, does no NFKC or whitespace folding
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    model_dir = _with_tokenizer(
+        src, tmp_path / "m", {"tokenizer.model": (tmp_path / "sp.model").read_bytes()}, sp.vocab_size()
+    )
+    r = export_gguf(MergedSource.plain(model_dir), tmp_path / "t.gguf", "f16")
+    assert r.tokenizer == "llama (tokenizer.model)"
+    llm = llama_cpp.Llama(model_path=str(r.path), vocab_only=True, verbose=False)
+    for text in [*_texts(60), "naïve café — 3.5€ 漢字 🦙"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)], text
+    llm.close()
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+
+def test_bad_inputs(tiny, tiny_factory, tmp_path):
+    src, _ = tiny("llama")
+    plain = MergedSource.plain(src)
+    with pytest.raises(ExportError) as e:
+        export_gguf(MergedSource.plain(tiny_factory("phi")), tmp_path / "p.gguf")
+    assert str(e.value) == (
+        "GGUF export does not support model_type 'phi'; supported: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"
+    )
+    with pytest.raises(ExportError) as e:
+        export_gguf(plain, tmp_path / "x.gguf", "q3")
+    assert str(e.value).startswith(
+        "unknown --outtype 'q3'; pick one of f32, f16, bf16, q8_0, q4_0, q5_0, q4_1"
+    )
+    with pytest.raises(ExportError) as e:
+        export_gguf(plain, tmp_path / "x.bin")
+    assert str(e.value) == f"{tmp_path / 'x.bin'} does not end in .gguf; name the output file NAME.gguf"
+
+    (tmp_path / "x.gguf").write_text("keep me")
+    with pytest.raises(OutputExistsError) as e:
+        export_gguf(plain, tmp_path / "x.gguf")
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'x.gguf'} already exists; pass --force to overwrite it or pick another -o path"
+    )
+    assert (tmp_path / "x.gguf").read_text() == "keep me"
+    r = export_gguf(plain, tmp_path / "x.gguf", force=True)
+    assert r.bytes > 100_000 and r.outtype == "f16"
+
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare)
+    for p in bare.glob("tokenizer*"):
+        p.unlink()
+    with pytest.raises(TokenizerMissingError) as e:
+        export_gguf(MergedSource.plain(bare), tmp_path / "y.gguf")
+    assert str(e.value) == (
+        f"{bare} has no tokenizer.json or tokenizer.model, which a GGUF must embed; copy the base "
+        "model's tokenizer files into it"
+    )
+    assert not (tmp_path / "y.gguf").exists()
+
+
+# --- the real Gemma 3 270M -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gemma3_270m_real(gemma_270m, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = MergedSource.plain(gemma_270m)
+    r = export_gguf(src, tmp_path / "g.gguf", "f32")
+    assert r.tokenizer == "llama (tokenizer.json byte-fallback BPE)"
+    tok = AutoTokenizer.from_pretrained(gemma_270m)
+    llm = llama_cpp.Llama(
+        model_path=str(r.path), logits_all=True, type_k=0, type_v=0, verbose=False, n_ctx=256
+    )
+    texts = _texts(40)
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+    ids = tok(texts[0] + " " + texts[1])["input_ids"][:96]
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    llm.close()
+    model = AutoModelForCausalLM.from_pretrained(gemma_270m, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    del model
+    err = np.abs(got - ref)
+    print(
+        f"gemma3 270M f32: max abs err {err.max():.4f} (logits up to {np.abs(ref).max():.1f}), mean {err.mean():.5f}"
+    )
+    # 18 layers in float32 with llama.cpp's fp16 GELU table: measured 0.018 max, 0.0015 mean
+    assert err.max() < 0.05 and err.mean() < 0.005
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+    q = export_gguf(src, tmp_path / "g8.gguf", "q8_0")
+    assert q.bytes < 0.3 * r.bytes
+    got8 = cpp_logits(q.path, ids)
+    agree = (got8.argmax(-1) == ref.argmax(-1)).mean()
+    print(f"gemma3 270M q8_0: top-1 agreement {agree:.3f}")
+    assert agree >= 0.95
