@@ -23,6 +23,17 @@ IGNORE = -100
 _SCAN_BATCH = 512
 
 
+def shard(batch: list, rank: int, world_size: int) -> list:
+    """Rank `rank`'s contiguous share of a global micro-batch (shares differ by at most one row).
+
+    Every rank cuts the same global micro-batch of the same seeded epoch order, so the ranks
+    together see each example once per epoch, and N ranks see exactly what one process with an
+    N times larger batch would.
+    """
+    n = len(batch)
+    return batch[rank * n // world_size : (rank + 1) * n // world_size]
+
+
 @dataclass(frozen=True)
 class Fields:
     prompt: str | None  # None: plain-text mode, loss on every token of `response`
@@ -231,6 +242,17 @@ class Dataset:
         else:
             rows = [[i] for i in order]
         return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+
+    def idle_batch(self) -> dict[str, torch.Tensor]:
+        """One two-token row that carries no loss: a data-parallel rank left without rows at the
+        end of an epoch runs it, so that its backward still joins DDP's gradient all-reduce."""
+        ids = torch.full((1, 2), self.pad, dtype=torch.long)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.arange(2).unsqueeze(0),
+            "labels": torch.full_like(ids, IGNORE),
+        }
 
     def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
         """Right-padded input_ids, attention_mask, position_ids and labels (already shifted

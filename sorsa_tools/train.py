@@ -9,6 +9,11 @@ One optimizer step (paper eq. 10, as the official code orders it):
   4. AdamW step, then the cosine schedule advances.
 Checkpoints (adapter, optimizer, schedule, data position, RNG) are written atomically every
 `save_every` steps; a resumed run ends with the same adapter as an uninterrupted one.
+
+Under torchrun (distributed.py) each of N processes takes its share of every global micro-batch
+(`batch_size` rows per process, so N * batch_size rows in all) and DDP all-reduces the gradients;
+token counts and losses are summed over ranks, so N ranks with batch b take the same steps as one
+process with batch N * b. Only rank 0 writes the run directory and reports progress.
 """
 
 from __future__ import annotations
@@ -20,16 +25,19 @@ import os
 import resource
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from sorsa_tools import __version__
-from sorsa_tools.data import IGNORE, Dataset, parse_fields
-from sorsa_tools.device import resolve_device
+from sorsa_tools import __version__, distributed
+from sorsa_tools.data import IGNORE, Dataset, parse_fields, shard
+from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
 from sorsa_tools.io.safetensors_file import atomic_write_json, atomic_write_text, write_tensors
@@ -92,6 +100,7 @@ class TrainResult:
     truncated: int
     log_file: Path
     plot_file: Path | None
+    world_size: int = 1  # processes that trained it (torchrun); the global batch scales with it
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -173,6 +182,30 @@ def loss_sum(
     return total, int(t.numel())
 
 
+class LossSum(torch.nn.Module):
+    """loss_sum as a module's forward. DDP hooks the forward of the module it wraps, and the loss
+    calls the decoder and LM head directly rather than the model's own forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(self.model, batch)[0]
+
+
+def wrap_ddp(model: torch.nn.Module, d: Dist) -> DistributedDataParallel:
+    """The model's loss in DistributedDataParallel, syncing only the trainable factors: every rank
+    loaded the same frozen weights from disk, so broadcasting them (a whole model) would be waste."""
+    module = LossSum(model)
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    # buffers (rotary tables) are ignored too: deterministic, so DDP neither broadcasts them at
+    # init nor syncs them before every forward
+    return DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
 def factor_params(layers) -> list[torch.nn.Parameter]:
     return [p for layer in layers for p in (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt)]
 
@@ -194,20 +227,37 @@ def optimizer_step(
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `group` (see the module docstring).
 
+    `model` is the model, or under torchrun its `wrap_ddp` (then `group` is this rank's share).
+    There, the loss-token count and the loss are summed over ranks and each rank's loss is scaled
+    by the world size, because DDP averages gradients: the all-reduced gradient is then the global
+    batch's, so clipping, the NaN check and the step agree on every rank. The gradient is all-reduced
+    once per step, on the last micro-batch (no_sync before it).
     The benchmark times this very function; the trainer adds only data, logging and checkpoints.
     """
     params = factor_params(layers)
+    ddp = isinstance(model, DistributedDataParallel)
     n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-    n_tok = sum(int(b["attention_mask"].sum()) for b in group)
+    # tokens of rows that carry loss: every real row does, a rank's idle row does not
+    n_tok = sum(int(b["attention_mask"][(b["labels"] != IGNORE).any(1)].sum()) for b in group)
+    world = 1
+    if ddp:
+        counts = torch.tensor([n_loss, n_tok], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(counts)
+        n_loss, n_tok = (int(c) for c in counts.tolist())
+        world = torch.distributed.get_world_size()
     lr = optimizer.param_groups[0]["lr"]
     cuda = torch.device(device).type == "cuda"
     total = torch.zeros((), device=device)
-    for b in group:
+    for i, b in enumerate(group):
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            ls, _ = loss_sum(model, b)
-        (ls / n_loss).backward()
+        with nullcontext() if not ddp or i == len(group) - 1 else model.no_sync():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                ls = model(b) if ddp else loss_sum(model, b)[0]
+            scaled = ls / n_loss
+            (scaled * world if world > 1 else scaled).backward()
         total += ls.detach()
+    if ddp:
+        torch.distributed.all_reduce(total)  # a NaN on any rank is a NaN on all: they stop together
     loss = float(total) / n_loss
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -221,8 +271,11 @@ def optimizer_step(
 
 
 # -- the run directory --------------------------------------------------------------------------
-def _prepare_run_dir(out: Path, decomp: Path, run_id: str, resume: bool, force: bool) -> str:
-    """'fresh', 'resume' or 'done'; refuses directories holding anything else."""
+def _prepare_run_dir(
+    out: Path, decomp: Path, run_id: str, resume: bool, force: bool, key: dict | None = None
+) -> str:
+    """'fresh', 'resume' or 'done'; refuses directories holding anything else. `key` (what run_id
+    hashes) lets it name the one difference a user is likely to make: another number of processes."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} is a file; -o must name a directory")
     dres = decomp.resolve()
@@ -257,6 +310,14 @@ def _prepare_run_dir(out: Path, decomp: Path, run_id: str, resume: bool, force: 
         raise RunDirError(
             f"{out} holds an unfinished run of these settings; pass --resume to continue it or --force to restart"
         )
+    if state is not None and key is not None and all(state.get(k) == key[k] for k in ("config", "data")):
+        n, m = state.get("world_size", 1), key.get("world_size", 1)
+        if n != m and state.get("decomposition") == key["decomposition"]:
+            how = f"run it under torchrun --nproc_per_node {n}" if n > 1 else "run it without torchrun"
+            raise RunDirError(
+                f"{out} holds a run of these settings on {n} process(es), not {m} (the global batch is "
+                f"--batch-size x --grad-accum x processes); {how}, or pass --force to restart it"
+            )
     what = (
         "another run's files (other DIR, data or settings)" if state else f"other files (e.g. {existing[0]})"
     )
@@ -359,15 +420,48 @@ def train(
     compile: bool = False,
     progress: TrainProgress | None = None,
 ) -> TrainResult:
-    """Train the SORSA factors of a decomposed dir on a JSONL file; write the adapter to output_dir."""
+    """Train the SORSA factors of a decomposed dir on a JSONL file; write the adapter to output_dir.
+
+    Under torchrun every process calls this: they train data-parallel (`batch_size` rows per
+    process), and only rank 0 writes output_dir and reports to `progress`.
+    """
     t_start = time.perf_counter()
     cfg = config or TrainConfig()
-    progress = progress or TrainProgress()
     _check(cfg, save_every)
-    dev = torch.device(resolve_device(device))
-    decomp = Path(decomposed_dir).expanduser()
+    d = distributed.from_env(device)
+    if progress is None or not d.is_main:
+        progress = TrainProgress()
+    with distributed.process_group(d):
+        return _train(
+            Path(decomposed_dir).expanduser(),
+            Path(data).expanduser(),
+            Path(output_dir).expanduser(),
+            cfg,
+            d,
+            save_every,
+            resume,
+            force,
+            compile,
+            progress,
+            t_start,
+        )
+
+
+def _train(
+    decomp: Path,
+    data: Path,
+    out: Path,
+    cfg: TrainConfig,
+    d: Dist,
+    save_every: int,
+    resume: bool,
+    force: bool,
+    compile: bool,
+    progress: TrainProgress,
+    t_start: float,
+) -> TrainResult:
+    dev = d.device
     dcfg = read_decomposition(decomp)
-    data = Path(data).expanduser()
     fields = parse_fields(cfg.fields)
     from transformers import AutoTokenizer
 
@@ -380,15 +474,27 @@ def train(
     ds = Dataset(data, tok, fields, cfg.template, cfg.max_length, cfg.pack)
     if fields is None:
         cfg.fields = ds.fields.describe()
-    out = Path(output_dir).expanduser()
     run_key = {
         "decomposition": dcfg["job_id"],
         "data": {"name": data.name, "sha256": _file_digest(data)},
         "config": asdict(cfg),
     }
+    if d.world_size > 1:  # the global batch scales with it; absent for one process (ids unchanged)
+        run_key["world_size"] = d.world_size
     run_id = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
-    mode = _prepare_run_dir(out, decomp, run_id, resume, force)
     log_file = out / LOG_FILE
+
+    def prepare() -> str:
+        mode = _prepare_run_dir(out, decomp, run_id, resume, force, run_key)
+        if mode == "fresh":
+            atomic_write_json(
+                out / RUN_FILE, {"run_id": run_id, **run_key, "decomposed_dir": str(decomp.resolve())}
+            )
+            log_file.unlink(missing_ok=True)
+        return mode
+
+    # rank 0 decides (and may clear the directory); the others wait for it, then read the same
+    mode = distributed.share(d, distributed.on_main(d, prepare))
     if mode == "done":
         done = json.loads((out / CONFIG_FILE).read_text())["training"]
         return TrainResult(
@@ -404,14 +510,11 @@ def train(
             ds.n_truncated,
             log_file,
             out / PLOT_FILE if (out / PLOT_FILE).exists() else None,
-        )
-    if mode == "fresh":
-        atomic_write_json(
-            out / RUN_FILE, {"run_id": run_id, **run_key, "decomposed_dir": str(decomp.resolve())}
+            done.get("world_size", 1),
         )
 
-    # plan: micro-batches per epoch, optimizer steps in all
-    first_epoch = ds.micro_batches(0, cfg.seed, cfg.batch_size, cfg.shuffle)
+    # plan: global micro-batches (batch_size rows per rank) per epoch, optimizer steps in all
+    first_epoch = ds.micro_batches(0, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
     steps_per_epoch = math.ceil(len(first_epoch) / cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
@@ -453,7 +556,7 @@ def train(
 
     step, epoch, pos, tokens_seen = 0, 0, 0, 0
     resumed_from = None
-    if mode == "resume":
+    if mode == "resume":  # every rank reads the same checkpoint (rank 0 has not touched it)
         ck = _checkpoint_dir(out)
         if ck is None:
             raise RunDirError(
@@ -468,36 +571,47 @@ def train(
         tr = torch.load(ck / "trainer.pt", map_location=dev, weights_only=True)
         optimizer.load_state_dict(tr["optimizer"])
         torch.set_rng_state(tr["rng_cpu"].cpu())
-        if dev.type == "cuda" and tr["rng_cuda"]:
+        if dev.type == "cuda" and tr["rng_cuda"] and not d.enabled:  # rank 0's GPUs' states
             torch.cuda.set_rng_state_all([s.cpu() for s in tr["rng_cuda"]])
         step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
         scheduler.load_state_dict(tr["scheduler"])
         resumed_from = step
-        _trim_log(log_file, step)
+        distributed.on_main(d, lambda: _trim_log(log_file, step))
         progress.note(f"resuming at step {step} of {total_steps}")
-    else:
-        log_file.unlink(missing_ok=True)
+    loss_model = wrap_ddp(model, d) if d.enabled else model
+    if d.enabled:
+        progress.note(
+            f"data-parallel over {d.world_size} processes ({d.backend}): {cfg.batch_size} x "
+            f"{cfg.grad_accum} x {d.world_size} = {cfg.batch_size * cfg.grad_accum * d.world_size} "
+            "sequences per optimizer step"
+        )
 
     progress.start(total_steps, step)
-    batches = first_epoch if epoch == 0 else ds.micro_batches(epoch, cfg.seed, cfg.batch_size, cfg.shuffle)
+    batches = (
+        first_epoch
+        if epoch == 0
+        else ds.micro_batches(epoch, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
+    )
     last_loss: float | None = None
     last_saved = step
-    with open(log_file, "a", encoding="utf-8") as log:
+    log = distributed.on_main(d, lambda: open(log_file, "a", encoding="utf-8"))
+    try:
         while step < total_steps:
             t0 = time.perf_counter()
             group = []
             while len(group) < cfg.grad_accum:
                 if pos >= len(batches):
                     epoch, pos = epoch + 1, 0
-                    batches = ds.micro_batches(epoch, cfg.seed, cfg.batch_size, cfg.shuffle)
+                    batches = ds.micro_batches(epoch, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
                     if group and cfg.max_steps is None:
                         break  # --epochs: an epoch's last accumulation group may be shorter
-                group.append(ds.collate(batches[pos]))
+                rows = shard(batches[pos], d.rank, d.world_size)
+                group.append(ds.collate(rows) if rows else ds.idle_batch())
                 pos += 1
             if store is not None:
                 store.begin_step()
-            o = optimizer_step(model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
-            if not o.stepped:
+            o = optimizer_step(loss_model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
+            if not o.stepped:  # the all-reduced loss and gradient: every rank stops here together
                 ck = _checkpoint_dir(out)
                 where = (
                     f"the last good checkpoint (step {last_saved}) is in {ck}"
@@ -519,64 +633,75 @@ def train(
                 "ortho_error_max": o.ortho_error_max,
                 "grad_norm": o.grad_norm,
                 "lr": o.lr,
-                "tokens": o.tokens,
+                "tokens": o.tokens,  # over all ranks
                 "loss_tokens": o.loss_tokens,
                 "tokens_per_s": o.tokens / dt if dt > 0 else None,
                 "step_seconds": dt,
-                "memory_gib": _peak_memory(dev),
+                "memory_gib": _peak_memory(dev),  # rank 0's
             }
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
             last_loss = o.loss
-            if step % save_every == 0 and step < total_steps:
-                _save_checkpoint(
-                    out,
-                    layers,
-                    optimizer,
-                    scheduler,
-                    {"step": step, "epoch": epoch, "pos": pos, "tokens": tokens_seen},
-                )
-                last_saved = step
-            progress.step({**rec, "total_steps": total_steps})
+            save = step % save_every == 0 and step < total_steps
+            state = {"step": step, "epoch": epoch, "pos": pos, "tokens": tokens_seen}
 
-    final = adapter_tensors(layers, torch.float32)
-    write_tensors(out / ADAPTER_FILE, final)
+            def book(rec=rec, save=save, state=state) -> None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if save:
+                    _save_checkpoint(out, layers, optimizer, scheduler, {**state, "world_size": d.world_size})
+                progress.step({**rec, "total_steps": total_steps})
+
+            distributed.on_main(d, book)  # a failed write (or an interrupt) there stops every rank
+            if save:
+                last_saved = step
+    finally:
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - t_start
-    config_out = {
-        "format_version": FORMAT_VERSION,
-        "kind": "trained",
-        "rank": dcfg["rank"],
-        "target_modules": dcfg["target_modules"],
-        "base_model": dcfg.get("base_model", {}),
-        "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
-        "dtypes": {
-            "factors": "float32",
-            "residual": dcfg.get("dtypes", {}).get("residual"),
-            "train_compute": str(dtype).removeprefix("torch."),
-        },
-        "training": {
-            **asdict(cfg),
-            "data": {
-                "path": str(data.resolve()),
-                "sha256": run_key["data"]["sha256"],
-                "examples": len(ds),
-                "skipped_too_long": ds.n_too_long,
-                "truncated": ds.n_truncated,
+
+    def finish() -> Path | None:
+        write_tensors(out / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
+        config_out = {
+            "format_version": FORMAT_VERSION,
+            "kind": "trained",
+            "rank": dcfg["rank"],
+            "target_modules": dcfg["target_modules"],
+            "base_model": dcfg.get("base_model", {}),
+            "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
+            "dtypes": {
+                "factors": "float32",
+                "residual": dcfg.get("dtypes", {}).get("residual"),
+                "train_compute": str(dtype).removeprefix("torch."),
             },
-            "steps": step,
-            "tokens": tokens_seen,
-            "final_loss": last_loss,
-            "device": str(dev),
-            "run_id": run_id,
-            "regularizer": "eq. 10: task gradient clipped, then (gamma / lr) * grad L_reg added",
-        },
-        "tool": {"name": "sorsa-tools", "version": __version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    png = plot_losses(log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}")
-    atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
-    shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
-    shutil.rmtree(out / ".checkpoint-old", ignore_errors=True)
+            "training": {
+                **asdict(cfg),
+                "data": {
+                    "path": str(data.resolve()),
+                    "sha256": run_key["data"]["sha256"],
+                    "examples": len(ds),
+                    "skipped_too_long": ds.n_too_long,
+                    "truncated": ds.n_truncated,
+                },
+                "steps": step,
+                "tokens": tokens_seen,
+                "final_loss": last_loss,
+                "device": str(dev),
+                "world_size": d.world_size,  # batch_size is per process: the global batch is
+                "global_batch": cfg.batch_size * cfg.grad_accum * d.world_size,  # this many rows
+                "run_id": run_id,
+                "regularizer": "eq. 10: task gradient clipped, then (gamma / lr) * grad L_reg added",
+            },
+            "tool": {"name": "sorsa-tools", "version": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        png = plot_losses(
+            log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
+        )
+        atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
+        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+        shutil.rmtree(out / ".checkpoint-old", ignore_errors=True)
+        return png
+
+    png = distributed.on_main(d, finish)  # the others wait here until RUN is complete
     return TrainResult(
         out,
         step,
@@ -590,4 +715,5 @@ def train(
         ds.n_truncated,
         log_file,
         png,
+        d.world_size,
     )
