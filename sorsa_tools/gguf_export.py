@@ -127,9 +127,10 @@ def _model(source: MergedSource) -> _Model:
         if not isinstance(hp.get(key), int):
             raise ExportError(f"{source.root / 'config.json'} lacks {key!r}; restore the model's config.json")
     for key, allowed in spec.requires.items():
-        if hp.get(key) not in allowed if isinstance(allowed, tuple) else hp.get(key) != allowed:
+        if hp.get(key) not in allowed:
             raise ExportError(
-                f"{model_type} with {key}={hp.get(key)!r} has no llama.cpp equivalent (needs {allowed!r}); "
+                f"{model_type} with {key}={hp.get(key)!r} has no llama.cpp equivalent (needs "
+                f"{' or '.join(map(repr, allowed))}); "
                 "it cannot be exported to GGUF"
             )
     n_head = hp["num_attention_heads"]
@@ -775,7 +776,7 @@ def read_layout(path: Path) -> tuple[dict[str, object], dict[str, _OnDisk]]:
             pos += n
             return v
 
-        def value(vt: int, keep: bool):
+        def value(vt: int):
             nonlocal pos
             if vt in _SCALAR:
                 return take(_SCALAR[vt])
@@ -789,7 +790,7 @@ def read_layout(path: Path) -> tuple[dict[str, object], dict[str, _OnDisk]]:
                     pos += width * n
                 else:
                     for _ in range(n):
-                        value(sub, False)
+                        value(sub)
                 return None
             raise bad(f"unknown value type {vt}")
 
@@ -800,7 +801,7 @@ def read_layout(path: Path) -> tuple[dict[str, object], dict[str, _OnDisk]]:
         kv: dict[str, object] = {}
         for _ in range(n_kv):
             key = string()
-            kv[key] = value(take("I"), True)
+            kv[key] = value(take("I"))
         infos = []
         for _ in range(n_tensors):
             name = string()

@@ -30,8 +30,8 @@ class ArchSpec:
     fold_query_scale: bool = False
     # per-layer sliding-window attention (written as window + per-layer pattern + SWA rope base)
     sliding_window: bool = False
-    # HF config keys that must hold these values for llama.cpp's graph to be the same network
-    requires: dict = field(default_factory=dict)
+    # HF config keys that must hold one of these values for llama.cpp's graph to be the same network
+    requires: dict[str, tuple] = field(default_factory=dict)
     # tensor-name prefixes of a multimodal wrapper, rewritten to the text model's
     prefix_rewrites: tuple[tuple[str, str], ...] = ()
     skip_prefixes: tuple[str, ...] = ()
@@ -44,7 +44,7 @@ _GEMMA3 = ArchSpec(
     norm_shift=1.0,
     fold_query_scale=True,
     sliding_window=True,
-    requires={"final_logit_softcapping": None, "attn_logit_softcapping": None},
+    requires={"attn_logit_softcapping": (None,)},
     prefix_rewrites=(
         ("model.language_model.", "model."),
         ("language_model.model.", "model."),
@@ -63,8 +63,9 @@ _GEMMA3 = ArchSpec(
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, family_tokenizer="llama"),
     "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, family_tokenizer="llama"),
-    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2),
-    "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3),
+    # llama.cpp's qwen2/qwen3 graphs have no sliding window (released Qwen configs leave it off)
+    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, requires={"use_sliding_window": (None, False)}),
+    "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, requires={"use_sliding_window": (None, False)}),
     "gemma3_text": _GEMMA3,
     "gemma3": _GEMMA3,  # Gemma3ForConditionalGeneration: its text_config, vision tower left out
 }

@@ -486,6 +486,17 @@ def test_bad_inputs(tiny, tiny_factory, tmp_path):
     r = export_gguf(plain, tmp_path / "x.gguf", force=True)
     assert r.bytes > 100_000 and r.outtype == "f16"
 
+    swa = tmp_path / "swa"
+    shutil.copytree(tiny("qwen2")[0], swa)
+    cfg = json.loads((swa / "config.json").read_text())
+    (swa / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True}))
+    with pytest.raises(ExportError) as e:
+        export_gguf(MergedSource.plain(swa), tmp_path / "s.gguf")
+    assert str(e.value) == (
+        "qwen2 with use_sliding_window=True has no llama.cpp equivalent (needs None or False); "
+        "it cannot be exported to GGUF"
+    )
+
     bare = tmp_path / "bare"
     shutil.copytree(src, bare)
     for p in bare.glob("tokenizer*"):
@@ -502,10 +513,27 @@ def test_bad_inputs(tiny, tiny_factory, tmp_path):
 # --- the real Gemma 3 270M -----------------------------------------------------------------------
 
 
+@pytest.fixture
+def fast_tmp(tmp_path):
+    """A RAM-backed directory where there is one: the 1 GB f32 file is written and read at memory speed."""
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shutil.disk_usage(shm).free < 4 << 30:
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(dir=shm, prefix="sorsa-gguf-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_gemma3_270m_real(gemma_270m, tmp_path):
+def test_gemma3_270m_real(gemma_270m, fast_tmp):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tmp_path = fast_tmp
     src = MergedSource.plain(gemma_270m)
     r = export_gguf(src, tmp_path / "g.gguf", "f32")
     assert r.tokenizer == "llama (tokenizer.json byte-fallback BPE)"
