@@ -20,6 +20,8 @@ from sorsa_tools.analyze import (
     analyze,
     deltas,
     full_svd,
+    layer_of,
+    module_order,
     parse_layers,
     plot,
     svd_deltas,
@@ -101,6 +103,16 @@ def test_parse_layers():
     assert parse_layers("0, 3,10-12") == {0, 3, 10, 11, 12}
     with pytest.raises(InputError, match=r"--layers '3-1': '3-1' is not a layer index or range"):
         parse_layers("3-1")
+    names = ["model.layers.10.mlp.down_proj", "model.layers.2.mlp.up_proj", "model.layers.2.self_attn.o_proj"]
+    names += ["lm_head", "model.layers.2.self_attn.q_proj"]
+    assert sorted(names, key=module_order) == [
+        "lm_head",
+        "model.layers.2.self_attn.q_proj",
+        "model.layers.2.self_attn.o_proj",
+        "model.layers.2.mlp.up_proj",
+        "model.layers.10.mlp.down_proj",
+    ]
+    assert [layer_of(n) for n in names] == [10, 2, 2, None, 2]
 
 
 # -- the tiny model -----------------------------------------------------------------------------
@@ -115,6 +127,14 @@ def trained(tiny_lm_decomposed, tmp_path_factory):
     cfg = TrainConfig(max_length=256, batch_size=2, lr=2e-2, warmup_ratio=0.0, max_steps=4)
     train(dec, GSM8K_SLICE, run_dir, config=cfg, device="cpu")
     return src, dec, run_dir
+
+
+BLOCK_ORDER = [
+    f"model.layers.{i}.{m}"
+    for i in (0, 1)
+    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+]
 
 
 def _targets(dec: Path) -> list[str]:
@@ -137,9 +157,7 @@ def test_untrained_adapter_is_the_original_model(tiny_lm_decomposed):
     src, dec = tiny_lm_decomposed("llama")
     for base, tuned in ((src, dec), (dec, src)):
         r = analyze(base, [tuned])
-        assert [m["module"] for m in r.modules] == sorted(
-            _targets(dec), key=lambda m: (int(m.split(".")[2]), m)
-        )
+        assert [m["module"] for m in r.modules] == BLOCK_ORDER  # by layer, then as in a block
         for m in r.modules:
             (x,) = m["results"]
             assert x["delta_sigma"] < 1e-7 * m["sigma_mean"] and x["delta_d"] < 1e-9, (m["module"], x)
@@ -277,13 +295,13 @@ def test_other_architecture_is_refused(tiny_lm_decomposed, tmp_path):
     wide = _tiny_llama(tmp_path / "wide", intermediate_size=80)
     assert_clean_error(
         run("analyze", str(dec), str(wide)),
-        "error: model.layers.0.mlp.down_proj.weight is (64, 80) in TUNED wide but (64, 96) in BASE; "
+        "error: model.layers.0.mlp.gate_proj.weight is (80, 64) in TUNED wide but (96, 64) in BASE; "
         "pass a checkpoint fine-tuned from BASE (same architecture)",
     )
     short = _tiny_llama(tmp_path / "short", num_hidden_layers=1)
     assert_clean_error(
         run("analyze", str(src), str(short)),
-        "TUNED short has no model.layers.1.mlp.down_proj.weight, which BASE has",
+        "TUNED short has no model.layers.1.self_attn.q_proj.weight, which BASE has",
         "--modules/--layers",
     )
     with pytest.raises(ModelMismatchError):
@@ -337,6 +355,17 @@ def test_bad_paths_and_options(trained, tmp_path):
     res = run("analyze", str(src), str(dec), str(dec2), "--adapter", str(run_dir))
     assert_clean_error(res, "--adapter is ambiguous: 2 TUNED directories are decomposed DIRs")
     assert_clean_error(run("analyze", str(dec), str(src), "--precision", "float16"), "--precision 'float16'")
+    unfinished = tmp_path / "unfinished"  # a run still training: run.json and checkpoint/, no config
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "sorsa_config.json").unlink()
+    (unfinished / "checkpoint").mkdir()
+    shutil.copy(run_dir / ADAPTER_FILE, unfinished / "checkpoint" / ADAPTER_FILE)
+    (unfinished / "checkpoint" / "state.json").write_text('{"step": 2}')
+    for bad in (unfinished, unfinished / "checkpoint"):
+        res = run("analyze", str(dec), "--adapter", str(bad))
+        assert_clean_error(res, f"{bad} is an unfinished `sorsa train` run or its checkpoint", "--resume")
+    res = run("analyze", str(dec), str(unfinished))
+    assert_clean_error(res, f"{unfinished} is an unfinished `sorsa train` run")
     (tmp_path / "p.png").mkdir()
     res = run("analyze", str(dec), str(src), "--plot", str(tmp_path / "p.png"))
     assert_clean_error(res, "--plot", "is a directory")
