@@ -94,19 +94,19 @@ def merge(
             provenance=provenance(source),
             progress=progress,
         )
-        files = list(getattr(r, "paths", None) or [getattr(r, "path", Path(output))])
+        files = list(r.paths)
         return MergeResult(
             Path(output),
             "gguf",
             len(source.targets),
-            getattr(r, "tensors", 0),
+            r.tensor_count,
             sum(p.stat().st_size for p in files),
             time.perf_counter() - t0,
             outtype,
             adapter=_adapter_kind(source),
             outtype=outtype,
             files=files,
-            warnings=list(getattr(r, "warnings", None) or []),
+            warnings=list(r.warnings),
         )
     if split_max_size is not None:
         raise InputError("--split-max-size applies to --to gguf; an HF merge keeps DIR's shard layout")

@@ -171,3 +171,25 @@ def test_bad_dirs(trained, tmp_path):
     assert_clean_error(res, "no such directory")
     (tmp_path / "m").mkdir()
     assert_clean_error(run("merge", str(dec), "-o", str(tmp_path / "m")), "already exists", "--force")
+
+
+def test_merge_to_gguf_runs_in_llama_cpp(trained, tmp_path):
+    """The trained run merged straight to GGUF: llama.cpp's logits are the SORSA model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, dec, run_dir = trained
+    out = tmp_path / "ft.f32.gguf"
+    res = run(
+        "merge", str(dec), "--adapter", str(run_dir), "--to", "gguf", "--outtype", "f32", "-o", str(out)
+    )
+    assert res.exit_code == 0, res.stderr
+    assert "f32" in res.stdout and out.is_file()
+    ids = [1, 17, 60, 200, 45, 99, 310, 7, 250, 13, 88, 301]
+    sorsa, _, _ = load_sorsa_model(dec, run_dir)
+    with torch.no_grad():
+        want = sorsa(torch.tensor([ids])).logits[0]
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, type_k=0, type_v=0, n_ctx=64, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)])
+    assert (got - want).abs().max() < 1e-3
+    res = run("merge", str(dec), "--adapter", str(run_dir), "--to", "gguf", "-o", str(out))
+    assert_clean_error(res, "exists", "--force")
