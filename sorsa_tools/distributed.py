@@ -11,8 +11,10 @@ anything and training takes the single-device path unchanged.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,6 +143,12 @@ def process_group(d: Dist) -> Iterator[None]:
     )
     try:
         yield
+    except BaseException as e:
+        # the frames of the traceback still hold the DDP model; freed only after the group is
+        # destroyed, its teardown can block for good: let it go first, as a normal return does
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -40,7 +40,10 @@ def _cli_args(dec: str, data: str, out: Path, batch: int, *extra: str) -> list[s
 
 
 def _worker(dec: str, data: str, work: str) -> None:
-    """Runs on every rank under torchrun: three trainings through the CLI and the library."""
+    """Runs on every rank under torchrun: four trainings through the CLI and the library."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang ends with its stack in stderr.log
     from sorsa_tools.cli import app
     from sorsa_tools.train import TrainConfig, TrainProgress, train
 
@@ -106,8 +109,12 @@ def ddp_runs(tiny_lm_decomposed, tmp_path_factory) -> Path:
     try:
         _, err = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:  # a hang is a failure; leave no worker behind
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.terminate()  # torchrun passes SIGTERM on to its workers
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         pytest.fail("torchrun did not finish in 240 s (ranks waiting for each other?)")
     assert proc.returncode == 0, err[-3000:]
     return work
@@ -173,6 +180,47 @@ def test_divergence_stops_every_rank(ddp_runs):
     _, err0 = _rank_logs(ddp_runs / "logs", 0)
     assert err0.count("the loss became") == 1 and "last good checkpoint (step 1)" in err0
     assert json.loads((ddp_runs / "nan" / "checkpoint" / "state.json").read_text())["step"] == 1
+
+
+def test_another_number_of_processes_is_named(ddp_runs, tiny_lm_decomposed):
+    """A 2-process run continued without torchrun: the global batch would change, and the error
+    says so (rather than 'another run's files')."""
+    from sorsa_tools.errors import RunDirError
+    from sorsa_tools.train import TrainConfig, train
+
+    _, dec = tiny_lm_decomposed("llama")
+    with pytest.raises(RunDirError, match=r"on 2 process\(es\), not 1 .*torchrun --nproc_per_node 2"):
+        train(dec, ddp_runs / "nine.jsonl", ddp_runs / "ddp", config=TrainConfig(**SETTINGS, batch_size=2))
+
+
+def test_torchrun_environment_and_device(monkeypatch):
+    from sorsa_tools.distributed import Dist, from_env, launch_rank
+    from sorsa_tools.errors import InputError
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert from_env("cpu") == Dist() and not Dist().enabled and launch_rank() == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    d = from_env("cpu")
+    assert (d.rank, d.world_size, d.local_rank, d.backend, d.is_main) == (1, 2, 1, "gloo", False)
+    assert launch_rank() == 1
+    with pytest.raises(InputError, match="cuda:LOCAL_RANK.*CUDA_VISIBLE_DEVICES"):
+        from_env("cuda:1")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(InputError, match="inconsistent torchrun environment"):
+        from_env("cpu")
+
+
+def test_shards_cover_each_global_micro_batch_once():
+    from sorsa_tools.data import shard
+
+    for n in range(0, 12):
+        for world in (1, 2, 3, 4):
+            parts = [shard(list(range(n)), r, world) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 if __name__ == "__main__":  # the torchrun worker
