@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -383,6 +384,20 @@ class _LlamaTokenizer:
         }
 
 
+@contextmanager
+def _quiet_fd2():
+    """llama.cpp prints load-time warnings (SWA cache, context sizes) straight to file descriptor 2,
+    past Python and past verbose=False; the CLI keeps stderr for its progress and one-line errors."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class GGUFBackend:
     """A GGUF file through llama-cpp-python: one sequence at a time (its high-level API has no
     batched generation), logits of every position only for the NLL (logits_all costs memory)."""
@@ -411,21 +426,22 @@ class GGUFBackend:
         self.tokenizer = _LlamaTokenizer(self._vocab)
         self.eos = [self.tokenizer.eos_token_id]
         self.llm = None
-        self.n_ctx = 0
+        self.n_ctx, self.logits_all = 0, False
 
     def _open(self, n_ctx: int, logits_all: bool, vocab_only: bool = False):
         try:
-            return self._llama.Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_batch=min(512, n_ctx),
-                logits_all=logits_all,
-                vocab_only=vocab_only,
-                n_gpu_layers=self.gpu_layers,
-                n_threads=max(1, os.cpu_count() or 1),
-                seed=0,
-                verbose=False,
-            )
+            with _quiet_fd2():
+                return self._llama.Llama(
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=min(512, n_ctx),
+                    logits_all=logits_all,
+                    vocab_only=vocab_only,
+                    n_gpu_layers=self.gpu_layers,
+                    n_threads=torch.get_num_threads(),  # OMP_NUM_THREADS / torch's choice, as for HF
+                    seed=0,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as e:
             raise ModelKindError(
                 f"llama.cpp cannot load {self.path} ({e}); pass a GGUF file of a supported architecture"
