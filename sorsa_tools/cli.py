@@ -271,6 +271,9 @@ TRAIN_EPILOG = """[bold]Examples[/]
   sorsa train DIR --data notes.jsonl --fields text --template raw --max-steps 500 -o run3
 
   sorsa train DIR --data gsm8k/train.jsonl -o run1 --resume      (continue an interrupted run)
+
+  torchrun --nproc_per_node 4 -m sorsa_tools.cli train DIR --data gsm8k/train.jsonl -o run4
+      (data-parallel on 4 GPUs: --batch-size rows per GPU, only rank 0 writes run4)
 """
 
 
@@ -293,7 +296,9 @@ def train(
     pack: Annotated[bool, typer.Option("--pack", help="Pack several examples into each sequence.")] = False,
     lr: Annotated[float, typer.Option(help="Peak learning rate (eta_max).")] = 3e-5,
     gamma: Annotated[float, typer.Option(help="Orthonormal regularizer weight (0: off).")] = 4e-4,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 4,
+    batch_size: Annotated[
+        int, typer.Option(help="Sequences per micro-batch, per process (GPU) under torchrun.")
+    ] = 4,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     max_steps: Annotated[
         int, typer.Option(help="Optimizer steps \\[default: --epochs over the data].")
@@ -325,12 +330,18 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Replace the run in -o.")] = False,
 ) -> None:
     """Train only U, S and Vt of a decomposed model on a JSONL dataset (paper eq. 10)."""
+    from contextlib import nullcontext
+
     from transformers.utils import logging as hf_logging
 
+    from sorsa_tools.distributed import launch_rank
     from sorsa_tools.train import TrainConfig
     from sorsa_tools.train import train as run
 
     hf_logging.disable_progress_bar()
+    quiet = launch_rank() != 0  # under torchrun only rank 0 reports; the library raises on every rank
+    if quiet:
+        hf_logging.set_verbosity_error()
     cfg = TrainConfig(
         fields=fields,
         template=template,
@@ -350,19 +361,27 @@ def train(
         grad_checkpointing=grad_checkpointing,
         offload_residual=offload_residual,
     )
-    with _live("{task.description:<16}", "{task.fields[stats]}") as p:
-        r = run(
-            directory,
-            data,
-            output,
-            config=cfg,
-            device=device,
-            save_every=save_every,
-            resume=resume,
-            force=force,
-            compile=compile,
-            progress=_TrainBar(p),
-        )
+    try:
+        live = _live("{task.description:<16}", "{task.fields[stats]}") if not quiet else nullcontext()
+        with live as p:
+            r = run(
+                directory,
+                data,
+                output,
+                config=cfg,
+                device=device,
+                save_every=save_every,
+                resume=resume,
+                force=force,
+                compile=compile,
+                progress=_TrainBar(p) if not quiet else None,
+            )
+    except (SorsaError, KeyboardInterrupt) as e:
+        if quiet and not getattr(e, "rank_local", False):  # rank 0 says it
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
+        raise
+    if quiet:
+        return
     if r.already_done:
         out.print(
             f"[green]{r.output_dir} already holds this finished run ({r.steps} steps).[/]", soft_wrap=True
