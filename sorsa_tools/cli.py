@@ -534,6 +534,133 @@ def export_lora(
     out.print(_kv_table(f"sorsa export-lora → {r.out_dir}", rows))
 
 
+eval_app = typer.Typer(help="Evaluate a model: accuracy and answer NLL on a benchmark.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+EVAL_GSM8K_EPILOG = """[bold]Examples[/]
+
+  sorsa eval gsm8k gemma-gsm8k --data gsm8k/test.jsonl
+
+  sorsa eval gsm8k gemma-sorsa-r64 --adapter run1 --data gsm8k/test.jsonl
+
+  sorsa eval gsm8k gemma-gsm8k.q8_0.gguf --data gsm8k/test.jsonl --limit 200
+
+  sorsa eval gsm8k gemma-sorsa-r64 --data gsm8k/test.jsonl --metric nll
+
+MODEL: a merged (or original) HF dir; a decomposed DIR, evaluated unmerged through its SORSA
+layers with --adapter RUN (without it: DIR's own adapter, the base model); or a GGUF file.
+Results: a per-item JSONL (-o; default eval_gsm8k.jsonl in RUN, in a merged dir or beside the
+GGUF, else in the current directory) and the summary beside it (eval_gsm8k.json).
+"""
+
+
+class _EvalBar(_Bars):
+    """One bar per phase (answer NLL, then generation) with the running metric and tokens/s."""
+
+    def __init__(self, progress: Progress):
+        super().__init__(progress)
+        self.tasks: dict[str, int] = {}
+
+    def start(self, phase: str, total: int) -> None:
+        label = {"nll": "answer NLL", "generate": "generate"}.get(phase, phase)
+        self.tasks[phase] = self.p.add_task(label, total=total, stats="")
+
+    def advance(self, phase: str, done: int, stats: str) -> None:
+        self.p.update(self.tasks[phase], completed=done, stats=stats)
+
+
+@eval_app.command("gsm8k", epilog=EVAL_GSM8K_EPILOG)
+@handle_errors
+def eval_gsm8k(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."
+        ),
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", help="GSM-8K-style JSONL (question, answer with '#### N').")
+    ],
+    adapter: Annotated[
+        Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
+    ] = None,
+    fields: Annotated[
+        str, typer.Option(help="QUESTION,ANSWER fields \\[default: detected as in sorsa train].")
+    ] = None,
+    template: Annotated[
+        str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")
+    ] = "paper",
+    limit: Annotated[int, typer.Option(help="Evaluate the first N examples \\[default: all].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch (HF models).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per answer.")] = 256,
+    metric: Annotated[
+        str, typer.Option(help="accuracy (generation), nll (reference answers, teacher forced) or both.")
+    ] = "both",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU."),
+    ] = "auto",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Per-item JSONL; the summary goes beside it as .json.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """GSM-8K: greedy-answer accuracy (95 % Wilson interval) and the NLL of the reference answers."""
+    import json
+    import math
+
+    from transformers.utils import logging as hf_logging
+
+    from sorsa_tools.evaluate import evaluate_gsm8k
+
+    hf_logging.disable_progress_bar()
+    with _live("{task.description:<12}", "{task.fields[stats]}") as p:
+        r = evaluate_gsm8k(
+            model,
+            data,
+            adapter=adapter,
+            fields=fields,
+            template=template,
+            limit=limit,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            metric=metric,
+            device=device,
+            dtype=dtype,
+            output=output,
+            progress=_EvalBar(p),
+        )
+    if as_json:
+        out.print_json(json.dumps(r.summary))
+        return
+    tp = r.summary["throughput"]
+    rows = [("model", f"{model}" + (f" + {adapter}" if adapter else "") + f" ({r.model_kind}, {r.device})")]
+    if r.accuracy is not None:
+        lo, hi = r.ci95
+        rows += [
+            ("accuracy", f"{r.accuracy:.2%} ({r.correct}/{r.n})"),
+            ("95 % CI (Wilson)", f"{lo:.2%} - {hi:.2%}"),
+            (
+                "generation",
+                f"{r.generated_tokens:,} tokens in {r.generate_seconds:.1f} s "
+                f"({tp['generated_tokens_per_s'] or 0:,.1f} tok/s, {r.n / max(r.generate_seconds, 1e-9):.2f} q/s)",
+            ),
+        ]
+    if r.nll is not None:
+        rows += [
+            (
+                "answer NLL",
+                f"{r.nll:.4f} nats/token over {r.nll_tokens:,} tokens (ppl {math.exp(r.nll):.2f})",
+            ),
+            ("NLL pass", f"{r.nll_seconds:.1f} s ({tp['nll_tokens_per_s'] or 0:,.0f} tok/s)"),
+        ]
+    if r.truncated:
+        rows.append(("truncated", f"{r.truncated} examples longer than the NLL limit"))
+    rows += [("results", f"{r.items_file} (+ {r.summary_file.name})"), ("time", f"{r.seconds:.1f} s")]
+    out.print(_kv_table(f"sorsa eval gsm8k ({r.n} examples)", rows), soft_wrap=True)
+
+
 PUSH_EPILOG = """[bold]Examples[/]
 
   sorsa push gemma-gsm8k --repo-id alice/gemma-3-270m-sorsa-gsm8k

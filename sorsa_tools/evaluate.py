@@ -51,7 +51,7 @@ METRICS = ("accuracy", "nll", "both")
 # blank lines; either ends its answer (GSM-8K answers themselves hold single newlines only).
 STOP_STRINGS = ("### Instruction", "### Response", "\n\n\n")
 MAX_LENGTH = 4096  # tokens of prompt + answer for the NLL; longer examples are truncated (counted)
-LOSS_CHUNK = 2048  # response tokens per LM-head piece in the NLL (no (tokens, vocab) tensor of a batch)
+LOSS_CHUNK = 512  # response tokens per LM-head piece in the NLL: 0.5 GiB of logits at a 262k vocabulary
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACCEPTED = (
     "a Hugging Face checkpoint directory (config.json + *.safetensors: merged or original), "
@@ -272,7 +272,7 @@ class HFBackend:
     batched = True
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.device = torch.device(device)
         if dtype != "auto" and dtype not in DTYPES:
@@ -289,17 +289,28 @@ class HFBackend:
                 f"{spec.path} has no usable tokenizer ({str(e).splitlines()[0]}); copy the base model's "
                 "tokenizer files there"
             ) from None
-        self._spec = spec
+        self.spec = spec
         self.model = None
-        self._load = lambda: (
-            AutoModelForCausalLM.from_pretrained(spec.path, dtype=self.dtype).to(self.device)
-            if spec.kind == "hf"
-            else _load_sorsa(spec, self.device, self.dtype)
-        )
 
     def load(self) -> None:
         if self.model is None:
-            self.model = self._load().eval()
+            from transformers import AutoModelForCausalLM
+
+            try:
+                if self.spec.kind == "hf":
+                    model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=self.dtype)
+                else:
+                    from sorsa_tools.model import load_sorsa_model
+
+                    model, _, _ = load_sorsa_model(
+                        self.spec.path, self.spec.adapter, device="cpu", dtype=self.dtype
+                    )
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelKindError(
+                    f"transformers cannot load {self.spec.path} as a causal LM ({str(e).splitlines()[0]}); "
+                    f"pass {ACCEPTED}"
+                ) from None
+            self.model = model.to(self.device).eval()
             gc = self.model.generation_config
             eos = gc.eos_token_id if gc is not None else None
             eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -309,7 +320,10 @@ class HFBackend:
             self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        """bf16 autocast on CUDA, as in training (float32 SORSA factors on a bf16 residual); off
+        when float32 was asked for."""
+        on = self.device.type == "cuda" and self.dtype != torch.float32
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
 
     def nll(self, ds: Dataset, indices: list[int]) -> list[tuple[float, int]]:
         batch = {k: v.to(self.device) for k, v in ds.collate([[i] for i in indices]).items()}
@@ -357,13 +371,6 @@ class HFBackend:
 
     def close(self) -> None:
         self.model = None
-
-
-def _load_sorsa(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    from sorsa_tools.model import load_sorsa_model
-
-    model, _, _ = load_sorsa_model(spec.path, spec.adapter, device=device, dtype=dtype)
-    return model
 
 
 class _LlamaTokenizer:
@@ -462,12 +469,11 @@ class GGUFBackend:
         for ids, labels in ds.read(indices):
             self.llm.reset()
             self.llm.eval(ids)
-            logits = np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float64)
             pos = [k for k in range(1, len(ids)) if labels[k] != IGNORE]
-            rows = logits[[k - 1 for k in pos]]
+            rows = np.asarray(self.llm.scores[[k - 1 for k in pos]], dtype=np.float32)  # logits before k
             top = rows.max(axis=1, keepdims=True)
-            lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
-            picked = rows[np.arange(len(pos)), [labels[k] for k in pos]]
+            lse = top[:, 0].astype(np.float64) + np.log(np.exp(rows - top).sum(axis=1, dtype=np.float64))
+            picked = rows[np.arange(len(pos)), [labels[k] for k in pos]].astype(np.float64)
             out.append((float((lse - picked).sum()), len(pos)))
         return out
 
