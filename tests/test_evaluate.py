@@ -182,6 +182,22 @@ def test_cuda_matches_cpu(tiny_lm_decomposed, tmp_path):
     assert cpu.generated_tokens == f32.generated_tokens == bf16.generated_tokens == 60
 
 
+def test_gguf_of_sorsa_merge_gives_the_hf_nll(tiny_lm_decomposed, tmp_path):
+    """`sorsa merge --to gguf` (f32) evaluated through llama.cpp: the same tokenization (the GGUF's
+    own tokenizer) and the same NLL as the HF checkpoint."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("sorsa_tools.gguf_export")
+    from sorsa_tools.merge import merge
+
+    src, dec = tiny_lm_decomposed("llama")
+    merge(dec, tmp_path / "m.gguf", to="gguf", outtype="f32")
+    kw = dict(limit=4, max_new_tokens=6, stop_strings=())
+    g = evaluate_gsm8k(tmp_path / "m.gguf", GSM8K_SLICE, output=tmp_path / "g.jsonl", **kw)
+    h = evaluate_gsm8k(src, GSM8K_SLICE, device="cpu", output=tmp_path / "h.jsonl", **kw)
+    assert g.model_kind == "gguf" and g.nll_tokens == h.nll_tokens > 0
+    assert g.nll == pytest.approx(h.nll, rel=1e-4) and g.generated_tokens == h.generated_tokens == 24
+
+
 def _write(path: Path, recs: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
