@@ -43,7 +43,14 @@ LABELS = {
     "lora": "PEFT LoRA",
     "pissa": "PEFT PiSSA (pissa_niter_4)",
     "sorsa_official": "official SORSA layer (dense delta, autograd regularizer)",
+    "sorsa_offload": "sorsa train step, --offload-residual (W_r streamed from pinned host memory)",
 }
+
+
+def label(flow: str) -> str:
+    """'sorsa_offload:16' -> its label with the batch it overrides."""
+    name, _, batch = flow.partition(":")
+    return LABELS[name] + (f", batch {batch}" if batch else "")
 
 
 def build(p: dict, dtype: torch.dtype, device: str):
@@ -90,6 +97,9 @@ class OfficialSORSALinear(nn.Module):
 
 
 def child(flow: str, p: dict, result: str) -> None:
+    flow, _, batch = flow.partition(":")  # "flow:B" runs flow at micro-batch B
+    if batch:
+        p = {**p, "batch": int(batch)}
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -101,13 +111,20 @@ def child(flow: str, p: dict, result: str) -> None:
     g = torch.Generator().manual_seed(0)
     r = p["rank"]
     t_init = time.perf_counter()
-    if flow in ("sorsa", "sorsa_official"):
+    n_params = sum(q.numel() for q in model.parameters())
+    if flow in ("sorsa", "sorsa_official", "sorsa_offload"):
         from sorsa_tools.layer import SORSALinear
         from sorsa_tools.model import attach_sorsa
 
         fac = {n: random_factors(*model.get_submodule(n).weight.shape, r, g, device) for n in names}
-        if flow == "sorsa":
+        if flow in ("sorsa", "sorsa_offload"):
             layers = list(attach_sorsa(model, fac).values())
+            if flow == "sorsa_offload":
+                from sorsa_tools.offload import ResidualStore
+
+                ResidualStore(layers, torch.device(device))
+                if cuda:
+                    torch.cuda.empty_cache()
         else:
             layers = []
             for n in names:
@@ -145,7 +162,7 @@ def child(flow: str, p: dict, result: str) -> None:
             "position_ids": torch.arange(T).expand(B, T),
             "labels": ids,
         }
-        if flow == "sorsa":
+        if flow in ("sorsa", "sorsa_offload"):
             from sorsa_tools.train import optimizer_step
 
             optimizer_step(model, layers, opt, sched, [batch], 1.0, 4e-4 / 1e-5, device)
@@ -188,7 +205,8 @@ def child(flow: str, p: dict, result: str) -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         )
         / 2**30,
-        "params": sum(q.numel() for q in model.parameters()),
+        "params": n_params,
+        "batch": p["batch"],
         "trainable": sum(q.numel() for q in params),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
@@ -214,7 +232,7 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     res = {}
     for flow in a.flows.split(","):
-        out = work / f"train-speed-{flow}.json"
+        out = work / f"train-speed-{flow.replace(':', '-b')}.json"
         out.unlink(missing_ok=True)
         print(f"running {flow} ...", flush=True)
         subprocess.run([sys.executable, __file__, "--child", flow, json.dumps(p), str(out)], check=True)
@@ -238,7 +256,7 @@ def main() -> None:
     ]
     for flow, r in res.items():
         tps = r["tokens_per_s"]
-        row = f"| {LABELS[flow]} | {tps:,.0f} | "
+        row = f"| {label(flow)} | {tps:,.0f} | "
         row += f"{tps / base['tokens_per_s']:.2f}x | " if base else "- | "
         row += f"{r['peak_gib']:.2f} | " + (f"{r['peak_gib'] / base['peak_gib']:.2f}x |" if base else "- |")
         if cuda:
