@@ -10,8 +10,11 @@ the exporters also take a model that was never decomposed. Nothing is held beyon
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -19,6 +22,9 @@ from sorsa_tools.format import ADAPTER_FILE, factor_names
 from sorsa_tools.io.checkpoint import Checkpoint, open_checkpoint
 from sorsa_tools.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
 from sorsa_tools.model import check_adapter, read_decomposition
+
+R = TypeVar("R")
+Raw = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
 
 
 class MergedSource:
@@ -81,15 +87,52 @@ class MergedSource:
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self._adapter.read_tensor(n) for n in factor_names(module))  # type: ignore[return-value]
 
-    def read(self, name: str) -> torch.Tensor:
-        """A target weight merged in float32 (not yet rounded); any other tensor as stored."""
+    def read_raw(self, name: str) -> Raw:
+        """(the tensor as stored, the target's float32 factors or None): the disk part of read()."""
         t = self.checkpoint.shard_of(name).read_tensor(name)
         if name not in self._target_weights:
+            return t, None
+        return t, tuple(f.float() for f in self.factors(name.removesuffix(".weight")))  # type: ignore[return-value]
+
+    @staticmethod
+    def fold(raw: Raw) -> torch.Tensor:
+        """W_r + U diag(S) Vt in float32 (a fresh tensor); a non-target tensor unchanged."""
+        t, f = raw
+        if f is None:
             return t
-        U, S, Vt = (f.float() for f in self.factors(name.removesuffix(".weight")))
-        W = t.float()
-        W.addmm_(U * S, Vt)
-        return W
+        U, S, Vt = f
+        return t.to(torch.float32, copy=True).addmm_(U * S, Vt)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A target weight merged in float32 (not yet rounded); any other tensor as stored."""
+        return self.fold(self.read_raw(name))
+
+    def pipeline(
+        self, names: list[str], work: Callable[[str, torch.Tensor, Raw], R], lookahead: int = 2
+    ) -> Iterator[R]:
+        """work(name, read(name), raw) for each name in order: the reads run on an I/O thread and
+        fold + work on a compute thread, `lookahead` tensors ahead of the consumer, so the disk,
+        the cores and the consumer's writes overlap (torch and file I/O release the GIL)."""
+        with ThreadPoolExecutor(1, "sorsa-read") as io, ThreadPoolExecutor(1, "sorsa-fold") as cpu:
+            pending: deque = deque()
+            todo = iter(names)
+
+            def submit() -> None:
+                n = next(todo, None)
+                if n is not None:
+                    r = io.submit(self.read_raw, n)
+                    pending.append(cpu.submit(lambda: work(n, self.fold(r.result()), r.result())))
+
+            try:
+                for _ in range(lookahead + 1):
+                    submit()
+                while pending:
+                    f = pending.popleft()
+                    submit()
+                    yield f.result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
 
 PAPER_URL = "https://arxiv.org/abs/2409.00055"

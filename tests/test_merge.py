@@ -111,7 +111,7 @@ def test_output_is_atomic(tiny_lm_decomposed, tmp_path, monkeypatch):
     with pytest.raises(OutputDirError, match="already exists; choose a new -o, or pass --force"):
         merge(dec, keep)
     calls = {"n": 0}
-    real = mod._verify_fold
+    real = mod._check_fold
 
     def fail_late(*a, **k):
         calls["n"] += 1
@@ -119,7 +119,7 @@ def test_output_is_atomic(tiny_lm_decomposed, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(mod, "_verify_fold", fail_late)
+    monkeypatch.setattr(mod, "_check_fold", fail_late)
     with pytest.raises(OSError):
         merge(dec, keep, force=True)
     calls["n"] = 0
