@@ -694,15 +694,19 @@ def _write(
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
+            read_plans = iter([p for p in plans if p.generated is None])
+
+            def work(name: str, t: torch.Tensor, raw) -> np.ndarray:
+                """On the fold thread, in plan order: transform and encode while the writer writes."""
+                p = next(read_plans)
+                t = t.to(torch.float32)
+                if p.transform is not None:
+                    t = p.transform(t)
+                return _encode(t, p.qtype)
+
+            stream = source.pipeline([p.source for p in plans if p.generated is None], work)  # type: ignore[misc]
             for p in plans:
-                if p.generated is not None:
-                    t = p.generated
-                else:
-                    t = source.read(p.source).to(torch.float32)  # type: ignore[arg-type]
-                    if p.transform is not None:
-                        t = p.transform(t)
-                data = _encode(t, p.qtype)
-                del t
+                data = _encode(p.generated, p.qtype) if p.generated is not None else next(stream)
                 if data.nbytes != p.nbytes:
                     raise ExportError(
                         f"internal: {p.name} encoded to {data.nbytes} bytes, planned {p.nbytes}"
