@@ -136,13 +136,18 @@ def converter(work: Path) -> Path | None:
             m
             for m in tar.getmembers()
             if "/vendor/llama.cpp/" in m.name
-            and (m.name.endswith("/convert_hf_to_gguf.py") or "/vendor/llama.cpp/gguf-py/" in m.name)
+            and (
+                m.name.endswith("/convert_hf_to_gguf.py")
+                or any(f"/vendor/llama.cpp/{d}/" in m.name for d in ("gguf-py", "conversion"))
+            )
         ]
         tar.extractall(work / "sdist-x", members=members, filter="data")
     root = next((work / "sdist-x").glob("*/vendor/llama.cpp"))
     dest.mkdir()
     shutil.copy(root / "convert_hf_to_gguf.py", dest)
     shutil.copytree(root / "gguf-py", dest / "gguf-py")
+    if (root / "conversion").is_dir():  # newer converters import their per-model code from here
+        shutil.copytree(root / "conversion", dest / "conversion")
     return dest
 
 
@@ -164,44 +169,56 @@ def main() -> None:
     weights = sum(p.stat().st_size for p in dec.glob("model*.safetensors"))
     merged, ours, theirs = work / "merged-hf", work / "ours.f16.gguf", work / "llamacpp.f16.gguf"
     sorsa = [sys.executable, "-m", "sorsa_tools.cli"]
-    rows: dict[str, dict] = {}
+    result_file = work / "merge-export-result.json"
+    rows: dict[str, dict] = json.loads(result_file.read_text()) if result_file.exists() else {}
+
+    def done(name: str, r: dict) -> None:  # saved after every job: a later --skip reuses it
+        rows[name] = r
+        result_file.write_text(json.dumps(rows, indent=1))
 
     if "floor" not in skip:
         floor_dir = work / "floor-copy"
         shutil.rmtree(floor_dir, ignore_errors=True)
-        rows["disk floor (read + write + fsync)"] = timed(
-            [
-                sys.executable,
-                "-c",
-                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                f"from merge_export import copy_floor; from pathlib import Path; "
-                f"copy_floor(Path({str(dec)!r}), Path({str(floor_dir)!r}))",
-            ]
+        done(
+            "disk floor (read + write + fsync)",
+            timed(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"from merge_export import copy_floor; from pathlib import Path; "
+                    f"copy_floor(Path({str(dec)!r}), Path({str(floor_dir)!r}))",
+                ]
+            ),
         )
         shutil.rmtree(floor_dir, ignore_errors=True)
     if "hf" not in skip:
         shutil.rmtree(merged, ignore_errors=True)
-        rows["sorsa merge --to hf"] = timed([*sorsa, "merge", str(dec), "-o", str(merged)])
+        done("sorsa merge --to hf", timed([*sorsa, "merge", str(dec), "-o", str(merged)]))
     if "gguf" not in skip:
         ours.unlink(missing_ok=True)
-        rows["sorsa merge --to gguf --outtype f16"] = timed(
-            [*sorsa, "merge", str(dec), "--to", "gguf", "--outtype", "f16", "-o", str(ours)]
+        done(
+            "sorsa merge --to gguf --outtype f16",
+            timed([*sorsa, "merge", str(dec), "--to", "gguf", "--outtype", "f16", "-o", str(ours)]),
         )
         ours.unlink(missing_ok=True)
     conv = converter(work)
     if "converter" not in skip and conv is not None and merged.exists():
         theirs.unlink(missing_ok=True)
-        rows["llama.cpp convert_hf_to_gguf.py --outtype f16 (on the merged dir)"] = timed(
-            [
-                sys.executable,
-                str(conv / "convert_hf_to_gguf.py"),
-                str(merged),
-                "--outtype",
-                "f16",
-                "--outfile",
-                str(theirs),
-            ],
-            env={"PYTHONPATH": str(conv / "gguf-py"), "NO_LOCAL_GGUF": ""},
+        done(
+            "llama.cpp convert_hf_to_gguf.py --outtype f16 (on the merged dir)",
+            timed(
+                [
+                    sys.executable,
+                    str(conv / "convert_hf_to_gguf.py"),
+                    str(merged),
+                    "--outtype",
+                    "f16",
+                    "--outfile",
+                    str(theirs),
+                ],
+                env={"PYTHONPATH": str(conv / "gguf-py"), "NO_LOCAL_GGUF": ""},
+            ),
         )
         theirs.unlink(missing_ok=True)
     elif "converter" not in skip:
@@ -224,7 +241,6 @@ def main() -> None:
     lines += ["", f"Page cache dropped before each job: {'yes' if cold else 'no (not root)'}."]
     table = "\n".join(lines)
     print(table)
-    (work / "merge-export-result.json").write_text(json.dumps(rows, indent=1))
     if args.record:
         record("merge_export", "## merge_export\n\n" + table)
 
