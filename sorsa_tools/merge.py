@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from sorsa_tools.io.safetensors_file import (
     StreamWriter,
     atomic_copy,
     atomic_write_json,
+    iter_file_chunks,
+    tensor_bytes,
 )
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 
@@ -176,25 +179,26 @@ def merge_to_hf(
         out_t = t if t.dtype == dtypes[name] else t.to(dtypes[name])
         return out_t, (_check_fold(name, out_t, raw) if raw[1] is not None else None)
 
+    verify = ThreadPoolExecutor(1, thread_name_prefix="sorsa-verify")
     try:
         tmp.mkdir()
-        stream = source.pipeline([i.name for i in infos], work)
+        stream = source.pipeline([i.name for i in infos], work, lookahead=4)
         for shard in ckpt.shards:
             specs = [(i.name, DTYPE_CODES[dtypes[i.name]], i.shape) for i in shard.tensors.values()]
             with StreamWriter(tmp / shard.path.name, specs, shard.metadata) as w:
+                checks = []
                 for info in shard.tensors.values():
                     t, err = next(stream)
                     w.write(info.name, t)
-                    back = w.read_back_tensor(info.name, DTYPE_CODES[t.dtype], tuple(t.shape))
-                    if not torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
-                        raise VerificationError(
-                            f"{info.name} did not read back as written in {w.path.name}; check the disk"
-                        )
+                    w.flush()
+                    checks.append(verify.submit(_check_bytes, w.tmp, *w.span(info.name), t, info.name))
                     if err is not None:
                         max_err = max(max_err, err)
                     done += t.numel() * t.element_size()
                     if progress:
                         progress(info.name, done, total)
+                for c in checks:  # every tensor read back before the shard goes into place
+                    c.result()
                 w.commit()
         stream.close()
         _write_side_files(source, tmp, dtype)
@@ -207,8 +211,10 @@ def merge_to_hf(
         else:
             os.replace(tmp, out)
     except BaseException:
+        verify.shutdown(cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    verify.shutdown()
     return MergeResult(
         out,
         "hf",
@@ -226,6 +232,18 @@ def merge_to_hf(
 def _dtype_label(source: MergedSource) -> str:
     names = {str(source.dtype(m + ".weight")).removeprefix("torch.") for m in source.targets}
     return ", ".join(sorted(names)) or "as stored"
+
+
+def _check_bytes(path: Path, start: int, nbytes: int, t: torch.Tensor, name: str) -> None:
+    """On the verify thread: the bytes in the temp file are exactly t's (written, then read back)."""
+    want = tensor_bytes(t)
+    pos = 0
+    for chunk in iter_file_chunks(path, start, nbytes):
+        if memoryview(chunk) != want[pos : pos + len(chunk)]:
+            raise VerificationError(f"{name} did not read back as written in {path.name}; check the disk")
+        pos += len(chunk)
+    if pos != len(want):
+        raise VerificationError(f"{name} did not read back as written in {path.name}; check the disk")
 
 
 def _check_fold(name: str, W: torch.Tensor, raw) -> float:

@@ -193,3 +193,17 @@ def test_merge_to_gguf_runs_in_llama_cpp(trained, tmp_path):
     assert (got - want).abs().max() < 1e-3
     res = run("merge", str(dec), "--adapter", str(run_dir), "--to", "gguf", "-o", str(out))
     assert_clean_error(res, "exists", "--force")
+
+
+def test_read_back_check_catches_a_changed_byte(tmp_path):
+    from sorsa_tools.errors import VerificationError
+    from sorsa_tools.merge import _check_bytes
+
+    t = torch.arange(1000, dtype=torch.float32)
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"x" * 8 + t.numpy().tobytes())
+    _check_bytes(p, 8, t.numel() * 4, t, "w")
+    t2 = t.clone()
+    t2[777] += 1
+    with pytest.raises(VerificationError, match="w did not read back as written in f.bin"):
+        _check_bytes(p, 8, t.numel() * 4, t2, "w")

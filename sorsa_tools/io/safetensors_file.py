@@ -236,6 +236,15 @@ class StreamWriter:
         self._spans = {k: (self.data_start + o, n) for k, (o, n) in spans.items()}
         self._order = list(spans)
 
+    def flush(self) -> None:
+        """Push buffered bytes to the OS, so another thread can pread what was written so far."""
+        with disk_errors(self.path):
+            self._f.flush()
+
+    def span(self, name: str) -> tuple[int, int]:
+        """(absolute offset, byte count) of a tensor in the file being written."""
+        return self._spans[name]
+
     def read_back(self, name: str) -> Iterator[bytearray]:
         """The bytes of an already written tensor, read back from the temp file in chunks."""
         with disk_errors(self.path):
