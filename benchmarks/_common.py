@@ -48,20 +48,22 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}; torch {torch.__version__}"
 
 
-def record(section: str, body: str) -> None:
-    """Replace (or add) the section `section` of docs/BENCHMARKS.md with body + provenance."""
+def record(
+    section: str,
+    body: str,
+    doc: Path = DOC,
+    header: str = "# Benchmarks\n\nEvery table here is written by a script in `benchmarks/`.\n",
+) -> None:
+    """Replace (or add) the section `section` of `doc` (docs/BENCHMARKS.md) with body + provenance;
+    a new file starts with `header`."""
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     block = (
         f"<!-- BEGIN {section} -->\n{body.rstrip()}\n\n"
         f"Command: `{cmd}`  \nMachine: {machine()}  \nDate: {stamp}\n<!-- END {section} -->"
     )
-    DOC.parent.mkdir(exist_ok=True)
-    text = (
-        DOC.read_text()
-        if DOC.exists()
-        else "# Benchmarks\n\nEvery table here is written by a script in `benchmarks/`.\n"
-    )
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    text = doc.read_text() if doc.exists() else header
     pat = re.compile(rf"<!-- BEGIN {re.escape(section)} -->.*?<!-- END {re.escape(section)} -->", re.S)
     text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)

