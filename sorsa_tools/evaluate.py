@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sorsa_tools import __version__
 from sorsa_tools.data import IGNORE, Dataset, parse_fields
@@ -44,6 +43,7 @@ from sorsa_tools.errors import (
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config
 from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, temp_path
 from sorsa_tools.prompts import TEMPLATES, render_prompt
+from sorsa_tools.train import head_cross_entropy, label_positions
 
 TASK = "gsm8k"
 METRICS = ("accuracy", "nll", "both")
@@ -224,25 +224,12 @@ def per_example_nll(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHU
     The same computation as train.loss_sum (decoder, then the LM head and softcapping only at
     positions that carry loss, float32 cross-entropy), kept per row instead of summed over the batch.
     """
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    sel = targets != IGNORE
-    h = hidden[:, :-1][sel]
-    t = targets[sel]
-    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[sel]
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    h, t, sel = label_positions(model, batch)
+    rows = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
     ce = torch.empty(t.numel(), dtype=torch.float32, device=h.device)
     for i in range(0, t.numel(), chunk):
-        logits = head(h[i : i + chunk]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        ce[i : i + chunk] = F.cross_entropy(logits, t[i : i + chunk], reduction="none")
-    out = torch.zeros(targets.shape[0], 2, dtype=torch.float64, device=h.device)
+        ce[i : i + chunk] = head_cross_entropy(model, h[i : i + chunk], t[i : i + chunk], reduction="none")
+    out = torch.zeros(sel.shape[0], 2, dtype=torch.float64, device=h.device)
     out[:, 0].index_add_(0, rows, ce.double())
     out[:, 1] = sel.sum(1).double()
     return out.cpu()

@@ -146,6 +146,31 @@ def _peak_memory(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def label_positions(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(decoder states at positions that carry loss, their next tokens, the (rows, T-1) mask).
+
+    The decoder pass every loss here starts from (training's loss_sum, eval's per-example NLL):
+    the LM head then runs only where there is something to predict.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    sel = targets != IGNORE
+    return hidden[:, :-1][sel], targets[sel], sel
+
+
+def head_cross_entropy(model, h: torch.Tensor, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of the LM head's float32 logits (final softcapping applied, as the model does)."""
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, t, reduction=reduction)
+
+
 def loss_sum(
     model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK, budget: int = LOGITS_BUDGET
 ) -> tuple[torch.Tensor, int]:
@@ -156,27 +181,14 @@ def loss_sum(
     by chunk under activation checkpointing, so that no (tokens, vocab) tensor of the whole batch
     exists; below it, one piece (the recomputation would cost time for no memory worth saving).
     """
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    sel = targets != IGNORE
-    h = hidden[:, :-1][sel]
-    t = targets[sel]
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    h, t, _ = label_positions(model, batch)
 
     def ce(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-        logits = head(hc).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, tc, reduction="sum")
+        return head_cross_entropy(model, hc, tc)
 
-    if t.numel() * head.weight.shape[0] <= budget:
+    if t.numel() * model.get_output_embeddings().weight.shape[0] <= budget:
         return ce(h, t), int(t.numel())
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, t.numel(), chunk):
         total = total + checkpoint(ce, h[i : i + chunk], t[i : i + chunk], use_reentrant=False)
     return total, int(t.numel())
