@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(kind: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, PhiConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, PhiConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=128,
@@ -31,6 +31,8 @@ def _config(kind: str):
         return LlamaConfig(**common)
     if kind == "qwen2":
         return Qwen2Config(**common)
+    if kind == "qwen3":
+        return Qwen3Config(**common, head_dim=16)
     if kind == "gemma3":
         return Gemma3TextConfig(**{**common, "head_dim": 16, "num_key_value_heads": 1})
     if kind == "phi":  # not in the target table: exercises the generic rule

@@ -38,21 +38,7 @@ def _texts(n: int) -> list[str]:
 
 
 def _cfg(kind: str, hidden: int):
-    if kind == "qwen3":
-        from transformers import Qwen3Config
-
-        cfg = Qwen3Config(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            head_dim=16,
-        )
-    else:
-        cfg = _config(kind)
+    cfg = _config(kind)
     if kind == "gemma3":  # a window shorter than the text and one global layer: the SWA layout matters
         cfg.sliding_window = 4
         cfg.layer_types = ["sliding_attention", "full_attention"]
