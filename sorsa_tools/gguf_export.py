@@ -688,34 +688,43 @@ def _write(
     for p in plans:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
     total = sum(p.nbytes for p in plans)
-    done = 0
+
+    def blocks() -> Iterator[np.ndarray]:
+        read_plans = iter([p for p in plans if p.generated is None])
+
+        def work(name: str, t: torch.Tensor, raw) -> np.ndarray:
+            """On the fold thread, in plan order: transform and encode while the writer writes."""
+            p = next(read_plans)
+            t = t.to(torch.float32)
+            if p.transform is not None:
+                t = p.transform(t)
+            return _encode(t, p.qtype)
+
+        stream = source.pipeline([p.source for p in plans if p.generated is None], work)  # type: ignore[misc]
+        done = 0
+        for p in plans:
+            data = _encode(p.generated, p.qtype) if p.generated is not None else next(stream)
+            if data.nbytes != p.nbytes:
+                raise ExportError(f"internal: {p.name} encoded to {data.nbytes} bytes, planned {p.nbytes}")
+            yield data
+            done += p.nbytes
+            if progress is not None:
+                progress(p.name, done, total)
+
+    return _write_out(w, out, blocks())
+
+
+def _write_out(w: _Writer, out: Path, blocks: Iterator[np.ndarray]) -> list[Path]:
+    """Header, metadata, tensor table, then each tensor's bytes in order, fsynced; on any failure
+    the writer's temp files are removed, so nothing half-written stays behind."""
     try:
         with disk_errors(out):
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            read_plans = iter([p for p in plans if p.generated is None])
-
-            def work(name: str, t: torch.Tensor, raw) -> np.ndarray:
-                """On the fold thread, in plan order: transform and encode while the writer writes."""
-                p = next(read_plans)
-                t = t.to(torch.float32)
-                if p.transform is not None:
-                    t = p.transform(t)
-                return _encode(t, p.qtype)
-
-            stream = source.pipeline([p.source for p in plans if p.generated is None], work)  # type: ignore[misc]
-            for p in plans:
-                data = _encode(p.generated, p.qtype) if p.generated is not None else next(stream)
-                if data.nbytes != p.nbytes:
-                    raise ExportError(
-                        f"internal: {p.name} encoded to {data.nbytes} bytes, planned {p.nbytes}"
-                    )
+            for data in blocks:
                 w.write_tensor_data(data)
                 del data
-                done += p.nbytes
-                if progress is not None:
-                    progress(p.name, done, total)
             for f in w.fout or []:
                 f.flush()
                 os.fsync(f.fileno())
@@ -894,20 +903,7 @@ def _resplit(src: Path, out: Path, split_max_size: int) -> list[Path]:
     for t in r.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=T(t.tensor_type))
-    try:
-        with disk_errors(out):
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for t in r.tensors:
-                w.write_tensor_data(np.asarray(t.data).reshape(-1).view(np.uint8))
-            w.close()
-    except BaseException:
-        w.close()
-        for p in w.temp_names:
-            p.unlink(missing_ok=True)
-        raise
-    return w.temp_names
+    return _write_out(w, out, (np.asarray(t.data).reshape(-1).view(np.uint8) for t in r.tensors))
 
 
 def export_gguf(
