@@ -100,7 +100,7 @@ def merge(
             "gguf",
             len(source.targets),
             r.tensor_count,
-            sum(p.stat().st_size for p in files),
+            r.bytes,
             time.perf_counter() - t0,
             outtype,
             adapter=_adapter_kind(source),

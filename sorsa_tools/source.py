@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import torch
 
+from sorsa_tools.errors import AdapterMismatchError
 from sorsa_tools.format import ADAPTER_FILE, factor_names
 from sorsa_tools.io.checkpoint import Checkpoint, open_checkpoint
 from sorsa_tools.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
@@ -42,8 +43,6 @@ class MergedSource:
         for m in self.targets:
             missing = [n for n in factor_names(m) if n not in self._adapter]
             if missing:
-                from sorsa_tools.errors import AdapterMismatchError
-
                 raise AdapterMismatchError(
                     f"{self._adapter.path} lacks {missing[0]}; it does not belong to {d}, re-create it"
                 )
