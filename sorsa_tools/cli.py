@@ -167,16 +167,16 @@ def decompose(
         str, typer.Option(help="Comma-separated module names (q_proj,v_proj) or a regex on module names.")
     ] = None,
     svd: Annotated[
-        str, typer.Option(help="auto (exact where cheap, else randomized), randomized or exact.")
+        str, typer.Option(help="auto (exact where cheap, else krylov), krylov, randomized or exact.")
     ] = "auto",
     oversample: Annotated[
-        int, typer.Option(help="Extra sketch columns for randomized SVD \\[default: rank].")
+        int, typer.Option(help="Extra block columns \\[default: 0 for krylov, rank for randomized].")
     ] = None,
-    niter: Annotated[int, typer.Option(help="Power iterations for randomized SVD (at least).")] = 4,
+    niter: Annotated[int, typer.Option(help="Krylov steps or power iterations (at least).")] = 4,
     svd_tol: Annotated[
         float, typer.Option(help="Iterate until the estimated relative error of S is below this (0: off).")
-    ] = 1e-4,
-    max_niter: Annotated[int, typer.Option(help="Most power iterations --svd-tol may ask for.")] = 24,
+    ] = 5e-4,
+    max_niter: Annotated[int, typer.Option(help="Most steps or iterations --svd-tol may ask for.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the randomized sketch.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     compute_dtype: Annotated[str, typer.Option(help="SVD precision: float32 or float64.")] = "float32",
@@ -272,6 +272,10 @@ TRAIN_EPILOG = """[bold]Examples[/]
 
   sorsa train DIR --data gsm8k/train.jsonl -o run1 --resume      (continue an interrupted run)
 
+  sorsa train DIR --data gsm8k/train.jsonl -o run1 --save-every 100 --keep-adapters
+      (also keeps run1/steps/step-000100, step-000200, ...: each one a run that merge, eval
+       and analyze take)
+
   torchrun --nproc_per_node 4 -m sorsa_tools.cli train DIR --data gsm8k/train.jsonl -o run4
       (data-parallel on 4 GPUs: --batch-size rows per GPU, only rank 0 writes run4)
 """
@@ -324,6 +328,13 @@ def train(
     ] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.")] = 200,
+    keep_adapters: Annotated[
+        bool,
+        typer.Option(
+            "--keep-adapters",
+            help="Also keep each checkpoint's adapter in RUN/steps/step-N (analyze a run's trajectory).",
+        ),
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in -o from its checkpoint.")
     ] = False,
@@ -375,6 +386,7 @@ def train(
                 force=force,
                 compile=compile,
                 progress=_TrainBar(p) if not quiet else None,
+                keep_adapters=keep_adapters,
             )
     except (SorsaError, KeyboardInterrupt) as e:
         if quiet and not getattr(e, "rank_local", False):  # rank 0 says it
@@ -746,6 +758,8 @@ ANALYZE_EPILOG = """[bold]Examples[/]
   sorsa analyze gemma-sorsa-r64 --adapter run1 --json analyze.json     (BASE: DIR's own adapter)
 
   sorsa analyze llama2-7b llama2-sorsa-r128 --adapter run-100 --adapter run-200 --adapter run-400
+
+  sorsa analyze llama2-7b run1/steps/step-* run1      (one run over its steps: train --keep-adapters)
 
   sorsa analyze llama2-7b llama2-ft-merged --modules q_proj,v_proj --layers 0-7 --plot qv.png
 

@@ -32,10 +32,10 @@ from sorsa_tools.io.safetensors_file import (
     StreamWriter,
     atomic_copy,
     atomic_write_json,
-    iter_file_chunks,
-    tensor_bytes,
+    check_read_back,
 )
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
+from sorsa_tools.svd import Factors, reconstruction_probe
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TARGETS = ("hf", "gguf")
@@ -191,7 +191,7 @@ def merge_to_hf(
                     t, err = next(stream)
                     w.write(info.name, t)
                     w.flush()
-                    checks.append(verify.submit(_check_bytes, w.tmp, *w.span(info.name), t, info.name))
+                    checks.append(verify.submit(check_read_back, w.tmp, *w.span(info.name), t, info.name))
                     if err is not None:
                         max_err = max(max_err, err)
                     done += t.numel() * t.element_size()
@@ -234,36 +234,10 @@ def _dtype_label(source: MergedSource) -> str:
     return ", ".join(sorted(names)) or "as stored"
 
 
-def _check_bytes(path: Path, start: int, nbytes: int, t: torch.Tensor, name: str) -> None:
-    """On the verify thread: the bytes in the temp file are exactly t's (written, then read back)."""
-    want = (
-        torch.frombuffer(tensor_bytes(t), dtype=torch.uint8)
-        if t.numel()
-        else torch.empty(0, dtype=torch.uint8)
-    )
-    pos = 0
-    for chunk in iter_file_chunks(path, start, nbytes):
-        got = torch.frombuffer(chunk, dtype=torch.uint8)
-        if not torch.equal(got, want[pos : pos + len(chunk)]):  # memcmp speed, unlike memoryview ==
-            raise VerificationError(f"{name} did not read back as written in {path.name}; check the disk")
-        pos += len(chunk)
-    if pos != want.numel():
-        raise VerificationError(f"{name} did not read back as written in {path.name}; check the disk")
-
-
 def _check_fold(name: str, W: torch.Tensor, raw) -> float:
-    """W x == W_r x + U (S * (Vt x)) on 64 sampled rows and random x, within W's rounding.
-
-    Rows, not the whole matrix: a wrong orientation, a missing S or a non-finite factor shows in
-    any row, and the check then costs a few small products instead of a pass over W.
-    """
+    """W x == W_r x + U (S * (Vt x)) on 64 sampled rows and random x, within W's rounding."""
     W_r, (U, S, Vt) = raw
-    rows = torch.linspace(0, W.shape[0] - 1, min(64, W.shape[0])).round().long()
-    x = torch.randn(W.shape[1], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    want = W_r[rows].double() @ x + (U[rows].double() * S.double()) @ (Vt.double() @ x)
-    got = W[rows].double() @ x
-    den = float(want.norm()) or 1.0
-    err = float((got - want).norm()) / den
+    err, _ = reconstruction_probe(W, W_r, Factors(U, S, Vt), probes=4, rows=64)
     tol = torch.finfo(W.dtype).eps + 2e-5
     if not err <= tol:  # also catches NaN
         raise VerificationError(

@@ -45,6 +45,7 @@ from sorsa_tools.layer import add_regularizer_grad_
 from sorsa_tools.model import adapter_tensors, load_sorsa_model, read_adapter, read_decomposition
 
 CKPT_DIR = "checkpoint"
+STEPS_DIR = "steps"  # --keep-adapters: RUN/steps/step-000200/, each a finished run of its own
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
 RUN_FILE = "run.json"
@@ -365,6 +366,37 @@ def _save_checkpoint(out: Path, layers, optimizer, scheduler, state: dict) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
+def snapshot_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _save_snapshot(out: Path, layers, config: dict) -> Path:
+    """RUN/steps/step-N: the adapter at step N with its own sorsa_config.json, so merge, eval and
+    analyze take it like a finished run. Built under a temp name and renamed: never half there."""
+    steps = out / STEPS_DIR
+    steps.mkdir(exist_ok=True)
+    final = steps / snapshot_name(config["training"]["steps"])
+    tmp = steps / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_tensors(tmp / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
+    atomic_write_json(tmp / CONFIG_FILE, config)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _trim_snapshots(out: Path, step: int) -> None:
+    """Drop snapshots past the checkpoint a run resumes from (they will be written again)."""
+    steps = out / STEPS_DIR
+    if not steps.is_dir():
+        return
+    for d in steps.iterdir():
+        n = d.name.removeprefix("step-")
+        if d.name.startswith(".") or (n.isdigit() and int(n) > step):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _cuda_rng():
     return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
 
@@ -431,11 +463,13 @@ def train(
     force: bool = False,
     compile: bool = False,
     progress: TrainProgress | None = None,
+    keep_adapters: bool = False,
 ) -> TrainResult:
     """Train the SORSA factors of a decomposed dir on a JSONL file; write the adapter to output_dir.
 
     Under torchrun every process calls this: they train data-parallel (`batch_size` rows per
-    process), and only rank 0 writes output_dir and reports to `progress`.
+    process), and only rank 0 writes output_dir and reports to `progress`. `keep_adapters` also
+    keeps the adapter of every checkpoint in RUN/steps/step-N (not part of the run's identity).
     """
     t_start = time.perf_counter()
     cfg = config or TrainConfig()
@@ -456,6 +490,7 @@ def train(
             compile,
             progress,
             t_start,
+            keep_adapters,
         )
 
 
@@ -471,6 +506,7 @@ def _train(
     compile: bool,
     progress: TrainProgress,
     t_start: float,
+    keep_adapters: bool = False,
 ) -> TrainResult:
     dev = d.device
     dcfg = read_decomposition(decomp)
@@ -588,7 +624,7 @@ def _train(
         step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
         scheduler.load_state_dict(tr["scheduler"])
         resumed_from = step
-        distributed.on_main(d, lambda: _trim_log(log_file, step))
+        distributed.on_main(d, lambda: (_trim_log(log_file, step), _trim_snapshots(out, step)))
         progress.note(f"resuming at step {step} of {total_steps}")
     loss_model = wrap_ddp(model, d) if d.enabled else model
     if d.enabled:
@@ -597,6 +633,43 @@ def _train(
             f"{cfg.grad_accum} x {d.world_size} = {cfg.batch_size * cfg.grad_accum * d.world_size} "
             "sequences per optimizer step"
         )
+
+    def run_config(at_step: int, tokens: int, loss: float | None) -> dict:
+        """RUN's sorsa_config.json (and a snapshot's): the adapter format plus how it was trained."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "trained",
+            "rank": dcfg["rank"],
+            "target_modules": dcfg["target_modules"],
+            "base_model": dcfg.get("base_model", {}),
+            "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
+            "dtypes": {
+                "factors": "float32",
+                "residual": dcfg.get("dtypes", {}).get("residual"),
+                "train_compute": str(dtype).removeprefix("torch."),
+            },
+            "training": {
+                **asdict(cfg),
+                "data": {
+                    "path": str(data.resolve()),
+                    "sha256": run_key["data"]["sha256"],
+                    "examples": len(ds),
+                    "skipped_too_long": ds.n_too_long,
+                    "truncated": ds.n_truncated,
+                },
+                "steps": at_step,
+                "total_steps": total_steps,
+                "tokens": tokens,
+                "final_loss": loss,
+                "device": str(dev),
+                "world_size": d.world_size,  # batch_size is per process: the global batch is
+                "global_batch": cfg.batch_size * cfg.grad_accum * d.world_size,  # this many rows
+                "run_id": run_id,
+                "regularizer": "eq. 10: task gradient clipped, then (gamma / lr) * grad L_reg added",
+            },
+            "tool": {"name": "sorsa-tools", "version": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
     progress.start(total_steps, step)
     batches = (
@@ -658,6 +731,8 @@ def _train(
             def book(rec=rec, save=save, state=state) -> None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                if save and keep_adapters:  # before the checkpoint: a resume from it finds it there
+                    _save_snapshot(out, layers, run_config(state["step"], state["tokens"], rec["loss"]))
                 if save:
                     _save_checkpoint(out, layers, optimizer, scheduler, {**state, "world_size": d.world_size})
                 progress.step({**rec, "total_steps": total_steps})
@@ -672,39 +747,7 @@ def _train(
 
     def finish() -> Path | None:
         write_tensors(out / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
-        config_out = {
-            "format_version": FORMAT_VERSION,
-            "kind": "trained",
-            "rank": dcfg["rank"],
-            "target_modules": dcfg["target_modules"],
-            "base_model": dcfg.get("base_model", {}),
-            "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
-            "dtypes": {
-                "factors": "float32",
-                "residual": dcfg.get("dtypes", {}).get("residual"),
-                "train_compute": str(dtype).removeprefix("torch."),
-            },
-            "training": {
-                **asdict(cfg),
-                "data": {
-                    "path": str(data.resolve()),
-                    "sha256": run_key["data"]["sha256"],
-                    "examples": len(ds),
-                    "skipped_too_long": ds.n_too_long,
-                    "truncated": ds.n_truncated,
-                },
-                "steps": step,
-                "tokens": tokens_seen,
-                "final_loss": last_loss,
-                "device": str(dev),
-                "world_size": d.world_size,  # batch_size is per process: the global batch is
-                "global_batch": cfg.batch_size * cfg.grad_accum * d.world_size,  # this many rows
-                "run_id": run_id,
-                "regularizer": "eq. 10: task gradient clipped, then (gamma / lr) * grad L_reg added",
-            },
-            "tool": {"name": "sorsa-tools", "version": __version__},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        config_out = run_config(step, tokens_seen, last_loss)
         png = plot_losses(
             log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
         )

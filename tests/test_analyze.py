@@ -125,7 +125,7 @@ def trained(tiny_lm_decomposed, tmp_path_factory):
     src, dec = tiny_lm_decomposed("llama")
     run_dir = tmp_path_factory.mktemp("analyze-runs") / "step-4"
     cfg = TrainConfig(max_length=256, batch_size=2, lr=2e-2, warmup_ratio=0.0, max_steps=4)
-    train(dec, GSM8K_SLICE, run_dir, config=cfg, device="cpu")
+    train(dec, GSM8K_SLICE, run_dir, config=cfg, device="cpu", save_every=2, keep_adapters=True)
     return src, dec, run_dir
 
 
@@ -256,6 +256,18 @@ def test_several_checkpoints_json_and_png(trained, tmp_path):
 
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 700  # two panels side by side
+
+
+def test_trajectory_of_one_run_from_its_kept_adapters(trained):
+    """train --keep-adapters leaves RUN/steps/step-N, each a run of its own: analyze takes them as
+    TUNED and reads their step; the mean rotation grows from step 2 to step 4 at this lr."""
+    _, dec, run_dir = trained
+    snap = run_dir / "steps" / "step-000002"
+    assert sorted(p.name for p in (run_dir / "steps").iterdir()) == ["step-000002"]
+    r = analyze(dec, [snap, run_dir], layers="0")
+    assert [(c["label"], c["step"]) for c in r.checkpoints] == [("step-000002", 2), ("step-4", 4)]
+    s2, s4 = r.summary()
+    assert 1e-6 < s2["mean_delta_d"] < s4["mean_delta_d"], (s2["mean_delta_d"], s4["mean_delta_d"])
 
 
 def test_cli_table_json_and_default_plot(trained, tmp_path, monkeypatch):

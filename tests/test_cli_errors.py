@@ -224,6 +224,27 @@ def test_verification_catches_a_wrong_residual(src, tmp_path, monkeypatch):
     assert not list(out.glob("model-*.safetensors")) and not list(out.glob(".*.tmp-*"))
 
 
+def test_verification_catches_a_residual_the_disk_did_not_keep(src, tmp_path, monkeypatch):
+    """W_r is checked in memory, then its bytes are read back from the file: a write that lands
+    wrong (here: one byte flipped on its way to the disk) is an error, not a silent bad shard."""
+    from sorsa_tools.io import safetensors_file as sf
+
+    real = sf.StreamWriter.write
+
+    def flip(self, name, data):
+        if name.endswith("self_attn.v_proj.weight") and isinstance(data, torch.Tensor):
+            b = bytearray(sf.tensor_bytes(data))
+            b[len(b) // 2] ^= 0x40
+            data = b
+        return real(self, name, data)
+
+    monkeypatch.setattr(sf.StreamWriter, "write", flip)
+    out = tmp_path / "o"
+    res = run("decompose", str(src), "--rank", "4", "-o", str(out))
+    assert_clean_error(res, "v_proj.weight did not read back as written", "check the disk", code=3)
+    assert not list(out.glob("model-*.safetensors")) and not list(out.glob(".*.tmp-*"))
+
+
 def test_verification_catches_a_bad_copy(src, tmp_path, monkeypatch):
     from sorsa_tools.io import safetensors_file as sf
 

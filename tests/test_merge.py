@@ -197,13 +197,13 @@ def test_merge_to_gguf_runs_in_llama_cpp(trained, tmp_path):
 
 def test_read_back_check_catches_a_changed_byte(tmp_path):
     from sorsa_tools.errors import VerificationError
-    from sorsa_tools.merge import _check_bytes
+    from sorsa_tools.io.safetensors_file import check_read_back
 
     t = torch.arange(1000, dtype=torch.float32)
     p = tmp_path / "f.bin"
     p.write_bytes(b"x" * 8 + t.numpy().tobytes())
-    _check_bytes(p, 8, t.numel() * 4, t, "w")
+    check_read_back(p, 8, t.numel() * 4, t, "w")
     t2 = t.clone()
     t2[777] += 1
     with pytest.raises(VerificationError, match="w did not read back as written in f.bin"):
-        _check_bytes(p, 8, t.numel() * 4, t2, "w")
+        check_read_back(p, 8, t.numel() * 4, t2, "w")

@@ -165,21 +165,39 @@ class _StopAt(TrainProgress):
 
 
 def test_resume_equals_uninterrupted(tiny_lm_decomposed, tmp_path):
+    """Also --keep-adapters: the snapshots of a resumed run equal those of an uninterrupted one."""
     _, dec = tiny_lm_decomposed("llama")
     cfg = dict(**FAST, max_steps=7, grad_accum=2)
+    kw = dict(save_every=2, device="cpu", keep_adapters=True)
     full = tmp_path / "full"
-    train(dec, GSM8K_SLICE, full, config=TrainConfig(**cfg), save_every=2, device="cpu")
+    train(dec, GSM8K_SLICE, full, config=TrainConfig(**cfg), **kw)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        train(
-            dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), save_every=2, device="cpu", progress=_StopAt(5)
-        )
+        train(dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), progress=_StopAt(5), **kw)
     assert json.loads((cut / "checkpoint" / "state.json").read_text())["step"] == 4
     assert not (cut / "sorsa_adapter.safetensors").exists()
-    r = train(dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), save_every=2, device="cpu", resume=True)
+    stale = cut / "steps" / "step-000006"  # as if written by a run killed before its checkpoint
+    stale.mkdir()
+    (stale / "sorsa_config.json").write_text("{}")
+    r = train(dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), resume=True, **kw)
     assert r.resumed_from == 4 and r.steps == 7
     a, b = load_file(full / "sorsa_adapter.safetensors"), load_file(cut / "sorsa_adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    snaps = ["step-000002", "step-000004", "step-000006"]
+    for run in (full, cut):
+        assert sorted(p.name for p in (run / "steps").iterdir()) == snaps
+    final_cfg = json.loads((full / "sorsa_config.json").read_text())
+    for name in snaps:
+        x, y = (
+            load_file(full / "steps" / name / "sorsa_adapter.safetensors"),
+            load_file(cut / "steps" / name / "sorsa_adapter.safetensors"),
+        )
+        assert x.keys() == a.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        c = json.loads((cut / "steps" / name / "sorsa_config.json").read_text())
+        assert c["kind"] == "trained" and c["training"]["steps"] == int(name[5:])
+        assert c["training"]["run_id"] == final_cfg["training"]["run_id"]
+        assert c["decomposition"] == final_cfg["decomposition"]
+    assert any(not torch.equal(x[k], a[k]) for k in a)  # step 6 is not the final (step 7) adapter
     assert [x["step"] for x in _log(cut)] == list(range(1, 8))
     assert [x["loss"] for x in _log(cut)] == [x["loss"] for x in _log(full)]
     # a finished run is reported as done, not redone

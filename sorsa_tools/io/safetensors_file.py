@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sorsa_tools.errors import CheckpointError, DiskFullError
+from sorsa_tools.errors import CheckpointError, DiskFullError, VerificationError
 
 # safetensors dtype code <-> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -168,6 +168,27 @@ def iter_file_chunks(path: Path, offset: int, nbytes: int, chunk: int = COPY_CHU
         n = min(chunk, nbytes - done)
         yield pread_exact(path, offset + done, n)
         done += n
+
+
+def check_read_back(path: Path, start: int, nbytes: int, t: torch.Tensor, name: str) -> None:
+    """The bytes at [start, start + nbytes) of `path` are exactly t's (written, then read back).
+
+    What decompose and merge checked in memory is then what the file holds; a short write, a
+    bad sector or a flipped bit shows as a VerificationError.
+    """
+    want = (
+        torch.frombuffer(tensor_bytes(t), dtype=torch.uint8)
+        if t.numel()
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    pos = 0
+    for chunk in iter_file_chunks(path, start, nbytes):
+        got = torch.frombuffer(chunk, dtype=torch.uint8)
+        if not torch.equal(got, want[pos : pos + len(chunk)]):  # memcmp speed, unlike memoryview ==
+            raise VerificationError(f"{name} did not read back as written in {path.name}; check the disk")
+        pos += len(chunk)
+    if pos != want.numel():
+        raise VerificationError(f"{name} did not read back as written in {path.name}; check the disk")
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
