@@ -113,7 +113,8 @@ def test_krylov_rank_deficient_and_narrow_matrices():
     W = spectrum_matrix(200, 100, s, seed=4)
     f = krylov_svd(W, 8, 0, 6, torch.Generator().manual_seed(0), tol=1e-4)
     assert torch.isfinite(f.S).all() and torch.allclose(f.S[:5].double(), s, rtol=1e-5)
-    assert float(f.S[5:].abs().max()) < 1e-5
+    # the zero singular values come from a float32 Gram matrix: ~sqrt(eps) sigma_1, not 0
+    assert float(f.S[5:].abs().max()) < 1e-3 * float(s[0])
     assert torch.allclose(f.U.T @ f.U, torch.eye(8), atol=1e-4)
     assert reconstruction_error(W, residual(W, f), f) < 1e-5
     # fewer than two blocks fit in min(out, in): the exact SVD answers
