@@ -137,7 +137,10 @@ def test_two_ranks_equal_one_process_with_the_global_batch(ddp_runs, tiny_lm_dec
     print(
         f"max |adapter(2 ranks x 2) - adapter(1 x 4)| = {diff:.2e}; smallest max change from init {moved:.2e}"
     )
-    assert diff < 1e-5 and moved > 1e-3, (diff, moved)
+    # float32 reduction order differs (gloo all-reduce, per-rank batches) and Adam amplifies it
+    # over the steps: agreement to 0.1 % of how far training moved the factors (measured 1e-5 of
+    # 2.5e-2; 3e-6 with factors from a 2-thread LAPACK, 1.3e-5 with a 1-thread one)
+    assert diff < 1e-3 * moved and moved > 1e-3, (diff, moved)
     # the same data and normalisation step by step: global token counts, losses, clipped norms
     la, lb = _log(ref), _log(ddp)
     assert [x["step"] for x in lb] == list(range(1, STEPS + 1))  # one writer: no line twice
