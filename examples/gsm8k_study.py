@@ -87,6 +87,7 @@ class StudyConfig:
     max_new_tokens: int = 256
     analyze_layers: str | None = None
     analyze: bool = True
+    trajectory_points: int = 4  # SORSA runs keep this many adapters along the way (train --keep-adapters)
     device: str = "auto"
     smoke: bool = False
 
@@ -271,7 +272,19 @@ def train_sorsa(cfg: StudyConfig, decomp: Path, lr: float, gamma: float, out: Pa
         clip=cfg.clip,
         seed=cfg.seed,
     )
-    res = T.train(decomp, cfg.train, out, config=tc, device=cfg.device, save_every=10**9, force=True)
+    # a snapshot every steps / trajectory_points (every 200 steps when the run is by epochs)
+    tp = cfg.trajectory_points
+    every = max(1, (cfg.steps or 200 * tp) // tp) if tp > 0 else 10**9
+    res = T.train(
+        decomp,
+        cfg.train,
+        out,
+        config=tc,
+        device=cfg.device,
+        save_every=every,
+        force=True,
+        keep_adapters=cfg.trajectory_points > 0,
+    )
     rows = [json.loads(x) for x in (out / T.LOG_FILE).read_text().splitlines() if x.strip()]
     from sorsa_tools.model import read_adapter, read_decomposition
 
@@ -480,18 +493,38 @@ def analyze_best(cfg: StudyConfig, best: dict, results: dict, work: Path) -> dic
     res = A.analyze(cfg.model, tuned, layers=cfg.analyze_layers)
     A.write_json(res, work / "analyze.json")
     png = A.plot(res, work / "analyze.png")
-    mods = res.modules
-    summary = []
-    for j, s in enumerate(res.summary()):
-        rel = [m["results"][j]["delta_w_rel"] for m in mods if m["results"][j]["delta_w_rel"] is not None]
-        summary.append({**s, "mean_delta_w_rel": sum(rel) / len(rel) if rel else None})
-    return {
-        "summary": summary,
-        "modules": len(mods),
+    out = {
+        "summary": _summary(res),
+        "modules": len(res.modules),
         "seconds": res.seconds,
         "png": str(png) if png else None,
         "layers": cfg.analyze_layers,
     }
+    run = work / "runs" / best["sorsa"] if "sorsa" in best else None
+    steps = sorted((run / T.STEPS_DIR).glob("step-*")) if run is not None else []
+    if steps:  # the best SORSA run over the adapters it kept: the paper's Figure 2 as a path
+        traj = A.analyze(cfg.model, [*steps, run], layers=cfg.analyze_layers)
+        A.write_json(traj, work / "analyze_trajectory.json")
+        tpng = A.plot(traj, work / "analyze_trajectory.png")
+        out["trajectory"] = {
+            "run": best["sorsa"],
+            "summary": [
+                {**s, "step": c["step"]} for s, c in zip(_summary(traj), traj.checkpoints, strict=True)
+            ],
+            "png": str(tpng) if tpng else None,
+        }
+    return out
+
+
+def _summary(res) -> list[dict]:
+    """analyze's per-checkpoint summary plus the mean relative change of W."""
+    rows = []
+    for j, s in enumerate(res.summary()):
+        rel = [
+            m["results"][j]["delta_w_rel"] for m in res.modules if m["results"][j]["delta_w_rel"] is not None
+        ]
+        rows.append({**s, "mean_delta_w_rel": sum(rel) / len(rel) if rel else None})
+    return rows
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -567,7 +600,13 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def report(study: dict, loss_png: Path | None, analyze_png: Path | None, doc_dir: Path) -> str:
+def report(
+    study: dict,
+    loss_png: Path | None,
+    analyze_png: Path | None,
+    doc_dir: Path,
+    traj_png: Path | None = None,
+) -> str:
     """docs/RESULTS.md section body: settings, every run, the best per method vs LoRA, analyze."""
     cfg, res, best = study["config"], study["results"], study["best"]
     smoke = cfg["smoke"]
@@ -675,6 +714,23 @@ def report(study: dict, loss_png: Path | None, analyze_png: Path | None, doc_dir
             )
         if analyze_png:
             lines += ["", f"![analyze]({analyze_png.relative_to(doc_dir)})"]
+        traj = ana.get("trajectory")
+        if traj:
+            lines += [
+                "",
+                f"The best SORSA run (`{traj['run']}`) over the adapters it kept along the way "
+                "(`sorsa train --keep-adapters`, then `sorsa analyze BASE RUN/steps/step-* RUN`):",
+                "",
+                "| step | mean Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
+                "|---|---|---|---|---|",
+            ]
+            for s in traj["summary"]:
+                lines.append(
+                    f"| {s['step']} | {s['mean_delta_sigma']:.3e} | {s['mean_delta_d']:.3e} | "
+                    f"{s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
+                )
+            if traj_png:
+                lines += ["", f"![trajectory]({traj_png.relative_to(doc_dir)})"]
     lines += [
         "",
         f"Decomposition (once, rank {cfg['rank']}): {study['decompose_seconds']:.0f} s. Per-run JSON, train logs and "
@@ -689,11 +745,14 @@ def write_report(study: dict, doc: Path | None, section: str) -> str:
     doc_dir = (doc or work / "RESULTS.md").parent
     prefix = "results_smoke" if study["config"]["smoke"] else "results"
     loss_png = plot_losses(study, doc_dir / f"{prefix}_loss.png")
-    apng = None
+    apng = tpng = None
     if study.get("analyze") and study["analyze"].get("png"):
         apng = doc_dir / f"{prefix}_analyze.png"
         shutil.copyfile(study["analyze"]["png"], apng)
-    body = report(study, loss_png, apng, doc_dir)
+    if ((study.get("analyze") or {}).get("trajectory") or {}).get("png"):
+        tpng = doc_dir / f"{prefix}_trajectory.png"
+        shutil.copyfile(study["analyze"]["trajectory"]["png"], tpng)
+    body = report(study, loss_png, apng, doc_dir, tpng)
     if doc is not None:
         record(section, body, doc=doc, header=HEADER)
     return body
@@ -732,6 +791,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--analyze-layers", default=None, help="e.g. 0,8,17 (default: every layer)")
     ap.add_argument("--no-analyze", action="store_true", help="skip sorsa analyze (e.g. a partial call)")
+    ap.add_argument(
+        "--trajectory-points",
+        type=int,
+        default=None,
+        help=f"adapters each SORSA run keeps along the way, for the analyze trajectory (default {d.trajectory_points}; 0: none)",
+    )
     ap.add_argument("--device", default=d.device)
     ap.add_argument(
         "--smoke", action="store_true", help="tiny steps and limits: checks the pipeline, measures nothing"
@@ -756,6 +821,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
         "eval_batch",
         "max_new_tokens",
         "analyze_layers",
+        "trajectory_points",
     ):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))

@@ -135,6 +135,15 @@ def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
     labels_ = [c["label"] for c in ana["checkpoints"]]
     assert labels_ == ["sorsa-lr2e-03-g4e-04", "sorsa-lr2e-03-g0e+00", "lora-lr2e-03", "pissa-lr2e-03"]
     assert all(s["mean_delta_sigma"] > 0 for s in ana["summary"])
+    # the best SORSA run over the adapter it kept at step 1 (of 2), then its final one
+    traj = json.loads((work / "analyze_trajectory.json").read_text())
+    assert [(c["label"], c["step"]) for c in traj["checkpoints"]] == [
+        ("step-000001", 1),
+        ("sorsa-lr2e-03-g4e-04", 2),
+    ]
+    assert 0 < traj["summary"][0]["mean_delta_d"] < traj["summary"][1]["mean_delta_d"]
+    assert "over the adapters it kept" in text and "| 1 |" in text
+    assert (doc.parent / "results_smoke_trajectory.png").stat().st_size > 1000
 
     # a second call trains nothing and writes the same table
     recorder.clear()
