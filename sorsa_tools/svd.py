@@ -196,8 +196,9 @@ def krylov_svd(
     j = 0
     while True:
         lo, hi = j * b, (j + 1) * b
-        Y = torch.mm(A, V[:, lo:hi], out=M[:, lo:hi])
-        torch.mm(M[:, :hi].T, Y, out=G[:hi, lo:hi])
+        M[:, lo:hi] = A @ V[:, lo:hi]  # (no out= into strided views: the same on every device)
+        Y = M[:, lo:hi]
+        G[:hi, lo:hi] = M[:, :hi].T @ Y
         G[lo:hi, :lo] = G[:lo, lo:hi].T
         if tol and j + 2 >= niter:  # Ritz values of the basis, from the steps the estimate needs
             s = torch.linalg.eigvalsh(G[:hi, :hi]).flip(0)[:rank].clamp_min(0).sqrt()
