@@ -229,7 +229,7 @@ def decompose(
     subspace iteration of `svd="randomized"`), at least `niter` steps, then more (up to
     `max_niter`) until the estimated relative error of the top-r singular values is below `tol`.
     On Llama-2-7B-shaped weights that is 4 steps, the matrix products of PEFT's
-    `pissa_niter_4`, with S within 2e-5 of exact instead of 10 % (docs/BENCHMARKS.md).
+    `pissa_niter_4`, with S within 8e-5 of exact instead of 10 % (docs/BENCHMARKS.md).
     `check_sample` iterative modules also get an exact SVD, to record the accuracy reached;
     every module records the estimate.
     """
