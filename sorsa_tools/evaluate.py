@@ -18,7 +18,6 @@ tokenization, prompt + " " + answer + EOS for the paper template), so that the N
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from sorsa_tools.errors import (
     ModelNotFoundError,
 )
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config
-from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, temp_path
+from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, file_sha256, temp_path
 from sorsa_tools.prompts import TEMPLATES, render_prompt
 from sorsa_tools.train import head_cross_entropy, label_positions
 
@@ -540,14 +539,6 @@ def summary_path(items_file: Path) -> Path:
     return items_file.with_suffix(".json")
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = temp_path(path)
     try:
@@ -712,7 +703,7 @@ def evaluate_gsm8k(
         "model": str(spec.path.resolve()),
         "model_kind": {"hf": "hf-checkpoint", "sorsa": "sorsa-unmerged", "gguf": "gguf"}[spec.kind],
         "adapter": str(spec.adapter.resolve()) if spec.adapter else None,
-        "data": {"path": str(data.resolve()), "sha256": _file_digest(data), "examples": len(ds)},
+        "data": {"path": str(data.resolve()), "sha256": file_sha256(data), "examples": len(ds)},
         "limit": limit,
         "template": template,
         "fields": ds.fields.describe(),

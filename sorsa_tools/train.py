@@ -40,7 +40,12 @@ from sorsa_tools.data import IGNORE, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
-from sorsa_tools.io.safetensors_file import atomic_write_json, atomic_write_text, write_tensors
+from sorsa_tools.io.safetensors_file import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    write_tensors,
+)
 from sorsa_tools.layer import add_regularizer_grad_
 from sorsa_tools.model import adapter_tensors, load_sorsa_model, read_adapter, read_decomposition
 
@@ -130,14 +135,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _peak_memory(device: torch.device) -> float:
@@ -524,7 +521,7 @@ def _train(
         cfg.fields = ds.fields.describe()
     run_key = {
         "decomposition": dcfg["job_id"],
-        "data": {"name": data.name, "sha256": _file_digest(data)},
+        "data": {"name": data.name, "sha256": file_sha256(data)},
         "config": asdict(cfg),
     }
     if d.world_size > 1:  # the global batch scales with it; absent for one process (ids unchanged)

@@ -9,6 +9,7 @@ has to sit in memory whole, and renames it into place only once complete.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -168,6 +169,15 @@ def iter_file_chunks(path: Path, offset: int, nbytes: int, chunk: int = COPY_CHU
         n = min(chunk, nbytes - done)
         yield pread_exact(path, offset + done, n)
         done += n
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a whole file, read in 1 MiB blocks (a data file can be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_read_back(path: Path, start: int, nbytes: int, t: torch.Tensor, name: str) -> None:
