@@ -519,7 +519,6 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
         for info in s.tensors.values()
         if info.name.endswith(".weight") and info.name.removesuffix(".weight") in target_set
     ]
-    reads: dict[str, Future] = {}
     computes: dict[str, Future] = {}
     nxt = 0
     workers, threads = _cpu_split(ctx.device)
@@ -533,8 +532,8 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
             nonlocal nxt
             while nxt < min(k, len(items)):
                 s, info = items[nxt]
-                reads[info.name] = io_pool.submit(s.read_tensor, info.name)
-                computes[info.name] = cpu_pool.submit(_compute, info.name, reads[info.name], ctx)
+                read = io_pool.submit(s.read_tensor, info.name)
+                computes[info.name] = cpu_pool.submit(_compute, info.name, read, ctx)
                 nxt += 1
 
         pos = 0
@@ -552,7 +551,6 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
                         if info.name.endswith(".weight") and m in target_set:
                             submit_until(pos + workers + LOOKAHEAD)
                             d = computes.pop(info.name).result()
-                            reads.pop(info.name)
                             pos += 1
                             w.write(info.name, d.residual)
                             w.flush()
