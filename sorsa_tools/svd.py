@@ -193,6 +193,7 @@ def krylov_svd(
     prev: torch.Tensor | None = None
     prev_delta: float | None = None
     est = float("inf")
+    eig = None  # (hi, eigenvalues, eigenvectors) of the last Gram matrix decomposed in full
     j = 0
     while True:
         lo, hi = j * b, (j + 1) * b
@@ -201,7 +202,12 @@ def krylov_svd(
         G[:hi, lo:hi] = M[:, :hi].T @ Y
         G[lo:hi, :lo] = G[:lo, lo:hi].T
         if tol and j + 2 >= niter:  # Ritz values of the basis, from the steps the estimate needs
-            s = torch.linalg.eigvalsh(G[:hi, :hi]).flip(0)[:rank].clamp_min(0).sqrt()
+            if j >= niter:  # a step it may stop at: keep the vectors the factors are read from
+                eig = (hi, *torch.linalg.eigh(G[:hi, :hi]))
+                lam = eig[1]
+            else:
+                lam = torch.linalg.eigvalsh(G[:hi, :hi])
+            s = lam.flip(0)[:rank].clamp_min(0).sqrt()
             prev_delta, est = _ritz_error(s, prev, prev_delta)
             prev = s
         if j + 1 >= blocks or (j >= niter and (not tol or est <= tol)):
@@ -219,7 +225,7 @@ def krylov_svd(
         V[:, hi : hi + b] = _orthonormalize(Z)
         j += 1
     hi = (j + 1) * b
-    lam, E = torch.linalg.eigh(G[:hi, :hi])
+    lam, E = eig[1:] if eig is not None and eig[0] == hi else torch.linalg.eigh(G[:hi, :hi])
     S = lam[-rank:].flip(0).clamp_min(0).sqrt()
     E = E[:, -rank:].flip(1)
     # A ~ (A V) V^T = M V^T, whose top-r SVD is (M E / S) diag(S) (V E)^T
