@@ -44,6 +44,7 @@ LABELS = {
     "pissa": "PEFT PiSSA (pissa_niter_4)",
     "sorsa_official": "official SORSA layer (dense delta, autograd regularizer)",
     "sorsa_offload": "sorsa train step, --offload-residual (W_r streamed from pinned host memory)",
+    "sorsa_g0": "sorsa train step, gamma 0 (regularizer off: its cost is the difference)",
 }
 
 
@@ -96,7 +97,7 @@ class OfficialSORSALinear(nn.Module):
         return F.linear(x, self.weight) + F.linear(x, delta.to(x.dtype))
 
 
-def child(flow: str, p: dict, result: str) -> None:
+def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
     flow, _, batch = flow.partition(":")  # "flow:B" runs flow at micro-batch B
     if batch:
         p = {**p, "batch": int(batch)}
@@ -112,6 +113,8 @@ def child(flow: str, p: dict, result: str) -> None:
     r = p["rank"]
     t_init = time.perf_counter()
     n_params = sum(q.numel() for q in model.parameters())
+    gamma = 0.0 if flow == "sorsa_g0" else 4e-4
+    flow = "sorsa" if flow == "sorsa_g0" else flow
     if flow in ("sorsa", "sorsa_official", "sorsa_offload"):
         from sorsa_tools.layer import SORSALinear
         from sorsa_tools.model import attach_sorsa
@@ -165,7 +168,7 @@ def child(flow: str, p: dict, result: str) -> None:
         if flow in ("sorsa", "sorsa_offload"):
             from sorsa_tools.train import optimizer_step
 
-            optimizer_step(model, layers, opt, sched, [batch], 1.0, 4e-4 / 1e-5, device)
+            optimizer_step(model, layers, opt, sched, [batch], 1.0, gamma / 1e-5, device)
             return
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -195,6 +198,15 @@ def child(flow: str, p: dict, result: str) -> None:
         step(ids)
     sync()
     dt = time.perf_counter() - t0
+    if profile_to:  # one more step under the profiler: where the time of this flow goes
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            step(batches[0])
+            sync()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        Path(profile_to).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     out = {
         "tokens_per_s": B * T * p["steps"] / dt,
         "step_seconds": dt / p["steps"],
@@ -215,7 +227,7 @@ def child(flow: str, p: dict, result: str) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
+        child(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "")
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
@@ -223,6 +235,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 throughput to compute MFU against")
     ap.add_argument("--workdir", default=".bench")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every flow this many times, interleaved, and report the median (the GPU machine's "
+        "speed drifts by about 10 %% between processes)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="also write a profiler table per flow to the workdir"
+    )
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
     p = dict(PRESETS[a.preset])
@@ -230,16 +252,33 @@ def main() -> None:
         p["steps"] = a.steps
     work = Path(a.workdir)
     work.mkdir(exist_ok=True)
+    flows = a.flows.split(",")
+    runs: dict[str, list[dict]] = {f: [] for f in flows}
+    for rnd in range(a.rounds):
+        for flow in flows:
+            tag = flow.replace(":", "-b")
+            out = work / f"train-speed-{tag}.json"
+            out.unlink(missing_ok=True)
+            print(
+                f"running {flow}" + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else "") + " ...",
+                flush=True,
+            )
+            cmd = [sys.executable, __file__, "--child", flow, json.dumps(p), str(out)]
+            if a.profile and rnd == 0:
+                cmd.append(str(work / f"train-speed-{tag}.profile.txt"))
+            subprocess.run(cmd, check=True)
+            r = json.loads(out.read_text())
+            runs[flow].append(r)
+            print(f"  {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB", flush=True)
     res = {}
-    for flow in a.flows.split(","):
-        out = work / f"train-speed-{flow.replace(':', '-b')}.json"
-        out.unlink(missing_ok=True)
-        print(f"running {flow} ...", flush=True)
-        subprocess.run([sys.executable, __file__, "--child", flow, json.dumps(p), str(out)], check=True)
-        res[flow] = json.loads(out.read_text())
-        print(
-            f"  {res[flow]['tokens_per_s']:,.0f} tokens/s, peak {res[flow]['peak_gib']:.2f} GiB", flush=True
-        )
+    for flow, rs in runs.items():  # the median round's speed, the spread over rounds, the largest peak
+        speeds = sorted(r["tokens_per_s"] for r in rs)
+        res[flow] = {
+            **rs[0],
+            "tokens_per_s": speeds[len(speeds) // 2],
+            "spread": (speeds[0], speeds[-1]),
+            "peak_gib": max(r["peak_gib"] for r in rs),
+        }
     base = res.get("lora")
     cuda = torch.cuda.is_available()
     mem_kind = "peak GPU memory" if cuda else "peak RSS"
@@ -249,14 +288,20 @@ def main() -> None:
         f"Llama-shaped: hidden {p['hidden']}, intermediate {p['inter']}, {p['layers']} layers, vocab "
         f"{p['vocab']}; rank {p['rank']} on all seven projections; batch {p['batch']} x {p['seq']} tokens; "
         f"gradient checkpointing; {'bf16 autocast' if cuda else 'float32'}; {p['steps']} timed steps after 2 "
-        "warm-up steps; each flow in its own process.",
+        "warm-up steps; each flow in its own process"
+        + (
+            f", {a.rounds} rounds interleaved, median tokens/s (min-max in brackets)."
+            if a.rounds > 1
+            else "."
+        ),
         "",
         f"| flow | tokens/s | vs PEFT LoRA | {mem_kind} (GiB) | vs PEFT LoRA |" + (" MFU |" if cuda else ""),
         "|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
     for flow, r in res.items():
         tps = r["tokens_per_s"]
-        row = f"| {label(flow)} | {tps:,.0f} | "
+        lo, hi = r["spread"]
+        row = f"| {label(flow)} | {tps:,.0f}" + (f" ({lo:,.0f}-{hi:,.0f})" if a.rounds > 1 else "") + " | "
         row += f"{tps / base['tokens_per_s']:.2f}x | " if base else "- | "
         row += f"{r['peak_gib']:.2f} | " + (f"{r['peak_gib'] / base['peak_gib']:.2f}x |" if base else "- |")
         if cuda:

@@ -119,14 +119,14 @@ def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> tuple[
     groups: dict[tuple, list[SORSALinear]] = defaultdict(list)
     for m in layers:
         groups[(tuple(m.sorsa_U.shape), tuple(m.sorsa_Vt.shape), m.sorsa_U.device, m.sorsa_U.dtype)].append(m)
-    total, worst = 0.0, 0.0
+    sums, worsts = [], []  # device tensors, read back in one transfer at the end (one host sync)
     for group in groups.values():
         U = torch.stack([m.sorsa_U for m in group]).float()
         Vt = torch.stack([m.sorsa_Vt for m in group]).float()
         A, B = _deviations(U, Vt)
         na, nb = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
-        total += float(na.sum() + nb.sum())
-        worst = max(worst, float(torch.maximum(na, nb).max()))
+        sums.append(na.sum() + nb.sum())
+        worsts.append(torch.maximum(na, nb).max())
         if scale == 0:
             continue
 
@@ -136,13 +136,15 @@ def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> tuple[
             )
             return (c * scale / n)[:, None, None]
 
-        gU = (U @ A) * coef(na)
-        gV = (B @ Vt) * coef(nb)
-        for m, gu, gv in zip(group, gU, gV, strict=True):
-            for p, g in ((m.sorsa_U, gu), (m.sorsa_Vt, gv)):
-                g = g.to(p.dtype)
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.add_(g)
+        gU = ((U @ A) * coef(na)).to(group[0].sorsa_U.dtype)
+        gV = ((B @ Vt) * coef(nb)).to(group[0].sorsa_Vt.dtype)
+        params = [p for m in group for p in (m.sorsa_U, m.sorsa_Vt)]
+        grads = [g for pair in zip(gU, gV, strict=True) for g in pair]
+        have = [i for i, p in enumerate(params) if p.grad is not None]
+        if have:  # one batched add for the lot, not two kernel launches per layer
+            torch._foreach_add_([params[i].grad for i in have], [grads[i] for i in have])
+        for i, p in enumerate(params):
+            if p.grad is None:  # a factor the task loss did not reach (e.g. a skipped layer)
+                p.grad = grads[i].clone()
+    total, worst = torch.stack([torch.stack(sums).sum(), torch.stack(worsts).max()]).tolist()
     return total / n, worst
