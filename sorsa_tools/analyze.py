@@ -36,6 +36,7 @@ from sorsa_tools.errors import InputError, ModelMismatchError, ModelNotFoundErro
 from sorsa_tools.format import CONFIG_FILE, read_config
 from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, temp_path
 from sorsa_tools.source import MergedSource
+from sorsa_tools.svd import require_finite
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 JSON_FORMAT = "sorsa-analyze"
@@ -411,6 +412,7 @@ def analyze(
     for m in mods:
         name = m + ".weight"
         W0 = base_src.read(name).to(dtype)
+        require_finite(W0, f"{name} of BASE")
         t = time.perf_counter()
         b = full_svd(W0, dtype)
         svd_s += time.perf_counter() - t
@@ -422,6 +424,7 @@ def analyze(
         results = []
         for c in cks:
             Wt = c.source.read(name).to(dtype)
+            require_finite(Wt, f"{name} of TUNED {c.label}")
             t = time.perf_counter()
             d = svd_deltas(b, full_svd(Wt, dtype))
             svd_s += time.perf_counter() - t

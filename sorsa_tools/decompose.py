@@ -32,6 +32,7 @@ from sorsa_tools import __version__
 from sorsa_tools.arch import select_targets
 from sorsa_tools.device import resolve_device
 from sorsa_tools.errors import (
+    CheckpointError,
     DiskFullError,
     InputError,
     OutputDirError,
@@ -68,6 +69,7 @@ from sorsa_tools.svd import (
     krylov_svd,
     randomized_svd,
     reconstruction_probe,
+    require_finite,
     residual,
 )
 
@@ -445,14 +447,26 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
     m = name.removesuffix(".weight")
     W = read.result().to(device=ctx.device, dtype=ctx.compute_dtype)
     t0 = time.perf_counter()
+    require_finite(W, name)
     method = _method_for(ctx.svd, W.shape, ctx.rank, ctx.oversample)
-    if method == "exact":
-        f = exact_svd(W, ctx.rank)
-    else:
+    f = None
+    if method != "exact":
         g = torch.Generator().manual_seed(_module_seed(ctx.seed, m))
-        f = ITERATIVE[method](
-            W, ctx.rank, ctx.oversample, ctx.niter, g, tol=ctx.tol or None, max_niter=ctx.max_niter
-        )
+        try:
+            f = ITERATIVE[method](
+                W, ctx.rank, ctx.oversample, ctx.niter, g, tol=ctx.tol or None, max_niter=ctx.max_niter
+            )
+        except torch.linalg.LinAlgError:  # an ill-conditioned small eigenproblem: exact instead
+            method = "exact"
+        else:
+            method = f.method or method
+    if f is None:
+        try:
+            f = exact_svd(W, ctx.rank)
+        except torch.linalg.LinAlgError as e:
+            raise CheckpointError(
+                f"{m}: the SVD did not converge ({str(e).splitlines()[0]}); run again with --compute-dtype float64"
+            ) from None
     niter_used, est_error = f.niter, f.est_error
     # round the factors to their storage dtype first, so that W_r + the *stored* factors == W
     f = Factors(*(t.to(ctx.factor_dtype).to(ctx.compute_dtype) for t in (f.U, f.S, f.Vt)))

@@ -15,6 +15,7 @@ from sorsa_tools.errors import AdapterMismatchError, NotDecomposedError
 from sorsa_tools.format import ADAPTER_FILE, factor_names, read_config
 from sorsa_tools.io.safetensors_file import SafetensorsFile
 from sorsa_tools.layer import SORSALinear
+from sorsa_tools.svd import require_finite
 
 
 def read_decomposition(directory: str | Path) -> dict:
@@ -57,6 +58,11 @@ def check_adapter(decomp_cfg: dict, adapter_dir: str | Path) -> dict:
     return acfg
 
 
+ADAPTER_NOT_FINITE = (
+    "the adapter is corrupt or was saved from a diverged run; use an earlier one (RUN/steps/) or train again"
+)
+
+
 def read_adapter(
     directory: str | Path, modules: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -69,6 +75,8 @@ def read_adapter(
         if missing:
             raise NotDecomposedError(f"{f.path} lacks {missing[0]}; re-create the adapter")
         out[m] = tuple(f.read_tensor(n) for n in names)
+        for n, t in zip(names, out[m], strict=True):
+            require_finite(t, f"{f.path}: {n}", ADAPTER_NOT_FINITE)
     return out
 
 

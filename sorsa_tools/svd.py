@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sorsa_tools.errors import CheckpointError
+
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -20,6 +22,7 @@ class Factors:
     Vt: torch.Tensor  # (r, in)
     niter: int | None = None  # power iterations a randomized SVD ran
     est_error: float | None = None  # its estimated remaining relative error of S
+    method: str | None = None  # set where an iterative SVD handed over to the exact one
 
     @property
     def rank(self) -> int:
@@ -54,6 +57,18 @@ def _unorient(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor, transposed: bo
         U, Vt = Vt.T, U.T
     U, Vt = _normalize_signs(U.contiguous(), Vt.contiguous())
     return Factors(U.contiguous(), S.contiguous(), Vt.contiguous())
+
+
+def require_finite(
+    W: torch.Tensor,
+    name: str,
+    fix: str = "the checkpoint is corrupt or was saved from a diverged run; re-download or re-save it",
+) -> None:
+    """Refuse a tensor holding NaN or inf where it is read: an SVD (LAPACK) or a training step
+    would fail on it later with a message that names neither the tensor nor the cause."""
+    if not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise CheckpointError(f"{name} holds {bad} NaN or inf value(s): {fix}")
 
 
 def exact_svd(W: torch.Tensor, rank: int) -> Factors:
@@ -224,6 +239,12 @@ def krylov_svd(
         Z -= basis @ (basis.T @ Z)
         V[:, hi : hi + b] = _orthonormalize(Z)
         j += 1
+    if tol and not est <= tol and blocks < steps + 1:
+        # the basis filled the whole narrow side before reaching tol: the full SVD is no more
+        # work than the steps still owed (n <= (steps + 1) b), and exact
+        f = exact_svd(W, rank)
+        f.niter, f.est_error, f.method = j, 0.0, "exact"
+        return f
     hi = (j + 1) * b
     lam, E = eig[1:] if eig is not None and eig[0] == hi else torch.linalg.eigh(G[:hi, :hi])
     S = lam[-rank:].flip(0).clamp_min(0).sqrt()

@@ -322,6 +322,24 @@ def test_other_architecture_is_refused(tiny_lm_decomposed, tmp_path):
     assert [m["module"] for m in r.modules] == ["model.layers.0.self_attn.q_proj"]
 
 
+def test_non_finite_weight_is_named(tiny_lm_decomposed, tmp_path):
+    from safetensors.torch import save_file
+
+    src, _ = tiny_lm_decomposed("llama")
+    bad = tmp_path / "diverged"
+    shutil.copytree(src, bad)
+    name = "model.layers.0.mlp.down_proj.weight"
+    for shard in bad.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name][1, 2] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+    assert_clean_error(
+        run("analyze", str(src), str(bad)),
+        f"error: {name} of TUNED diverged holds 1 NaN or inf value(s)",
+    )
+
+
 def test_adapter_of_another_decomposition(trained, tmp_path):
     src, _, run_dir = trained
     other = tmp_path / "other"

@@ -104,6 +104,20 @@ def test_corrupt_header(src, tmp_path):
     assert_clean_error(res, "truncated or corrupt", "not JSON")
 
 
+@pytest.mark.parametrize("svd", ["auto", "exact", "krylov"])
+def test_nan_in_a_target_weight(src, tmp_path, svd):
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][3, 5] = float("inf")
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"), "--svd", svd)
+    assert_clean_error(res, f"{name} holds 2 NaN or inf value(s)", "re-download")
+
+
 def test_missing_config(src, tmp_path):
     (src / "config.json").unlink()
     res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))

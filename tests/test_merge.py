@@ -138,6 +138,29 @@ def test_adapter_of_another_decomposition_is_refused(trained, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_non_finite_adapter_is_refused_by_name(trained, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, dec, run_dir = trained
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    with safe_open(bad / ADAPTER_FILE, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = factor_names("model.layers.1.mlp.down_proj")[1]  # its S
+    tensors[name][0] = float("inf")
+    save_file(tensors, bad / ADAPTER_FILE, metadata=meta)
+    for cmd in (
+        ["merge", str(dec), "--adapter", str(bad), "-o", str(tmp_path / "m")],
+        ["merge", str(dec), "--adapter", str(bad), "--to", "gguf", "-o", str(tmp_path / "m.gguf")],
+        ["export-lora", str(dec), "--adapter", str(bad), "-o", str(tmp_path / "l")],
+    ):
+        assert_clean_error(run(*cmd), f"{name} holds 1 NaN or inf value(s)", "diverged run")
+    assert not any(p.name in ("m", "m.gguf", "l") for p in tmp_path.iterdir())
+
+
 def test_merge_cli(trained, tmp_path):
     _, dec, run_dir = trained
     res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "m"))

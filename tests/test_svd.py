@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from sorsa_tools.errors import CheckpointError
 from sorsa_tools.svd import (
     Factors,
     energy_captured,
@@ -11,6 +13,7 @@ from sorsa_tools.svd import (
     krylov_svd,
     randomized_svd,
     reconstruction_error,
+    require_finite,
     residual,
 )
 
@@ -121,6 +124,19 @@ def test_krylov_rank_deficient_and_narrow_matrices():
     W = spectrum_matrix(50, 30, torch.linspace(3, 1, 30, dtype=torch.float64))
     f = krylov_svd(W, 16, 0, 4, torch.Generator().manual_seed(0))
     assert f.niter is None and torch.allclose(f.S, exact_svd(W, 16).S)
+    # two blocks fit but cannot reach tol (a flat spectrum): the exact SVD answers, and says so
+    W = spectrum_matrix(30, 20, torch.linspace(3, 2, 20, dtype=torch.float64), seed=5)
+    f = krylov_svd(W, 8, 0, 4, torch.Generator().manual_seed(0), tol=5e-4)
+    assert f.method == "exact" and f.est_error == 0.0
+    assert torch.allclose(f.S, exact_svd(W, 8).S)
+
+
+def test_non_finite_matrix_is_refused_by_name():
+    W = torch.randn(20, 10)
+    require_finite(W, "w")
+    W[2, 3] = float("nan")
+    with pytest.raises(CheckpointError, match="^m.weight holds 1 NaN or inf value"):
+        require_finite(W, "m.weight")
 
 
 def test_energy_captured():
