@@ -98,15 +98,63 @@ def _matches(module: str, how: str, what) -> bool:
     return bool(what.search(module))
 
 
+def _meta_model(config: dict):
+    """The model of `config` built on the meta device (no memory, no weights): its module types."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def _module_of(model, name: str):
+    """The module a checkpoint name refers to, with or without the model's base prefix; None if
+    the name does not resolve (checkpoint and class naming differ)."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    for cand in (name, name[len(prefix) :] if name.startswith(prefix) else None, prefix + name):
+        if cand:
+            try:
+                return model.get_submodule(cand)
+            except AttributeError:
+                continue
+    return None
+
+
+def check_linear_targets(config: dict, targets: list[str]) -> None:
+    """Refuse a --targets choice that the trainer and exporters cannot adapt: a module that is not
+    an nn.Linear (an embedding), or an output layer tied to the input embeddings (its W_r would be
+    ignored on load). Silent where transformers cannot build the architecture."""
+    import torch
+
+    try:
+        model = _meta_model(config)
+    except Exception:  # unknown to this transformers: nothing to check against
+        return
+    out = model.get_output_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None
+    for m in targets:
+        mod = _module_of(model, m)
+        if mod is None:
+            continue
+        if not isinstance(mod, torch.nn.Linear):
+            raise TargetError(
+                f"--targets selects {m} ({type(mod).__name__}), not a linear layer: SORSA adapts nn.Linear "
+                "weights only; leave it out of --targets"
+            )
+        if tied and mod is out:
+            raise TargetError(
+                f"--targets selects {m}, which this model ties to its input embeddings "
+                "(tie_word_embeddings): its residual would be ignored on load; leave it out of --targets"
+            )
+
+
 def generic_targets(config: dict, modules_2d: list[str]) -> list[str]:
     """Linear layers inside repeated blocks, found by building the model on the meta device."""
     try:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
 
-        cfg = AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+        model = _meta_model(config)
     except Exception as e:  # any failure means: we cannot know this architecture
         raise TargetError(
             f"architecture {config.get('model_type')!r} is not in the target table and transformers "
@@ -153,6 +201,7 @@ def select_targets(
                 f"--targets {spec!r} matches no 2-D weight of this checkpoint; module names look like "
                 f"{example} (use names such as q_proj,v_proj or a regex)"
             )
+        check_linear_targets(config, targets)
         return targets, warnings
     mt = model_type_of(config)
     arch = spec_for(mt)

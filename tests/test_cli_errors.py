@@ -86,6 +86,29 @@ def test_targets_match_nothing(src, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_targets_that_are_not_adaptable_linears(src, tiny_factory, tmp_path):
+    res = run(
+        "decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"), "--targets", "q_proj,embed_tokens"
+    )
+    assert_clean_error(res, "selects model.embed_tokens (Embedding), not a linear layer", "leave it out")
+    # a tied output layer that the checkpoint stores anyway: its residual would be ignored on load
+    from safetensors.torch import load_file, save_file
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_factory("gemma3"), tied)
+    assert json.loads((tied / "config.json").read_text()).get("tie_word_embeddings", True)
+    index = json.loads((tied / "model.safetensors.index.json").read_text())
+    shard = tied / index["weight_map"]["model.embed_tokens.weight"]
+    tensors = load_file(shard)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"]["lm_head.weight"] = shard.name
+    (tied / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = run("decompose", str(tied), "--rank", "4", "-o", str(tmp_path / "o"), "--targets", "lm_head")
+    assert_clean_error(res, "selects lm_head, which this model ties to its input embeddings")
+    assert not (tmp_path / "o").exists()
+
+
 def test_truncated_shard(src, tmp_path):
     shard = sorted(src.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
