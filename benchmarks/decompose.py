@@ -5,15 +5,19 @@ PiSSA's offline init flow through PEFT, which is what users do today: load the w
 PEFT's exact `"pissa"` flow takes about an hour here, so it is timed on one layer of the same
 shapes and extrapolated to 32.
 
-Each flow runs in its own process, which reports its wall time and peak RSS.
+Each flow runs in its own process, which reports its wall time, peak RSS and (on a GPU) peak
+GPU memory. With a CUDA GPU (`--device auto` finds it) every flow computes there: `sorsa
+decompose --device cuda`, and PEFT's init on the model moved to the GPU.
 
-    python benchmarks/decompose.py --workdir .bench --record
+    python benchmarks/decompose.py --workdir .bench --record          # this 2-core CPU
+    python benchmarks/decompose.py --workdir /tmp/b --record          # the GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -28,7 +32,8 @@ from _common import decaying_matrix, record  # noqa: E402
 
 from sorsa_tools.io.safetensors_file import StreamWriter, atomic_write_json  # noqa: E402
 
-RANK = int(__import__("os").environ.get("SORSA_BENCH_RANK", "128"))
+RANK = int(os.environ.get("SORSA_BENCH_RANK", "128"))
+COLD = True  # whether every flow started from a dropped page cache
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
     "q_proj": (4096, 4096),
@@ -116,18 +121,14 @@ def generate(path: Path, layers: int, shards: int) -> None:
     tmp.rename(path)
 
 
-def child(flow: str, src: str, out: str, result: str) -> None:
+def child(flow: str, src: str, out: str, result: str, device: str = "cpu") -> None:
     """Runs one flow in this process; writes wall seconds and peak RSS to `result`."""
     t0 = time.perf_counter()
     extra = {}
-    if flow == "sorsa":
-        from sorsa_tools.cli import app
+    if flow == "sorsa":  # what `sorsa decompose` runs, minus its progress display (the CLI is thin)
+        from sorsa_tools import decompose
 
-        try:
-            app(["decompose", src, "--rank", str(RANK), "-o", out, "--force"], standalone_mode=False)
-        except SystemExit as e:
-            if e.code:
-                raise
+        decompose(src, RANK, out, force=True, device=device)
         cfg = json.loads((Path(out) / "sorsa_config.json").read_text())
         extra["s_errors"] = {
             m: s["s_max_rel_error"] for m, s in cfg["modules"].items() if s.get("s_max_rel_error") is not None
@@ -137,6 +138,9 @@ def child(flow: str, src: str, out: str, result: str) -> None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, low_cpu_mem_usage=True)
+        if device == "cuda":  # PEFT decomposes each weight where it lives
+            model = model.to(device)
+            torch.cuda.synchronize()
         t_load = time.perf_counter() - t0
         init = "pissa_niter_4" if flow == "pissa_niter_4" else "pissa"
         cfg = LoraConfig(
@@ -144,6 +148,8 @@ def child(flow: str, src: str, out: str, result: str) -> None:
         )
         t1 = time.perf_counter()
         peft_model = get_peft_model(model, cfg)
+        if device == "cuda":
+            torch.cuda.synchronize()
         extra["init_seconds"] = time.perf_counter() - t1
         extra["load_seconds"] = t_load
         sd = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -165,23 +171,27 @@ def child(flow: str, src: str, out: str, result: str) -> None:
             {
                 "seconds": time.perf_counter() - t0,
                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_gpu": torch.cuda.max_memory_allocated() if device == "cuda" else None,
                 **extra,
             }
         )
     )
 
 
-def run_child(flow: str, src: Path, out: Path, work: Path) -> dict:
+def run_child(flow: str, src: Path, out: Path, work: Path, device: str = "cpu") -> dict:
     res = work / f"result-{flow}-{src.name}.json"
     res.unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
+    global COLD
     try:  # every flow starts from a cold page cache (needs root; skipped otherwise)
         subprocess.run(["sync"], check=False)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:
-        pass
+        COLD = False
     print(f"running {flow} on {src.name} ...", flush=True)
-    subprocess.run([sys.executable, __file__, "--child", flow, str(src), str(out), str(res)], check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--child", flow, str(src), str(out), str(res), device], check=True
+    )
     shutil.rmtree(out, ignore_errors=True)
     r = json.loads(res.read_text())
     print(f"  {flow}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
@@ -190,38 +200,52 @@ def run_child(flow: str, src: Path, out: Path, work: Path) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:6])
+        child(*sys.argv[2:7])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--layers", type=int, default=32, help="fewer for a quick check (not recorded)")
     a = ap.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     work = Path(a.workdir).resolve()
     work.mkdir(exist_ok=True)
-    full, one = work / "llama7b-synth", work / "llama7b-synth-1layer"
+    L = a.layers
+    full = work / ("llama7b-synth" if L == 32 else f"llama7b-synth-{L}layers")
+    one = work / "llama7b-synth-1layer"
     t = time.perf_counter()
-    generate(full, 32, 3)
+    generate(full, L, 3)
     generate(one, 1, 1)
     print(f"checkpoints ready ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    ours = run_child("sorsa", full, work / "out-sorsa", work)
+    ours = run_child("sorsa", full, work / "out-sorsa", work, device)
     rows = [
         (
             "sorsa decompose (defaults: block Krylov, blocks of r, 4+ steps to tol 5e-4)",
             ours["seconds"],
             ours["peak_rss"],
+            ours["peak_gpu"],
             False,
         )
     ]
     s_err = ours["s_errors"]
     peft_err = {}
     if not a.skip_peft:
-        niter4 = run_child("pissa_niter_4", full, work / "out-peft", work)
-        rows.append(("PEFT pissa_niter_4 (load, init, save)", niter4["seconds"], niter4["peak_rss"], False))
-        exact1 = run_child("pissa", one, work / "out-peft1", work)
-        est = niter4["load_seconds"] + niter4["save_seconds"] + 32 * exact1["init_seconds"]
-        rows.append(("PEFT pissa exact (1 layer timed, x32)", est, None, True))
+        niter4 = run_child("pissa_niter_4", full, work / "out-peft", work, device)
+        rows.append(
+            (
+                "PEFT pissa_niter_4 (load, init, save)",
+                niter4["seconds"],
+                niter4["peak_rss"],
+                niter4["peak_gpu"],
+                False,
+            )
+        )
+        exact1 = run_child("pissa", one, work / "out-peft1", work, device)
+        est = niter4["load_seconds"] + niter4["save_seconds"] + L * exact1["init_seconds"]
+        rows.append((f"PEFT pissa exact (1 layer timed, x{L})", est, None, None, True))
         from sorsa_tools.io.checkpoint import open_checkpoint
         from sorsa_tools.svd import exact_singular_values
 
@@ -231,18 +255,23 @@ def main() -> None:
             e = exact_singular_values(w)[:RANK].double()
             p = torch.tensor(niter4["S"][m], dtype=torch.float64).sort(descending=True).values
             peft_err[m] = float(((p - e).abs() / e).max())
+    cuda = device == "cuda"
+    size = sum(p.stat().st_size for p in full.glob("*.safetensors"))
+    where = f"GPU ({torch.cuda.get_device_name(0)})" if cuda else f"{os.cpu_count()}-core CPU"
     lines = [
         "## Decompose a Llama-2-7B-shaped checkpoint at rank 128 (`benchmarks/decompose.py`)",
         "",
-        "224 projection matrices, bf16, 3 shards (13.5 GB), 2-core CPU, quiet machine, cold page cache\nbefore each flow.",
+        f"{7 * L} projection matrices, bf16, 3 shards ({size / 1e9:.1f} GB), computed on the {where}; page cache dropped "
+        f"before each flow: {'yes' if COLD else 'no (not permitted here)'}.",
         "",
-        "| flow | wall time | peak RSS | time vs sorsa |",
-        "|---|---|---|---|",
+        "| flow | wall time | peak RSS |" + (" peak GPU memory |" if cuda else "") + " time vs sorsa |",
+        "|---|---|---|" + ("---|" if cuda else "") + "---|",
     ]
-    for name, sec, rss, est in rows:
+    for name, sec, rss, gpu, est in rows:
         rss_s = f"{rss / 2**30:.2f} GiB" if rss else "n/a"
+        gpu_s = (f" {gpu / 2**30:.2f} GiB |" if gpu else " n/a |") if cuda else ""
         lines.append(
-            f"| {name} | {'~' if est else ''}{sec / 60:.1f} min | {rss_s} | {sec / ours['seconds']:.2f}x |"
+            f"| {name} | {'~' if est else ''}{sec / 60:.1f} min | {rss_s} |{gpu_s} {sec / ours['seconds']:.2f}x |"
         )
     lines += [
         "",
@@ -253,8 +282,8 @@ def main() -> None:
         lines.append(f"| {m} | {e:.2e} | {peft_err.get(m, float('nan')):.2e} |")
     body = "\n".join(lines)
     print(body)
-    if a.record:
-        record("decompose_7b", body)
+    if a.record and L == 32:
+        record("decompose_7b" + ("_cuda" if cuda else ""), body)
 
 
 if __name__ == "__main__":
