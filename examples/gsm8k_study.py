@@ -226,8 +226,10 @@ def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: lis
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(out / T.LOG_FILE, "w", encoding="utf-8") as log:
-        for step, batch in enumerate(batches(ds, cfg), 1):
-            t = time.perf_counter()
+        stream = batches(ds, cfg)
+        for step in range(1, steps + 1):
+            t = time.perf_counter()  # from the batch's collation on, as sorsa train times a step
+            batch = next(stream)
             rec = peft_step(inner, params, optimizer, scheduler, batch, cfg.clip, device)
             dt = time.perf_counter() - t
             rec |= {
