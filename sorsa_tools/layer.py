@@ -100,12 +100,21 @@ def regularizer_loss(layers: Iterable[SORSALinear]) -> torch.Tensor:
     return total / max(len(layers), 1)
 
 
-@torch.no_grad()
 def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> tuple[float, float]:
-    """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors.
+    """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors (see
+    `regularizer_grad_`); returns (L_reg, the worst orthonormality error) as floats."""
+    t = regularizer_grad_(layers, scale)
+    return (0.0, 0.0) if t is None else tuple(t.tolist())
 
-    Returns (L_reg, the largest single ||U^T U - I||_F or ||Vt Vt^T - I||_F): the value the
-    gradient belongs to, and the worst orthonormality error, for the log. scale = 0 only measures.
+
+@torch.no_grad()
+def regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> torch.Tensor | None:
+    """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors, without a host sync.
+
+    Returns a device tensor (L_reg, the largest single ||U^T U - I||_F or ||Vt Vt^T - I||_F): the
+    value the gradient belongs to, and the worst orthonormality error, for the log (None without
+    layers). The trainer reads it together with the loss and gradient norm, in one transfer.
+    scale = 0 only measures.
 
     L_reg = mean over layers of ||U^T U - I||_F + ||Vt Vt^T - I||_F. With A = U^T U - I,
     d||A||_F / dU = 2 U A / ||A||_F; with B = Vt Vt^T - I, d||B||_F / dVt = 2 B Vt / ||B||_F.
@@ -114,12 +123,12 @@ def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> tuple[
     """
     layers = list(layers)
     if not layers:
-        return 0.0, 0.0
+        return None
     n = len(layers)
     groups: dict[tuple, list[SORSALinear]] = defaultdict(list)
     for m in layers:
         groups[(tuple(m.sorsa_U.shape), tuple(m.sorsa_Vt.shape), m.sorsa_U.device, m.sorsa_U.dtype)].append(m)
-    sums, worsts = [], []  # device tensors, read back in one transfer at the end (one host sync)
+    sums, worsts = [], []  # device tensors: nothing here waits for the GPU
     for group in groups.values():
         U = torch.stack([m.sorsa_U for m in group]).float()
         Vt = torch.stack([m.sorsa_Vt for m in group]).float()
@@ -146,5 +155,4 @@ def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> tuple[
         for i, p in enumerate(params):
             if p.grad is None:  # a factor the task loss did not reach (e.g. a skipped layer)
                 p.grad = grads[i].clone()
-    total, worst = torch.stack([torch.stack(sums).sum(), torch.stack(worsts).max()]).tolist()
-    return total / n, worst
+    return torch.stack([torch.stack(sums).sum() / n, torch.stack(worsts).max()])

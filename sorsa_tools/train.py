@@ -6,7 +6,8 @@ One optimizer step (paper eq. 10, as the official code orders it):
      weigh every token alike), computed through the LM head in chunks (no full logits tensor);
   2. the task gradient is clipped to `clip` (and its norm logged);
   3. the closed-form regularizer gradient, times gamma / eta_max, is added (not clipped);
-  4. AdamW step, then the cosine schedule advances.
+  4. AdamW step, then the cosine schedule advances; a non-finite loss or gradient norm stops the
+     run instead. Steps 2-3 run on the device; their values are read in one host transfer.
 Checkpoints (adapter, optimizer, schedule, data position, RNG) are written atomically every
 `save_every` steps; a resumed run ends with the same adapter as an uninterrupted one.
 
@@ -46,7 +47,7 @@ from sorsa_tools.io.safetensors_file import (
     file_sha256,
     write_tensors,
 )
-from sorsa_tools.layer import add_regularizer_grad_
+from sorsa_tools.layer import regularizer_grad_
 from sorsa_tools.model import adapter_tensors, load_sorsa_model, read_adapter, read_decomposition
 
 CKPT_DIR = "checkpoint"
@@ -268,16 +269,21 @@ def optimizer_step(
         total += ls.detach()
     if ddp:
         torch.distributed.all_reduce(total)  # a NaN on any rank is a NaN on all: they stop together
-    loss = float(total) / n_loss
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    # clip the task gradient, then add the regularizer's (eq. 10), all on the device; then one
+    # transfer reads loss, gradient norm and regularizer values (a single host sync per step)
+    gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    reg = regularizer_grad_(layers, reg_scale)
+    vals = [total.float(), gn.float()] + ([] if reg is None else [reg[0], reg[1]])
+    loss_sum_, grad_norm, *rest = torch.stack(vals).tolist()
+    loss = loss_sum_ / n_loss
+    reg_loss, worst = rest or (0.0, 0.0)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return StepOutput(False, loss, grad_norm, 0.0, 0.0, lr, n_tok, n_loss)
-    reg, worst = add_regularizer_grad_(layers, reg_scale)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutput(True, loss, grad_norm, reg, worst, lr, n_tok, n_loss)
+    return StepOutput(True, loss, grad_norm, reg_loss, worst, lr, n_tok, n_loss)
 
 
 # -- the run directory --------------------------------------------------------------------------
