@@ -34,6 +34,9 @@ def shard(batch: list, rank: int, world_size: int) -> list:
     return batch[rank * n // world_size : (rank + 1) * n // world_size]
 
 
+PACKED_KEY = "segment_ids"  # present in a batch of packed rows
+
+
 @dataclass(frozen=True)
 class Fields:
     prompt: str | None  # None: plain-text mode, loss on every token of `response`
@@ -161,6 +164,13 @@ class Dataset:
                 raise DataError(
                     f"{self.path}:{lineno}: field {name!r} must be a string, got {type(rec[name]).__name__}"
                 )
+            try:
+                rec[name].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape (\ud800) is valid JSON, not text
+                raise DataError(
+                    f"{self.path}:{lineno}: field {name!r} is not valid Unicode ({e.reason} at character "
+                    f"{e.start}); fix or remove the line"
+                ) from None
 
     def _measure(self, pending: list[tuple[int, dict]]) -> None:
         if not pending:
@@ -169,7 +179,7 @@ class Dataset:
             pending, self._encode([r for _, r in pending]), strict=True
         ):
             self.n_records += 1
-            n_resp = sum(1 for x in labels if x != IGNORE)
+            n_resp = sum(1 for x in labels[1:] if x != IGNORE)  # targets: a row's first token is none
             if n_resp == 0:
                 self.n_too_long += 1
                 continue
@@ -256,33 +266,43 @@ class Dataset:
 
     def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
         """Right-padded input_ids, attention_mask, position_ids and labels (already shifted
-        alignment is left to the loss: labels[t] is the target of position t)."""
+        alignment is left to the loss: labels[t] is the target of position t). Packed rows also
+        get `segment_ids` (each token's example within its row, -1 on padding): their position ids
+        restart at every example, and the loss attends within an example only."""
         flat = self.read([i for row in batch for i in row])
         it = iter(flat)
         rows = []
         for row in batch:
-            ids, labels, pos = [], [], []
-            for _ in row:
+            ids, labels, pos, seg = [], [], [], []
+            for j, _ in enumerate(row):
                 a, b = next(it)
+                if j:  # a packed example's first token is not predicted from the one before it
+                    b = [IGNORE, *b[1:]]
                 ids += a
                 labels += b
                 pos += list(range(len(a)))
-            rows.append((ids, labels, pos))
+                seg += [j] * len(a)
+            rows.append((ids, labels, pos, seg))
         width = max(len(r[0]) for r in rows)
         n = len(rows)
         input_ids = torch.full((n, width), self.pad, dtype=torch.long)
         labels = torch.full((n, width), IGNORE, dtype=torch.long)
         position_ids = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
-        for k, (ids, lab, pos) in enumerate(rows):
+        segments = torch.full((n, width), -1, dtype=torch.long)
+        for k, (ids, lab, pos, seg) in enumerate(rows):
             L = len(ids)
             input_ids[k, :L] = torch.tensor(ids)
             labels[k, :L] = torch.tensor(lab)
             position_ids[k, :L] = torch.tensor(pos)
+            segments[k, :L] = torch.tensor(seg)
             mask[k, :L] = 1
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": mask,
             "position_ids": position_ids,
             "labels": labels,
         }
+        if self.pack:  # the key itself tells the loss to isolate the examples of a row (PACKED_KEY)
+            out[PACKED_KEY] = segments
+        return out

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from sorsa_tools import __version__, distributed
-from sorsa_tools.data import IGNORE, Dataset, parse_fields, shard
+from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
@@ -151,14 +151,46 @@ def label_positions(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     The decoder pass every loss here starts from (training's loss_sum, eval's per-example NLL):
     the LM head then runs only where there is something to predict.
     """
+    packed = PACKED_KEY in batch  # a key, not a value: known on the host, no device sync
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        # packed rows: no 2-D mask, so that transformers isolates the examples of a row from the
+        # position ids restarting at each one (a 2-D mask would let them attend to each other);
+        # right padding then forms segments of its own, after every real token
+        attention_mask=None if packed else batch["attention_mask"],
         position_ids=batch["position_ids"],
+        use_cache=False,
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     sel = targets != IGNORE
     return hidden[:, :-1][sel], targets[sel], sel
+
+
+@torch.no_grad()
+def check_packing(model, device: torch.device) -> None:
+    """Refuse --pack where transformers does not isolate packed examples for this model: two
+    copies of one example packed in a row must give the same hidden states."""
+    ids = torch.arange(3, 11, device=device).unsqueeze(0)
+    n = ids.shape[1]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            h = model.get_decoder()(
+                input_ids=torch.cat([ids, ids], 1),
+                position_ids=torch.arange(n, device=device).repeat(1, 2),
+                use_cache=False,
+            ).last_hidden_state.float()[0]
+    finally:
+        model.train(was_training)
+    a, b = h[:n], h[n:]
+    if not float((a - b).abs().max()) <= 2e-2 * float(a.abs().max()) + 1e-5:
+        import transformers
+
+        raise InputError(
+            f"--pack: transformers {transformers.__version__} does not keep packed examples apart for "
+            f"{type(model).__name__} (they would attend to each other); drop --pack or upgrade transformers"
+        )
 
 
 def head_cross_entropy(model, h: torch.Tensor, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -256,6 +288,8 @@ def optimizer_step(
         torch.distributed.all_reduce(counts)
         n_loss, n_tok = (int(c) for c in counts.tolist())
         world = torch.distributed.get_world_size()
+    if n_loss == 0:  # the Dataset keeps only examples with a target: this is a bug, not bad data
+        raise TrainingError("a step's micro-batches hold no response token to predict; please report it")
     lr = optimizer.param_groups[0]["lr"]
     cuda = torch.device(device).type == "cuda"
     total = torch.zeros((), device=device)
@@ -566,8 +600,21 @@ def _train(
 
     # plan: global micro-batches (batch_size rows per rank) per epoch, optimizer steps in all
     first_epoch = ds.micro_batches(0, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
-    steps_per_epoch = math.ceil(len(first_epoch) / cfg.grad_accum)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+    def epoch_steps(e: int) -> int:
+        mb = (
+            first_epoch
+            if e == 0
+            else ds.micro_batches(e, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
+        )
+        return math.ceil(len(mb) / cfg.grad_accum)
+
+    if cfg.max_steps:
+        total_steps = cfg.max_steps
+    elif cfg.pack:  # each epoch's order packs into its own number of rows: count every epoch
+        total_steps = sum(epoch_steps(e) for e in range(cfg.epochs))
+    else:
+        total_steps = epoch_steps(0) * cfg.epochs
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
     dtype = (
@@ -584,6 +631,10 @@ def _train(
         decomp, device=dev, dtype=dtype, trainable=True, offload_residual=cfg.offload_residual
     )
     store = next(iter(layers.values())).residual_store if cfg.offload_residual else None
+    if cfg.pack:
+        check_packing(model, dev)
+        if store is not None:  # the check's forward is not the training step's access pattern
+            store.trace, store.recording, store.pos = [], True, 0
     if cfg.grad_checkpointing:
         kw = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -607,12 +658,11 @@ def _train(
 
     step, epoch, pos, tokens_seen = 0, 0, 0, 0
     resumed_from = None
-    if mode == "resume":  # every rank reads the same checkpoint (rank 0 has not touched it)
-        ck = _checkpoint_dir(out)
-        if ck is None:
-            raise RunDirError(
-                f"{out} has no checkpoint to resume from; run again without --resume (or with --force)"
-            )
+    ck = _checkpoint_dir(out) if mode == "resume" else None
+    if mode == "resume" and ck is None:  # stopped before its first checkpoint: nothing to keep
+        distributed.on_main(d, lambda: (_trim_log(log_file, 0), _trim_snapshots(out, 0)))
+        progress.note("no checkpoint was saved yet: starting from step 0")
+    elif mode == "resume":  # every rank reads the same checkpoint (rank 0 has not touched it)
         st = json.loads((ck / "state.json").read_text())
         saved = read_adapter(ck, list(layers))
         with torch.no_grad():
@@ -694,6 +744,8 @@ def _train(
                     if group and cfg.max_steps is None:
                         break  # --epochs: an epoch's last accumulation group may be shorter
                 rows = shard(batches[pos], d.rank, d.world_size)
+                if not group:
+                    group_epoch = epoch  # the log's epoch: the one the step's data came from
                 group.append(ds.collate(rows) if rows else ds.idle_batch())
                 pos += 1
             if store is not None:
@@ -715,7 +767,7 @@ def _train(
             dt = time.perf_counter() - t0
             rec = {
                 "step": step,
-                "epoch": epoch,
+                "epoch": group_epoch,
                 "loss": o.loss,
                 "reg_loss": o.reg_loss,
                 "ortho_error_max": o.ortho_error_max,

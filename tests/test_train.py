@@ -275,3 +275,90 @@ def test_cuda_training_matches_cpu_direction_and_offload(tiny_lm_decomposed, tmp
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     log = _log(run)
     assert log[-1]["loss"] < log[0]["loss"] and log[0]["memory_gib"] > 0
+
+
+def _lines(tmp_path: Path, n: int, name: str = "d.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(GSM8K_SLICE.read_text().splitlines(keepends=True)[:n]))
+    return p
+
+
+def test_packed_examples_do_not_see_each_other(tiny_lm_decomposed, tmp_path):
+    """Packed after another example, an example's loss and targets are what they are alone."""
+    from transformers import AutoTokenizer
+
+    _, dec = tiny_lm_decomposed("llama")
+    tok = AutoTokenizer.from_pretrained(dec)
+    data = _lines(tmp_path, 3)
+    ds = Dataset(data, tok, max_length=1024, pack=True)
+    model, _, _ = load_sorsa_model(dec)
+    alone, packed = ds.collate([[1]]), ds.collate([[0, 1], [2]])
+    packed["labels"][0, : ds.lengths[0]] = IGNORE  # count example 1's targets only
+    packed["labels"][1] = IGNORE
+    with torch.no_grad():
+        (a, na), (p, np_) = loss_sum(model, alone), loss_sum(model, packed)
+    assert na == np_ and abs(float(a) / na - float(p) / np_) < 1e-5, (float(a) / na, float(p) / np_)
+    # raw text: the next example's first token is no target of the previous example's last
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "one two three"}\n{"text": "four five"}\n')
+    tds = Dataset(text, tok, fields=parse_fields("text"), template="raw", max_length=64, pack=True)
+    b = tds.collate([[0, 1]])
+    assert b["labels"][0, tds.lengths[0]] == IGNORE
+    assert int((b["labels"][:, 1:] != IGNORE).sum()) == sum(tds.lengths) - 2
+
+
+def test_epochs_with_packing_count_each_epochs_rows(tiny_lm_decomposed, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, dec = tiny_lm_decomposed("llama")
+    tok = AutoTokenizer.from_pretrained(dec)
+    data = _lines(tmp_path, 7)
+    cfg = dict(max_length=1024, batch_size=1, pack=True, lr=1e-3)
+    ds = Dataset(data, tok, max_length=1024, pack=True)
+    per_epoch = [len(ds.micro_batches(e, 0, 1)) for e in range(3)]
+    assert len(set(per_epoch)) > 1, per_epoch  # the shuffles pack into different numbers of rows
+    r = train(dec, data, tmp_path / "run", config=TrainConfig(epochs=3, **cfg), device="cpu")
+    assert r.steps == sum(per_epoch)
+    assert [x["epoch"] for x in _log(tmp_path / "run")] == [e for e in range(3) for _ in range(per_epoch[e])]
+
+
+def test_logged_epoch_of_a_short_last_accumulation_group(tiny_lm_decomposed, tmp_path):
+    _, dec = tiny_lm_decomposed("llama")
+    data = _lines(tmp_path, 11)  # 6 micro-batches of 2 an epoch: accumulation groups of 4 and 2
+    cfg = TrainConfig(max_length=384, batch_size=2, grad_accum=4, epochs=2, lr=1e-3)
+    train(dec, data, tmp_path / "run", config=cfg, device="cpu")
+    assert [x["epoch"] for x in _log(tmp_path / "run")] == [0, 0, 1, 1]
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tiny_lm_decomposed, tmp_path):
+    _, dec = tiny_lm_decomposed("llama")
+    cfg = TrainConfig(**FAST, max_steps=3)
+    train(dec, GSM8K_SLICE, tmp_path / "full", config=cfg, device="cpu")
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(dec, GSM8K_SLICE, cut, config=cfg, device="cpu", progress=_StopAt(2))
+    assert not (cut / "checkpoint").exists()
+    r = train(dec, GSM8K_SLICE, cut, config=cfg, device="cpu", resume=True)
+    assert r.resumed_from is None and r.steps == 3
+    a, b = (
+        load_file(tmp_path / "full" / "sorsa_adapter.safetensors"),
+        load_file(cut / "sorsa_adapter.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x["step"] for x in _log(cut)] == [1, 2, 3]
+
+
+def test_examples_without_a_target_and_invalid_unicode(tiny_lm_decomposed, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, dec = tiny_lm_decomposed("llama")
+    tok = AutoTokenizer.from_pretrained(dec)
+    tok._tokenizer.post_processor = None  # no BOS: "" encodes to [eos] alone, which predicts nothing
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": ""}\n{"text": "one two"}\n')
+    ds = Dataset(text, tok, fields=parse_fields("text"), template="raw", max_length=64)
+    assert len(ds) == 1 and ds.n_too_long == 1
+    bad = tmp_path / "u.jsonl"
+    bad.write_text('{"question": "a", "answer": "b"}\n{"question": "x \\ud800 y", "answer": "b"}\n')
+    with pytest.raises(DataError, match=r"u.jsonl:2: field 'question' is not valid Unicode"):
+        Dataset(bad, AutoTokenizer.from_pretrained(dec))
