@@ -57,6 +57,7 @@ from sorsa_tools.io.safetensors_file import (
     atomic_copy,
     atomic_write_json,
     check_read_back,
+    check_replaceable,
     iter_file_chunks,
     write_tensors,
 )
@@ -176,10 +177,7 @@ def _validate_targets(ckpt: Checkpoint, targets: list[str], rank: int) -> None:
 
 
 def _clear_dir(out: Path, source: Path) -> None:
-    resolved = out.resolve()
-    forbidden = {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()}
-    if resolved in forbidden or source.resolve().is_relative_to(resolved):
-        raise OutputDirError(f"refusing to clear {out} with --force; choose a dedicated output directory")
+    check_replaceable(out, [source])
     for p in out.iterdir():
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

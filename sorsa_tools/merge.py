@@ -33,6 +33,7 @@ from sorsa_tools.io.safetensors_file import (
     atomic_copy,
     atomic_write_json,
     check_read_back,
+    check_replaceable,
 )
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 from sorsa_tools.svd import Factors, reconstruction_probe
@@ -138,11 +139,7 @@ def _prepare_out(out: Path, source: MergedSource, force: bool) -> Path:
     if out.exists() or out.is_symlink():
         if not force:
             raise OutputDirError(f"{out} already exists; choose a new -o, or pass --force to replace it")
-        protected = {source.root.resolve(), Path.home().resolve(), Path("/").resolve(), Path.cwd().resolve()}
-        if source.adapter_dir is not None:
-            protected.add(source.adapter_dir.resolve())
-        if out.resolve() in protected or source.root.resolve().is_relative_to(out.resolve()):
-            raise OutputDirError(f"refusing to replace {out} with --force; choose a dedicated output path")
+        check_replaceable(out, [source.root] + ([source.adapter_dir] if source.adapter_dir else []))
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.merge-*"):  # left by a killed merge
         shutil.rmtree(stale, ignore_errors=True)

@@ -44,6 +44,7 @@ from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
 from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     atomic_write_text,
+    check_replaceable,
     file_sha256,
     write_tensors,
 )
@@ -322,7 +323,13 @@ def optimizer_step(
 
 # -- the run directory --------------------------------------------------------------------------
 def _prepare_run_dir(
-    out: Path, decomp: Path, run_id: str, resume: bool, force: bool, key: dict | None = None
+    out: Path,
+    decomp: Path,
+    run_id: str,
+    resume: bool,
+    force: bool,
+    key: dict | None = None,
+    inputs: tuple[Path, ...] = (),
 ) -> str:
     """'fresh', 'resume' or 'done'; refuses directories holding anything else. `key` (what run_id
     hashes) lets it name the one difference a user is likely to make: another number of processes."""
@@ -349,6 +356,7 @@ def _prepare_run_dir(
             raise RunDirError(
                 f"{out} holds files that are not a sorsa run (e.g. {existing[0]}); --force only replaces runs"
             )
+        check_replaceable(out, [decomp, *inputs])
         shutil.rmtree(out)
         out.mkdir(parents=True)
         return "fresh"
@@ -570,7 +578,7 @@ def _train(
     log_file = out / LOG_FILE
 
     def prepare() -> str:
-        mode = _prepare_run_dir(out, decomp, run_id, resume, force, run_key)
+        mode = _prepare_run_dir(out, decomp, run_id, resume, force, run_key, (data,))
         if mode == "fresh":
             atomic_write_json(
                 out / RUN_FILE, {"run_id": run_id, **run_key, "decomposed_dir": str(decomp.resolve())}

@@ -161,6 +161,21 @@ def test_non_finite_adapter_is_refused_by_name(trained, tmp_path):
     assert not any(p.name in ("m", "m.gguf", "l") for p in tmp_path.iterdir())
 
 
+def test_force_never_replaces_an_input(trained, tmp_path, monkeypatch):
+    import shutil
+
+    _, dec, run_dir = trained
+    work = tmp_path / "work"
+    shutil.copytree(run_dir, work / "run")  # the adapter lives inside the OUT to be replaced
+    res = run("merge", str(dec), "--adapter", str(work / "run"), "-o", str(work), "--force")
+    assert_clean_error(res, f"refusing to replace {work} with --force: it holds {work / 'run'}")
+    assert (work / "run" / ADAPTER_FILE).is_file()
+    monkeypatch.chdir(work / "run")  # nor the working directory's ancestors
+    res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(work), "--force")
+    assert_clean_error(res, f"refusing to replace {work} with --force; choose a dedicated output path")
+    assert (work / "run" / ADAPTER_FILE).is_file()
+
+
 def test_merge_cli(trained, tmp_path):
     _, dec, run_dir = trained
     res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "m"))

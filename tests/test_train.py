@@ -362,3 +362,16 @@ def test_examples_without_a_target_and_invalid_unicode(tiny_lm_decomposed, tmp_p
     bad.write_text('{"question": "a", "answer": "b"}\n{"question": "x \\ud800 y", "answer": "b"}\n')
     with pytest.raises(DataError, match=r"u.jsonl:2: field 'question' is not valid Unicode"):
         Dataset(bad, AutoTokenizer.from_pretrained(dec))
+
+
+def test_force_keeps_the_data_file_inside_the_run(tiny_lm_decomposed, tmp_path):
+    from sorsa_tools.errors import OutputDirError
+
+    _, dec = tiny_lm_decomposed("llama")
+    run = tmp_path / "run"
+    cfg = TrainConfig(**FAST, max_steps=1)
+    train(dec, GSM8K_SLICE, run, config=cfg, device="cpu")
+    data = _lines(run, 20, "mine.jsonl")  # the user keeps the data in the run dir
+    with pytest.raises(OutputDirError, match="it holds .*mine.jsonl, an input of this job"):
+        train(dec, data, run, config=cfg, device="cpu", force=True)
+    assert data.is_file()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sorsa_tools.errors import CheckpointError, DiskFullError, VerificationError
+from sorsa_tools.errors import CheckpointError, DiskFullError, OutputDirError, VerificationError
 
 # safetensors dtype code <-> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -221,6 +221,21 @@ def disk_errors(path: Path) -> Iterator[None]:
                 "same command again to resume"
             ) from None
         raise
+
+
+def check_replaceable(out: Path, inputs: list[Path], flag: str = "--force") -> None:
+    """Refuse to delete `out` (what `flag` asked for) where that would destroy more than an old
+    output: the filesystem root, the home or working directory or one of their ancestors, or a
+    directory that is or holds one of the job's `inputs` (a source, adapter or data file)."""
+    res = out.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if res == Path(res.anchor) or cwd.is_relative_to(res) or home.is_relative_to(res):
+        raise OutputDirError(f"refusing to replace {out} with {flag}; choose a dedicated output path")
+    for p in inputs:
+        if p.resolve().is_relative_to(res):
+            raise OutputDirError(
+                f"refusing to replace {out} with {flag}: it holds {p}, an input of this job; choose another -o"
+            )
 
 
 def temp_path(path: Path) -> Path:
