@@ -62,8 +62,7 @@ ACCEPTED = (
 _NUMBER = re.compile(
     r"""
     (?P<neg>(?<![\w)\]])[-\u2212](?=\s?[$\u20ac\u00a3\u00a5\u20b9]?\s?\.?\d))?  # a sign, not a subtraction
-    (?:[$\u20ac\u00a3\u00a5\u20b9]\s?)?                                       # currency
-    (?P<neg2>-)?                                                             # $-5
+    (?:[$\u20ac\u00a3\u00a5\u20b9]\s?(?P<neg2>-)?)?                            # currency; $-5
     (?P<mag>\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)          # 1,234.50 | 12.5 | .5
     (?:[eE](?P<exp>[-+]?\d+)(?![\w]))?                                       # 1e3
     (?:\s?/\s?(?P<den>\d+(?:\.\d+)?)(?![\d/]))?                               # 3/4

@@ -50,6 +50,8 @@ EXTRACTION = [
     ("He pays 12 dollars in total. The answer is 12 dollars", 12),
     ("The answer is -5", -5),
     ("It dropped to -$5 overall.", -5),
+    ("The balance is $-5 now.", -5),
+    ("He has 20 apples and gives away 5, so he has 20-5", 5),  # a subtraction, not a -5
     ("The temperature is 10 - 15 = -5 degrees. The answer is 5 + 3 = 8.", 8),
     ("She used 3/4 of the flour.", 0.75),
     ("That is 25% of the class.", 25),
