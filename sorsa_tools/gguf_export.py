@@ -968,6 +968,12 @@ def _export(
         raise ExportError(f"{out} is a directory; give a file path ending in .gguf")
     _check_out(out, force, [out, *out.parent.glob(f"{glob_escape(out.stem)}-0*-of-0*.gguf")])
     m = _model(source)
+    window = m.hp.get(m.spec.ignored_window_key) if m.spec.ignored_window_key else None
+    if window:
+        warnings.append(
+            f"{m.spec.ignored_window_key}={window}: llama.cpp's {m.arch} graph attends to the whole context, "
+            f"so its outputs differ from transformers' past {window} tokens (llama.cpp's converter does the same)"
+        )
     embed = next((i for i in source.infos() if i.name.endswith("embed_tokens.weight")), None)
     if embed is None:
         raise ExportError(f"{source.root} has no embed_tokens.weight; the checkpoint is incomplete")

@@ -32,6 +32,9 @@ class ArchSpec:
     sliding_window: bool = False
     # HF config keys that must hold one of these values for llama.cpp's graph to be the same network
     requires: dict[str, tuple] = field(default_factory=dict)
+    # an HF config key for a sliding window that llama.cpp's graph for this family does not apply:
+    # the export goes ahead (as llama.cpp's converter does) with a warning naming the window
+    ignored_window_key: str | None = None
     # tensor-name prefixes of a multimodal wrapper, rewritten to the text model's
     prefix_rewrites: tuple[tuple[str, str], ...] = ()
     skip_prefixes: tuple[str, ...] = ()
@@ -62,7 +65,10 @@ _GEMMA3 = ArchSpec(
 # HF model_type -> how to export it. One row per supported family.
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, family_tokenizer="llama"),
-    "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, family_tokenizer="llama"),
+    # Mistral 7B v0.1 attends within 4096 tokens; llama.cpp's llama graph attends to everything
+    "mistral": ArchSpec(
+        gguf.MODEL_ARCH.LLAMA, permute_qk=True, family_tokenizer="llama", ignored_window_key="sliding_window"
+    ),
     # llama.cpp's qwen2/qwen3 graphs have no sliding window (released Qwen configs leave it off)
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, requires={"use_sliding_window": (None, False)}),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, requires={"use_sliding_window": (None, False)}),

@@ -552,3 +552,22 @@ def test_gemma3_270m_real(gemma_270m, fast_tmp):
     agree = (got8.argmax(-1) == ref.argmax(-1)).mean()
     print(f"gemma3 270M q8_0: top-1 agreement {agree:.3f}")
     assert agree >= 0.95
+
+
+def test_mistral_sliding_window_is_exported_with_a_warning(tiny, tmp_path):
+    src, _ = tiny("llama")
+    for window in (4096, None):
+        m = tmp_path / f"mistral-{window}"
+        shutil.copytree(src, m)
+        cfg = json.loads((m / "config.json").read_text())
+        cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=window)
+        (m / "config.json").write_text(json.dumps(cfg))
+        r = export_gguf(MergedSource.plain(m), tmp_path / f"m-{window}.gguf", "f16")
+        notes = [w for w in r.warnings if "sliding_window" in w]
+        if window:
+            assert notes == [
+                "sliding_window=4096: llama.cpp's llama graph attends to the whole context, so its outputs "
+                "differ from transformers' past 4096 tokens (llama.cpp's converter does the same)"
+            ]
+        else:
+            assert notes == []
