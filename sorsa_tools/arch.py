@@ -6,6 +6,7 @@ A module name M is a weight name minus `.weight` (`model.layers.0.self_attn.q_pr
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 
 from sorsa_tools.errors import TargetError
@@ -92,13 +93,32 @@ def parse_target_spec(spec: str) -> tuple[str, list[str] | re.Pattern[str]]:
         raise TargetError(f"--targets {spec!r} is neither a list of names nor a valid regex ({e})") from None
 
 
+# Checkpoint prefixes that transformers renames when it builds the model: multimodal wrappers
+# (Gemma 3, Llava-style) are saved with legacy keys. Checkpoint name -> live module name.
+CHECKPOINT_PREFIX_RENAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head", "lm_head"),
+)
+
+
+def live_module_name(name: str, live: Container[str]) -> str | None:
+    """The name under which the built model holds the module a checkpoint calls `name` (the
+    adapter format keeps checkpoint names); None if it holds no such module."""
+    if name in live:
+        return name
+    for old, new in CHECKPOINT_PREFIX_RENAMES:
+        if name.startswith(old) and new + name[len(old) :] in live:
+            return new + name[len(old) :]
+    return None
+
+
 def _matches(module: str, how: str, what) -> bool:
     if how == "names":
         return any(module == n or module.endswith("." + n) for n in what)
     return bool(what.search(module))
 
 
-def _meta_model(config: dict):
+def meta_model(config: dict):
     """The model of `config` built on the meta device (no memory, no weights): its module types."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -108,16 +128,16 @@ def _meta_model(config: dict):
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def _module_of(model, name: str):
-    """The module a checkpoint name refers to, with or without the model's base prefix; None if
-    the name does not resolve (checkpoint and class naming differ)."""
+def _module_of(model, live: dict, name: str):
+    """The module a checkpoint name refers to (as the trainer resolves it, or with or without the
+    model's base prefix); None if the name does not resolve (checkpoint and class naming differ)."""
+    hit = live_module_name(name, live)
+    if hit is not None:
+        return live[hit]
     prefix = getattr(model, "base_model_prefix", "") + "."
-    for cand in (name, name[len(prefix) :] if name.startswith(prefix) else None, prefix + name):
-        if cand:
-            try:
-                return model.get_submodule(cand)
-            except AttributeError:
-                continue
+    for cand in (name[len(prefix) :] if name.startswith(prefix) else None, prefix + name):
+        if cand in live:
+            return live[cand]
     return None
 
 
@@ -128,13 +148,14 @@ def check_linear_targets(config: dict, targets: list[str]) -> None:
     import torch
 
     try:
-        model = _meta_model(config)
+        model = meta_model(config)
     except Exception:  # unknown to this transformers: nothing to check against
         return
     out = model.get_output_embeddings()
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None
+    live = dict(model.named_modules())
     for m in targets:
-        mod = _module_of(model, m)
+        mod = _module_of(model, live, m)
         if mod is None:
             continue
         if not isinstance(mod, torch.nn.Linear):
@@ -154,7 +175,7 @@ def generic_targets(config: dict, modules_2d: list[str]) -> list[str]:
     try:
         import torch
 
-        model = _meta_model(config)
+        model = meta_model(config)
     except Exception as e:  # any failure means: we cannot know this architecture
         raise TargetError(
             f"architecture {config.get('model_type')!r} is not in the target table and transformers "

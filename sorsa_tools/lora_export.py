@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sorsa_tools.arch import live_module_name, meta_model
 from sorsa_tools.errors import InputError, NotDecomposedError, OutputDirError, VerificationError
 from sorsa_tools.format import ADAPTER_FILE, factor_names
 from sorsa_tools.io.safetensors_file import (
@@ -54,6 +55,16 @@ class LoraExportResult:
     max_relative_delta: float  # largest ||Delta W||_F / ||U S Vt||_F: how far training moved a module
     base_model: str | None
     seconds: float
+
+
+def _live_names(src) -> set[str]:
+    """Module names of the model PEFT will load the LoRA into (built on the meta device); empty
+    where transformers cannot build it (checkpoint names are used then)."""
+    try:
+        model = meta_model(src.config)
+    except Exception:
+        return set()
+    return {n for n, _ in model.named_modules() if n}
 
 
 def lora_keys(module: str) -> tuple[str, str]:
@@ -168,7 +179,11 @@ def export_lora(
             "train it first (`sorsa train` with --max-steps > 0 and lr > 0)"
         )
 
-    names, exact = peft_targets(targets, [n.removesuffix(".weight") for n in src.names()])
+    live = _live_names(src)
+    peft_name = {m: live_module_name(m, live) or m for m in targets} if live else {m: m for m in targets}
+    names, exact = peft_targets(
+        [peft_name[m] for m in targets], sorted(live) or [n.removesuffix(".weight") for n in src.names()]
+    )
     base = src.decomposition.get("base_model") or {}
     base_id = base.get("name_or_path") if base.get("source") == "hub" else base.get("local_path")
     base_id = base_id or base.get("name_or_path")
@@ -176,7 +191,7 @@ def export_lora(
     specs = []
     for m in targets:
         out_f, in_f = shapes[m]
-        ka, kb = lora_keys(m)
+        ka, kb = lora_keys(peft_name[m])
         specs += [(ka, code, (2 * r, in_f)), (kb, code, (out_f, 2 * r))]
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,11 +211,11 @@ def export_lora(
                     raise VerificationError(
                         f"{m}: the LoRA factors overflow {dtype}; export with --dtype float32 (or bfloat16)"
                     )
-                ka, kb = lora_keys(m)
+                ka, kb = lora_keys(peft_name[m])
                 w.write(ka, A)
                 w.write(kb, B)
             w.commit()
-        max_err, max_rel = _verify(weights, src, init, targets, tdtype, seed)
+        max_err, max_rel = _verify(weights, src, init, targets, peft_name, tdtype, seed)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -271,6 +286,7 @@ def _verify(
     src: MergedSource,
     init: SafetensorsFile,
     targets: list[str],
+    peft_name: dict[str, str],
     dtype: torch.dtype,
     seed: int,
 ) -> tuple[float, float]:
@@ -282,14 +298,14 @@ def _verify(
     f = SafetensorsFile(path)
     with safe_open(path, framework="pt") as so:  # the reader PEFT uses must parse it too
         keys = set(so.keys())
-    expected = {k for m in targets for k in lora_keys(m)}
+    expected = {k for m in targets for k in lora_keys(peft_name[m])}
     if keys != expected:
         raise VerificationError(f"{path} holds other tensors than expected; export again")
     gen = torch.Generator().manual_seed(seed)
     tol = _tolerance(dtype)
     worst, max_rel = 0.0, 0.0
     for m in targets:
-        ka, kb = lora_keys(m)
+        ka, kb = lora_keys(peft_name[m])
         A, B = f.read_tensor(ka).double(), f.read_tensor(kb).double()
         new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
         x = torch.randn(A.shape[1], PROBES, generator=gen, dtype=torch.float64)

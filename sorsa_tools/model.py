@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sorsa_tools.arch import live_module_name
 from sorsa_tools.errors import AdapterMismatchError, NotDecomposedError
 from sorsa_tools.format import ADAPTER_FILE, factor_names, read_config
 from sorsa_tools.io.safetensors_file import SafetensorsFile
@@ -92,20 +93,19 @@ def attach_sorsa(
 ) -> dict[str, SORSALinear]:
     """Replace each target nn.Linear (holding W_r) by a SORSALinear with the given factors."""
     layers = {}
-    for m, (U, S, Vt) in factors.items():
-        try:
-            lin = model.get_submodule(m)
-        except AttributeError:
-            raise NotDecomposedError(
-                f"the model has no module {m}; the adapter belongs to another model"
-            ) from None
+    live = dict(model.named_modules())
+    for m, (U, S, Vt) in factors.items():  # keyed by checkpoint names, as the adapter file is
+        name = live_module_name(m, live)
+        if name is None:
+            raise NotDecomposedError(f"the model has no module {m}; the adapter belongs to another model")
+        lin = live[name]
         if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != (U.shape[0], Vt.shape[1]):
             raise AdapterMismatchError(
                 f"{m}: adapter shapes {tuple(U.shape)}/{tuple(Vt.shape)} do not fit {type(lin).__name__} "
                 f"{tuple(getattr(lin, 'weight', torch.empty(0)).shape)}; the adapter belongs to another model"
             )
         layer = SORSALinear.from_linear(lin, U, S, Vt, factor_dtype)
-        parent, child = _parent(model, m)
+        parent, child = _parent(model, name)
         setattr(parent, child, layer)
         layers[m] = layer
     return layers
