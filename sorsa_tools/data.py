@@ -103,6 +103,7 @@ class Dataset:
         self.offsets = array("q")  # byte offset of every usable example
         self.lengths = array("l")  # its token count after truncation
         self.response_tokens = array("l")  # tokens that carry loss
+        self.truncated = array("b")  # 1 where --max-length cut the example
         self.n_records = 0
         self.n_truncated = 0
         self.n_too_long = 0
@@ -187,6 +188,7 @@ class Dataset:
             self.offsets.append(off)
             self.lengths.append(len(ids))
             self.response_tokens.append(n_resp)
+            self.truncated.append(bool(truncated))
 
     # -- encoding -------------------------------------------------------------------------------
     def _encode(self, records: list[dict]) -> list[tuple[list[int], list[int], bool]]:

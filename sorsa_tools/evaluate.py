@@ -142,6 +142,9 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion k/n (sound at 0, n and small n, unlike p +- 1.96 se)."""
     if n == 0:
         return (0.0, 1.0)
+    if k == 0 or k == n:  # the closed forms, exact (the general formula leaves rounding residue)
+        edge = (z * z / n) / (1 + z * z / n)
+        return (0.0, edge) if k == 0 else (1.0 - edge, 1.0)
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -238,11 +241,16 @@ class _StopOnText:
 
     def __init__(self, tok, start: int, stops: tuple[str, ...], window: int = 24):
         self.tok, self.start, self.stops, self.window = tok, start, stops, window
+        self.stopped_at: dict[int, int] = {}  # row -> new tokens when its stop string appeared
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         tail = input_ids[:, max(self.start, input_ids.shape[1] - self.window) :]
         texts = self.tok.batch_decode(tail, skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+        hits = [any(s in t for s in self.stops) for t in texts]
+        for r, hit in enumerate(hits):  # the row's length, whatever padding follows it
+            if hit:
+                self.stopped_at.setdefault(r, input_ids.shape[1] - self.start)
+        return torch.tensor(hits, device=input_ids.device)
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
@@ -344,9 +352,12 @@ class HFBackend:
                 input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=stop
             )
         results = []
-        for row in gen[:, ids.shape[1] :].tolist():
+        for r, row in enumerate(gen[:, ids.shape[1] :].tolist()):
             n = next((k + 1 for k, t in enumerate(row) if t in self.eos), None)
-            if n is None:  # stopped by a stop string (then padded) or by max_new_tokens
+            at = stop[0].stopped_at.get(r) if stop else None
+            if at is not None and (n is None or at < n):  # a stop string came first (pad may be EOS)
+                n = at
+            if n is None:  # stopped by max_new_tokens
                 n = len(row)
                 while n and row[n - 1] == self.pad:
                     n -= 1
@@ -465,22 +476,30 @@ class GGUFBackend:
     def generate(
         self, prompts: list[str], add_special: bool, max_new_tokens: int, stops: tuple[str, ...]
     ) -> list[tuple[str, int]]:
+        """Greedy, token by token: at most max_new_tokens (llama-cpp-python's create_completion
+        runs past its max_tokens while a multi-byte character is incomplete), counted as the HF
+        backend counts them (an end-of-generation token included; none after a stop string)."""
         results = []
         for p in prompts:
             ids = self.tokenizer([p], add_special_tokens=add_special)["input_ids"][0]
             self.llm.reset()
-            r = self.llm.create_completion(
-                ids,
-                max_tokens=max_new_tokens,
-                temperature=0.0,
-                top_k=1,
-                top_p=1.0,
-                min_p=0.0,
-                repeat_penalty=1.0,
-                stop=list(stops) or None,
-            )
-            results.append((r["choices"][0]["text"], int(r["usage"]["completion_tokens"])))
+            out: list[int] = []
+            n, text = 0, ""
+            gen = self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
+            for t in gen:
+                n += 1
+                if self._is_eog(t):
+                    break
+                out.append(t)
+                text = self.llm.detokenize(out).decode("utf-8", errors="ignore")
+                if n >= max_new_tokens or any(s in text for s in stops):
+                    break
+            gen.close()
+            results.append((_cut(text, stops), n))
         return results
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(self._llama.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     def load(self) -> None:
         pass
@@ -598,6 +617,13 @@ def evaluate_gsm8k(
     items_file = Path(output).expanduser() if output is not None else default_output(spec)
     if items_file.is_dir():
         raise InputError(f"--output {items_file} is a directory; name a file such as {items_file}/eval.jsonl")
+    inputs = [data] + ([Path(spec.path)] if spec.kind == "gguf" else [])
+    for out_file in (items_file, summary_path(items_file)):
+        hit = next((p for p in inputs if out_file.exists() and out_file.resolve() == p.resolve()), None)
+        if hit is not None:
+            raise InputError(
+                f"--output {items_file} would overwrite {hit}, an input of this run; choose another file"
+            )
 
     backend = GGUFBackend(spec, dev) if spec.kind == "gguf" else HFBackend(spec, dev, dtype)
     tok = backend.tokenizer
@@ -611,7 +637,7 @@ def evaluate_gsm8k(
     idx = list(range(n))
     records = _read_records(ds, idx)
     prompt_len = [ds.lengths[i] - ds.response_tokens[i] for i in idx]
-    truncated = sum(1 for i in idx if ds.lengths[i] >= MAX_LENGTH)
+    truncated = sum(1 for i in idx if ds.truncated[i])
 
     backend.load()
     nll_sums: list[tuple[float, int] | None] = [None] * n

@@ -234,6 +234,14 @@ def _dir_artifact(p: Path, kind: ArtifactKind) -> Artifact:
             base_dirs.append(Path(local))
     else:
         prov = _read_json(p / PROVENANCE_FILE)
+    for index in sorted(p.glob("*.safetensors.index.json")):  # a sharded checkpoint goes up whole
+        shards = sorted(set((_read_json(index).get("weight_map") or {}).values()))
+        missing = next((s for s in shards if not (p / s).is_file()), None)
+        if missing is not None:
+            raise ArtifactError(
+                f"{p} is incomplete: {index.name} names {missing}, which is missing; re-create it with "
+                f"`{kind.made_by}`"
+            )
     readme = p / CARD_FILE
     return Artifact(
         kind,
@@ -403,7 +411,7 @@ def _usage(art: Artifact, repo_id: str, revision: str | None) -> str:
     rev_py = f', revision="{revision}"' if revision else ""
     rev_sh = f" --revision {revision}" if revision else ""
     prov = art.provenance
-    base = _hub_base(prov) or (prov.get("base_model") or {}).get("name_or_path") or "BASE_MODEL"
+    base = _hub_base(prov) or "BASE_MODEL"  # a local base is named in the table, never by its path
     if kind == "merged-hf":
         return (
             "The SORSA factors are folded into the weights: load it like any causal LM.\n\n"
@@ -429,10 +437,14 @@ def _usage(art: Artifact, repo_id: str, revision: str | None) -> str:
             f"llama-server -m {first}    # OpenAI-compatible server on :8080\n```\n"
         )
     if kind == "lora":
+        from sorsa_tools.io.hub import looks_like_repo_id
+
         try:
-            base = _read_json(art.root / "adapter_config.json").get("base_model_name_or_path") or base
+            named = _read_json(art.root / "adapter_config.json").get("base_model_name_or_path")
         except ArtifactError:
-            pass
+            named = None
+        if named and looks_like_repo_id(named) and not Path(named).expanduser().exists():
+            base = named  # a Hub id; a local path stays out of the card
         return (
             "A PEFT LoRA adapter exported from the SORSA adapter (`sorsa export-lora`).\n\n"
             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

@@ -91,6 +91,9 @@ def test_gold_numbers_matching_and_wilson():
     assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)
     assert wilson_interval(0, 20)[0] == 0.0 and 0.15 < wilson_interval(0, 20)[1] < 0.17
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 300):  # the ends are exact, not 0.9999999999999999 or 3.5e-18
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        assert wilson_interval(0, n)[1] == pytest.approx(1 - wilson_interval(n, n)[0])
 
 
 def test_nll_is_the_trainers_loss(tiny_lm_decomposed, tmp_path):
@@ -367,3 +370,51 @@ def test_gguf_through_llama_cpp(tmp_path):
     assert abs(r.nll - GEMMA_NLL_FIRST_4) < 0.05, r.nll
     rows = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert all(x["output"] and 0 < x["generated_tokens"] <= 24 for x in rows) and r.generated_tokens > 0
+
+
+def test_output_never_overwrites_an_input(tiny_lm_decomposed, tmp_path):
+    src, _ = tiny_lm_decomposed("llama")
+    data = _write(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    before = data.read_bytes()
+    res = run("eval", "gsm8k", str(src), "--data", str(data), "-o", str(data))
+    assert_clean_error(res, f"would overwrite {data}, an input of this run")
+    assert data.read_bytes() == before
+
+
+def test_truncated_counts_only_examples_cut(tiny_lm_decomposed, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import sorsa_tools.evaluate as ev
+
+    src, _ = tiny_lm_decomposed("llama")
+    length = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(src), None, "paper", 100_000).lengths[0]
+    for max_len, cut in ((length, 0), (length - 1, 1)):  # exactly fitting is not truncated
+        monkeypatch.setattr(ev, "MAX_LENGTH", max_len)
+        r = evaluate_gsm8k(src, GSM8K_SLICE, limit=1, metric="nll", device="cpu", output=tmp_path / "t.jsonl")
+        assert r.truncated == cut
+
+
+def test_tokens_of_a_row_stopped_by_a_stop_string(tiny_lm_decomposed, tmp_path):
+    """Without a pad token the rows are padded with EOS: a row cut by a stop string counts the
+    tokens up to it, not up to the first padding EOS, at any batch size."""
+    from sorsa_tools.evaluate import STOP_STRINGS, HFBackend, ModelSpec
+
+    src, _ = tiny_lm_decomposed("llama")
+    b = HFBackend(ModelSpec("hf", src), "cpu", "float32")
+    b.load()
+    b.tokenizer.pad_token = None
+    b.pad = b.eos[0]
+    nl = b.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    vocab = b.model.config.vocab_size
+
+    class Head(torch.nn.Module):  # row 0 says "\n" (three make a stop string), row 1 token 5
+        def forward(self, h):
+            out = torch.zeros(*h.shape[:-1], vocab)
+            out[0, ..., nl] = 10.0
+            out[1:, ..., 5] = 10.0
+            return out
+
+    b.model.lm_head = Head()
+    (_, n0), (_, n1) = b.generate(["Q: 1+1?", "Q: a longer question?"], True, 12, STOP_STRINGS)
+    assert STOP_STRINGS and n1 == 12 and n0 < 12
+    assert b.generate(["Q: 1+1?"], True, 12, STOP_STRINGS)[0][1] == n0

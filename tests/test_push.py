@@ -632,3 +632,33 @@ def test_help_has_examples():
     assert (
         res.exit_code == 0 and "sorsa push gemma-gsm8k --repo-id" in res.stdout and "--dry-run" in res.stdout
     )
+
+
+def test_sharded_checkpoint_missing_a_shard_is_refused(tmp_path):
+    d = make_merged(tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for s in shards:
+        write(d / s, b"w" * 100)
+    write(d / "model.safetensors.index.json", json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    assert hub.push(d, REPO, token=TOKEN, api=FakeApi(), dry_run=True)
+    (d / shards[1]).unlink()
+    res = run("push", str(d), "--repo-id", REPO, "--dry-run")
+    assert_clean_error(res, f"names {shards[1]}, which is missing", "sorsa merge --to hf")
+
+
+def test_card_never_shows_a_local_base_path(tmp_path):
+    base = tmp_path / "private" / "my-base"
+    api = FakeApi()
+    hub.push(
+        make_merged(tmp_path / "m", provenance(base=str(base), revision=None)), REPO, token=TOKEN, api=api
+    )
+    card = card_of(api)
+    assert str(base) not in card.content and "`my-base` (a local checkpoint)" in card.content
+    lora = make_lora(tmp_path / "lora")
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    api = FakeApi()
+    hub.push(lora, REPO, token=TOKEN, api=api)
+    content = card_of(api).content
+    assert str(base) not in content and f'from_pretrained("{BASE}", dtype="auto")' in content
