@@ -195,9 +195,10 @@ def _method_for(svd: str, shape, rank: int, oversample: int) -> str:
 def _sample_positions(n: int, k: int) -> set[int]:
     if k <= 0 or n == 0:
         return set()
+    k = min(k, n)
     if k == 1:
         return {0}
-    return {round(j * (n - 1) / (k - 1)) for j in range(min(k, n))}
+    return {round(j * (n - 1) / (k - 1)) for j in range(k)}
 
 
 def decompose(
@@ -279,9 +280,17 @@ def decompose(
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{out} is a file; -o must name a directory")
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing == [PARTIAL_DIR] and not (partial / "job.json").exists():
+        # killed before its job file was in place: nothing but temp files, so nothing to keep
+        if all(p.name.startswith(".") and ".tmp-" in p.name for p in partial.iterdir()):
+            shutil.rmtree(partial)
+            existing = []
     if existing and not force:
         done_cfg = out / CONFIG_FILE
         if done_cfg.exists() and _read_job_id(done_cfg) == job_id:
+            shutil.rmtree(partial, ignore_errors=True)  # killed after the config, before this cleanup
+            for stale in out.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
             stats = json.loads(done_cfg.read_text())["modules"]
             n = len(ckpt.shards)
             return _result(out, stats, rank, t0, svd, dev, n, n, True, warnings, tol)
@@ -443,7 +452,12 @@ class _Ctx:
 def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
     """SVD one matrix and form its residual; runs on the compute thread."""
     m = name.removesuffix(".weight")
-    W = read.result().to(device=ctx.device, dtype=ctx.compute_dtype)
+    src = read.result()
+    # float64 in (the source) or out (the residual) computes in float64: W_r + U S Vt must give
+    # back W to the residual dtype's rounding, which float32 arithmetic cannot for float64
+    cdt = torch.promote_types(ctx.compute_dtype, torch.promote_types(src.dtype, ctx.res_dtypes[m]))
+    W = src.to(device=ctx.device, dtype=cdt)
+    del src
     t0 = time.perf_counter()
     require_finite(W, name)
     method = _method_for(ctx.svd, W.shape, ctx.rank, ctx.oversample)
@@ -467,8 +481,15 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
             ) from None
     niter_used, est_error = f.niter, f.est_error
     # round the factors to their storage dtype first, so that W_r + the *stored* factors == W
-    f = Factors(*(t.to(ctx.factor_dtype).to(ctx.compute_dtype) for t in (f.U, f.S, f.Vt)))
+    stored = [t.to(ctx.factor_dtype) for t in (f.U, f.S, f.Vt)]
+    f = Factors(*(t.to(cdt) for t in stored))
     W_r = residual(W, f).to(ctx.res_dtypes[m])
+    for what, t in (("W_r", W_r), *zip(("U", "S", "Vt"), stored, strict=True)):
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(
+                f"{m}: {what} overflows {str(t.dtype).removeprefix('torch.')} (the weights exceed its range); "
+                "choose --residual-dtype and --factor-dtype float32 or bfloat16"
+            )
     err, ratio = reconstruction_probe(W, W_r, f, probes=4, rows=64)
     tol = torch.finfo(ctx.res_dtypes[m]).eps * ratio + 2e-5
     if not err <= tol:  # also catches NaN

@@ -50,9 +50,18 @@ def read_config(directory: str | Path) -> dict:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NotDecomposedError(f"{path} is not valid JSON ({e}); re-create the directory") from None
+    if not isinstance(cfg, dict):
+        raise NotDecomposedError(f"{path} does not hold a JSON object; re-create the directory")
     version = cfg.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise NotDecomposedError(
             f"{path} has format_version {version!r}; this sorsa-tools reads up to {FORMAT_VERSION}: upgrade it"
+        )
+    rank, targets = cfg.get("rank"), cfg.get("target_modules")
+    if not (isinstance(rank, int) and rank > 0) or not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    ):
+        raise NotDecomposedError(
+            f"{path} lacks a positive integer rank or a list of target_modules; re-create the directory"
         )
     return cfg

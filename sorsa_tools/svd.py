@@ -198,8 +198,10 @@ def krylov_svd(
     b = min(rank + oversample, n)
     steps = max(niter, max_niter) if tol else niter
     blocks = min(steps + 1, n // b)
-    if blocks < 2:
-        return exact_svd(W, rank)
+    if blocks < 2:  # not two blocks of the narrow side: the exact SVD costs no more, and says so
+        f = exact_svd(W, rank)
+        f.niter, f.est_error, f.method = 0, 0.0, "exact"
+        return f
     V = torch.empty(n, blocks * b, dtype=A.dtype, device=A.device)
     M = torch.empty(m, blocks * b, dtype=A.dtype, device=A.device)
     G = torch.empty(blocks * b, blocks * b, dtype=A.dtype, device=A.device)

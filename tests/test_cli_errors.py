@@ -236,6 +236,14 @@ def test_not_enough_space_up_front(src, tmp_path, monkeypatch):
     assert_clean_error(res, "needs about", "free")
 
 
+def test_inspect_of_a_damaged_config(tmp_path):
+    for name, cfg in (("norank", {"format_version": 1, "target_modules": ["m"]}), ("alist", [1, 2])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sorsa_config.json").write_text(json.dumps(cfg))
+    assert_clean_error(run("inspect", str(tmp_path / "norank")), "lacks a positive integer rank")
+    assert_clean_error(run("inspect", str(tmp_path / "alist")), "does not hold a JSON object")
+
+
 def test_inspect(src, tmp_path):
     out = tmp_path / "o"
     assert run("decompose", str(src), "--rank", "4", "-o", str(out)).exit_code == 0

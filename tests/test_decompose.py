@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sorsa_tools import decompose
+from sorsa_tools.errors import InputError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, factor_names
 from sorsa_tools.io.checkpoint import open_checkpoint
 
@@ -249,6 +251,53 @@ decompose({str(src)!r}, 8, {str(out)!r}, progress=P())
     assert _file_bytes(out) == _file_bytes(ref)
 
 
+def test_kill_at_the_edges_of_the_job(tiny_factory, tmp_path):
+    """Killed before its job file was in place, or after its config but before the cleanup: the
+    rerun neither refuses the directory nor leaves the partial files behind."""
+    src = tiny_factory("llama", torch.float32)
+    ref = tmp_path / "ref"
+    decompose(str(src), 4, ref)
+    out = tmp_path / "early"
+    (out / ".sorsa-partial").mkdir(parents=True)
+    (out / ".sorsa-partial" / ".job.json.tmp-123").write_text("{")
+    assert not decompose(str(src), 4, out).already_done
+    assert _file_bytes(out) == _file_bytes(ref)
+    (out / ".sorsa-partial").mkdir()
+    (out / ".sorsa-partial" / "factors-x").write_text("left by a kill after the config")
+    (out / ".model.safetensors.tmp-9").write_text("")
+    assert decompose(str(src), 4, out).already_done
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
+def test_float64_and_float16_residuals(tiny_factory, tmp_path):
+    src = tiny_factory("llama", torch.float32)
+    out = tmp_path / "f64"
+    decompose(str(src), 4, out, residual_dtype="float64")  # computed in float64, not float32
+    before, after, adapter = all_tensors(src), all_tensors(out), load_file(out / ADAPTER_FILE)
+    for m in json.loads((out / CONFIG_FILE).read_text())["target_modules"]:
+        U, S, Vt = (adapter[n].double() for n in factor_names(m))
+        W = before[m + ".weight"].double()
+        assert float((after[m + ".weight"] + (U * S) @ Vt - W).norm() / W.norm()) < 1e-14
+    big = tmp_path / "big"
+    shutil.copytree(src, big)
+    for shard in big.glob("*.safetensors"):
+        from safetensors.torch import save_file
+
+        t = load_file(shard)
+        save_file(
+            {k: v * 1e7 if "v_proj" in k else v for k, v in t.items()}, shard, metadata={"format": "pt"}
+        )
+    with pytest.raises(InputError, match=r"v_proj: W_r overflows float16 .* float32 or bfloat16"):
+        decompose(str(big), 4, tmp_path / "f16", residual_dtype="float16")
+
+
+def test_check_sample_larger_than_the_modules():
+    from sorsa_tools.decompose import _sample_positions
+
+    assert _sample_positions(10, 100) == set(range(10)) and _sample_positions(3, 10) == {0, 1, 2}
+    assert _sample_positions(14, 2) == {0, 13} and _sample_positions(5, 0) == set()
+
+
 def test_cuda_decompose_matches_cpu(tiny_factory, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -289,3 +338,11 @@ def test_hub_id_resolved_from_offline_cache(tiny_factory, tmp_path, monkeypatch)
     decompose("tester/tiny-llama", 4, tmp_path / "out")
     base = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())["base_model"]
     assert base["name_or_path"] == "tester/tiny-llama" and base["source"] == "hub" and base["revision"] == sha
+    # a damaged cached index: one clear line, not a KeyError
+    (repo / "snapshots" / sha / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    from sorsa_tools.errors import CheckpointError
+
+    with pytest.raises(
+        CheckpointError, match="tester/tiny-llama: its model.safetensors.index.json is not a valid"
+    ):
+        decompose("tester/tiny-llama", 4, tmp_path / "out2")

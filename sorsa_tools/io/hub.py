@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sorsa_tools.errors import HubError, ModelNotFoundError
+from sorsa_tools.errors import CheckpointError, HubError, ModelNotFoundError
 
 # Small files copied along with the weights, and fetched from the Hub first.
 SIDE_FILE_PATTERNS = [
@@ -67,7 +67,13 @@ def _download(repo_id: str, revision: str | None) -> ResolvedModel:
         snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SIDE_FILE_PATTERNS))
         index = snap / "model.safetensors.index.json"
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(
+                    f"{repo_id}: its model.safetensors.index.json is not a valid index (no weight_map); "
+                    "delete it from the Hugging Face cache and download again"
+                ) from None
         else:
             shards = ["model.safetensors"]
         snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=shards))
