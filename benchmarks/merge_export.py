@@ -172,8 +172,10 @@ def main() -> None:
     result_file = work / "merge-export-result.json"
     rows: dict[str, dict] = json.loads(result_file.read_text()) if result_file.exists() else {}
 
-    def done(name: str, r: dict) -> None:  # saved after every job: a later --skip reuses it
-        rows[name] = r
+    started = time.strftime("%Y-%m-%d %H:%M")
+
+    def done(name: str, r: dict) -> None:  # saved after every job: a later --skip shows it, marked
+        rows[name] = {**r, "when": started}
         result_file.write_text(json.dumps(rows, indent=1))
 
     if "floor" not in skip:
@@ -233,14 +235,20 @@ def main() -> None:
         "| job | wall s | x disk floor | x llama.cpp converter | peak RSS GiB |",
         "|---|---:|---:|---:|---:|",
     ]
+    earlier = [k for k, v in rows.items() if v.get("when") != started]
     for k, v in rows.items():
         xf = f"{v['seconds'] / floor:.2f}" if floor else "n/a"
         xc = f"{v['seconds'] / conv_s:.2f}" if conv_s and "gguf" in k else ""
-        lines.append(f"| {k} | {v['seconds']:.1f} | {xf} | {xc} | {v['peak_rss'] / 2**30:.2f} |")
+        name = k + (f" (earlier run, {v.get('when', 'date unknown')})" if k in earlier else "")
+        lines.append(f"| {name} | {v['seconds']:.1f} | {xf} | {xc} | {v['peak_rss'] / 2**30:.2f} |")
     cold = all(v["cold_cache"] for v in rows.values())
     lines += ["", f"Page cache dropped before each job: {'yes' if cold else 'no (not root)'}."]
     table = "\n".join(lines)
     print(table)
+    if args.record and earlier:
+        raise SystemExit(
+            f"not recorded: {', '.join(earlier)} came from an earlier run; rerun without --skip to record one run"
+        )
     if args.record:
         record("merge_export", "## merge_export\n\n" + table)
 

@@ -24,8 +24,12 @@ in the small loop below. Their tuned models are folded onto the ORIGINAL float32
 `W0 + s (B A - B0 A0)` (B0 A0: the PiSSA init, 0 for LoRA), and saved as an HF dir that
 `sorsa eval` and `sorsa analyze` read; SORSA is evaluated unmerged through its layers.
 
-Every run's results are kept in --workdir; running the command again skips finished runs (so a
-study can be split over several calls). Which run is "best" per method: the lowest test NLL.
+Every run's results are kept in --workdir with the settings that made them; running the command
+again skips finished runs of the same settings (so a study can be split over several calls) and
+redoes the others. Which run is "best" per method: the lowest NLL on a validation split held out
+from the train file (its last --val-size lines, never trained on); the test set only reports.
+Every method is evaluated in float32 (SORSA through its layers on a float32 residual, LoRA/PiSSA
+merged onto the float32 weights): each sees its trained update on the same full-precision base.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class StudyConfig:
     trajectory_points: int = 4  # SORSA runs keep this many adapters along the way (train --keep-adapters)
     device: str = "auto"
     smoke: bool = False
+    val_size: int = 200  # the train file's last lines, held out: the lr (and gamma-0) choice is made on them
 
 
 SMOKE = dict(
@@ -104,12 +109,43 @@ SMOKE = dict(
     eval_batch=2,
     max_new_tokens=24,
     analyze_layers="0",
+    val_size=4,
+    workdir="out/gsm8k-study-smoke",
 )
+
+# the settings that shape a run's numbers: a kept result counts only when they are the same
+RUN_SETTINGS = (
+    "model", "train", "test", "rank", "steps", "batch_size", "max_length", "warmup_ratio", "clip", "seed",
+    "eval_limit", "acc_limit", "eval_batch", "max_new_tokens", "device", "smoke", "val_size",
+)  # fmt: skip
+EVAL_DTYPE = "float32"  # every method is evaluated the same way: frozen weights in float32
 
 
 # -- data: the order `sorsa train` takes ---------------------------------------------------------
+def split_train(cfg: StudyConfig) -> None:
+    """Write the training lines (all but the last --val-size) and the validation lines of the
+    train file into the workdir; every flow trains on the first file, the lr is chosen on the second."""
+    lines = [x for x in Path(cfg.train).read_text(encoding="utf-8").splitlines(keepends=True) if x.strip()]
+    if not 0 < cfg.val_size < len(lines):
+        raise SystemExit(f"--val-size must be between 1 and {len(lines) - 1} (the train file's lines - 1)")
+    d = Path(cfg.workdir) / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train.jsonl", lines[: -cfg.val_size]), ("val.jsonl", lines[-cfg.val_size :])):
+        text = "".join(part)
+        if not (d / name).is_file() or (d / name).read_text(encoding="utf-8") != text:
+            (d / name).write_text(text, encoding="utf-8")
+
+
+def train_file(cfg: StudyConfig) -> Path:
+    return Path(cfg.workdir) / "data" / "train.jsonl"
+
+
+def val_file(cfg: StudyConfig) -> Path:
+    return Path(cfg.workdir) / "data" / "val.jsonl"
+
+
 def train_dataset(cfg: StudyConfig, tokenizer) -> Dataset:
-    return Dataset(cfg.train, tokenizer, None, "paper", cfg.max_length, pack=False)
+    return Dataset(train_file(cfg), tokenizer, None, "paper", cfg.max_length, pack=False)
 
 
 def total_steps(cfg: StudyConfig, ds: Dataset) -> int:
@@ -279,7 +315,7 @@ def train_sorsa(cfg: StudyConfig, decomp: Path, lr: float, gamma: float, out: Pa
     every = max(1, (cfg.steps or 200 * tp) // tp) if tp > 0 else 10**9
     res = T.train(
         decomp,
-        cfg.train,
+        train_file(cfg),
         out,
         config=tc,
         device=cfg.device,
@@ -301,11 +337,13 @@ def evaluate(cfg: StudyConfig, model: Path, adapter: Path | None, out: Path) -> 
     """Test NLL (first --eval-limit questions, default all) and accuracy (first --acc-limit)."""
     from sorsa_tools.evaluate import evaluate_gsm8k
 
-    kw = dict(adapter=adapter, batch_size=cfg.eval_batch, device=cfg.device)
+    kw = dict(adapter=adapter, batch_size=cfg.eval_batch, device=cfg.device, dtype=EVAL_DTYPE)
     r = evaluate_gsm8k(
         model, cfg.test, metric="nll", limit=cfg.eval_limit, output=out / "eval_nll.jsonl", **kw
     )
     res = {"nll": r.nll, "nll_n": r.n, "nll_tokens": r.nll_tokens, "nll_seconds": r.nll_seconds}
+    v = evaluate_gsm8k(model, val_file(cfg), metric="nll", output=out / "eval_val_nll.jsonl", **kw)
+    res |= {"val_nll": v.nll, "val_n": v.n}
     if cfg.acc_limit > 0:
         a = evaluate_gsm8k(
             model,
@@ -372,20 +410,26 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             f"{model} is not a model directory; build it: python examples/prepare_gemma3_270m.py {model}"
         )
     check_tokenizer(cfg)
+    split_train(cfg)
     n_examples = len(train_dataset(cfg, _tokenizer(cfg)))
     cfg.steps = cfg.steps or math.ceil(n_examples / cfg.batch_size)  # every flow gets it explicitly
     results: dict[str, dict] = {}
+    settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
 
     def once(key: str, fn) -> dict:
         f = work / "results" / f"{key}.json"
         if f.is_file():
-            results[key] = json.loads(f.read_text())
-            log(f"{key}: done before (kept)")
-            return results[key]
+            kept = json.loads(f.read_text())
+            if kept.get("settings") == settings:
+                results[key] = kept
+                log(f"{key}: done before (kept)")
+                return kept
+            log(f"{key}: kept result is of other settings: running again")
         log(f"{key}: running ...")
         t = time.perf_counter()
         r = fn()
         r["wall_seconds"] = time.perf_counter() - t
+        r["settings"] = settings
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(r))
         results[key] = r
@@ -465,7 +509,8 @@ def check_tokenizer(cfg: StudyConfig, min_chars_per_token: float = 1.5) -> float
 
 
 def best_runs(results: dict, cfg: StudyConfig) -> dict[str, str]:
-    """Per method, the run with the lowest test NLL (SORSA: among gamma = --gamma runs)."""
+    """Per method, the run with the lowest validation NLL (SORSA: among gamma = --gamma runs); the
+    test set is never used to choose."""
     best = {}
     for method in METHODS:
         keys = [
@@ -474,7 +519,7 @@ def best_runs(results: dict, cfg: StudyConfig) -> dict[str, str]:
             if r["method"] == method and (method != "sorsa" or r["gamma"] == cfg.gamma)
         ]
         if keys:
-            best[method] = min(keys, key=lambda k: results[k]["nll"])
+            best[method] = min(keys, key=lambda k: results[k]["val_nll"])
     return best
 
 
@@ -585,7 +630,7 @@ def plot_losses(study: dict, png: Path) -> Path | None:
                 label=f"SORSA gamma 0: {g0}",
             )
     base = res.get("base", {}).get("nll")
-    for ax, title in ((a, "every run (moving average)"), (b, "best lr per method (by test NLL)")):
+    for ax, title in ((a, "every run (moving average)"), (b, "best lr per method (by validation NLL)")):
         if base is not None:
             ax.axhline(base, color="0.4", lw=0.8, ls="--", label="base model: test NLL")
         ax.set(xlabel="step", ylabel="training loss (nats / response token)", title=title)
@@ -626,13 +671,14 @@ def report(
     nll_n = res.get("base", {}).get("nll_n")
     acc_n = res.get("base", {}).get("acc_n")
     lines += [
-        f"Model `{Path(cfg['model']).name}`; train `{Path(cfg['train']).name}` ({study['train_examples']} usable "
-        f"examples), {steps} steps x batch {cfg['batch_size']} (max length {cfg['max_length']}, paper template, "
+        f"Model `{Path(cfg['model']).name}`; train `{Path(cfg['train']).name}` less its last {cfg['val_size']} "
+        f"lines ({study['train_examples']} usable examples; the {cfg['val_size']} held out choose the lr), {steps} steps x batch {cfg['batch_size']} (max length {cfg['max_length']}, paper template, "
         f"loss on the response), the same batches in the same order for every run (seed {cfg['seed']}); rank "
         f"{cfg['rank']} on q, k, v, o, gate, up, down of every layer; AdamW (weight decay 0), warm-up "
         f"{cfg['warmup_ratio']:g} then cosine, clip {cfg['clip']:g}; bf16 autocast with frozen weights in bf16 "
         "and adapters in float32 on CUDA (float32 on CPU). PEFT: `lora_alpha = r` (scale 1). SORSA: gamma "
-        f"{cfg['gamma']:g} (and 0 at its best lr), evaluated unmerged; LoRA/PiSSA merged onto the float32 weights.",
+        f"{cfg['gamma']:g} (and 0 at its best lr), evaluated through its layers on a float32 residual; "
+        "LoRA/PiSSA merged onto the float32 weights: every method is evaluated in float32.",
         "",
         f"Test NLL: nats per reference-answer token (answer + EOS, teacher forcing, token-weighted) on the first "
         f"{nll_n} questions of `{Path(cfg['test']).name}`; accuracy: greedy, {cfg['max_new_tokens']} new tokens at "
@@ -641,9 +687,9 @@ def report(
         "memory (CUDA: max allocated; "
         "CPU: the process's peak RSS, cumulative over the runs, so not comparable) cover the training loop only.",
         "",
-        "| run | lr | gamma | train loss (first -> final) | test NLL | accuracy (95 % CI) | train wall (s) | "
-        "tokens/s | peak mem (GiB) | trainable params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | lr | gamma | train loss (first -> final) | val NLL | test NLL | accuracy (95 % CI) | "
+        "train wall (s) | tokens/s | peak mem (GiB) | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def acc(r: dict) -> str:
@@ -661,11 +707,12 @@ def report(
         name = f"**{k}**" if k in best.values() else k
         loss = f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}" if "final_loss" in r else "-"
         lines.append(
-            f"| {name} | {_f(r['lr'], 'g')} | {_f(r['gamma'], 'g')} | {loss} | {_f(r['nll'], '.4f')} | {acc(r)} | "
+            f"| {name} | {_f(r['lr'], 'g')} | {_f(r['gamma'], 'g')} | {loss} | {_f(r.get('val_nll'), '.4f')} | "
+            f"{_f(r['nll'], '.4f')} | {acc(r)} | "
             f"{_f(r.get('train_seconds'), '.1f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_gib'), '.2f')} | "
             f"{_f(r.get('trainable_params'), ',')} |"
         )
-    lines += ["", "Bold: the best lr of each method (lowest test NLL)."]
+    lines += ["", "Bold: the best lr of each method (lowest validation NLL; the test set only reports)."]
     for m in METHODS:
         grid = sorted(cfg[f"lrs_{m}"])
         if m in best and len(grid) > 1 and res[best[m]]["lr"] in (grid[0], grid[-1]):
@@ -769,7 +816,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     )
     ap.add_argument("--train", default=d.train)
     ap.add_argument("--test", default=d.test)
-    ap.add_argument("--workdir", default=d.workdir)
+    ap.add_argument("--workdir", default=None, help=f"default {d.workdir} ({SMOKE['workdir']} with --smoke)")
     ap.add_argument("--rank", type=int, default=d.rank)
     ap.add_argument(
         "--steps", type=int, default=None, help=f"optimizer steps (default {d.steps}; 0: one epoch)"
@@ -790,6 +837,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
         "--acc-limit", type=int, default=None, help=f"accuracy questions (default {d.acc_limit}; 0: none)"
     )
     ap.add_argument("--eval-batch", type=int, default=None)
+    ap.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help=f"train lines held out to choose each method's lr (default {d.val_size})",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--analyze-layers", default=None, help="e.g. 0,8,17 (default: every layer)")
     ap.add_argument("--no-analyze", action="store_true", help="skip sorsa analyze (e.g. a partial call)")
@@ -808,7 +861,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     a = ap.parse_args(argv)
     cfg = StudyConfig(**(SMOKE if a.smoke else {}))
     cfg.smoke = a.smoke
-    for k in ("model", "train", "test", "workdir", "rank", "seed", "gamma", "device"):
+    for k in ("model", "train", "test", "rank", "seed", "gamma", "device"):
         setattr(cfg, k, getattr(a, k))
     if a.steps is not None:
         cfg.steps = a.steps or None
@@ -824,6 +877,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
         "max_new_tokens",
         "analyze_layers",
         "trajectory_points",
+        "workdir",
+        "val_size",
     ):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))

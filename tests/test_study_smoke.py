@@ -116,6 +116,7 @@ def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
     }
     for k, r in res.items():
         assert r["nll_n"] == 4 and r["acc_n"] == 1 and 0 <= r["correct"] <= 1, k
+        assert r["val_n"] == 4 and r["val_nll"] > 0 and r["settings"]["steps"] == 2, k
         if k != "base":
             assert r["steps"] == 2 and r["first_loss"] == pytest.approx(base_loss, rel=1e-5), k
             assert r["tokens"] > 0 and r["train_seconds"] > 0, k
@@ -145,11 +146,21 @@ def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
     assert "over the adapters it kept" in text and "| 1 |" in text
     assert (doc.parent / "results_smoke_trajectory.png").stat().st_size > 1000
 
+    # the lr is chosen on lines held out of training: the last --val-size of the train file
+    lines = GSM8K_SLICE.read_text().splitlines(keepends=True)
+    assert (work / "data" / "train.jsonl").read_text() == "".join(lines[:-4])
+    assert (work / "data" / "val.jsonl").read_text() == "".join(lines[-4:])
+
     # a second call trains nothing and writes the same table
     recorder.clear()
     assert study.main(argv) == 0
     assert recorder == {}
     assert doc.read_text().count("| lora-lr2e-03 |") + doc.read_text().count("| **lora-lr2e-03** |") >= 1
+    # other settings in the same workdir: the kept results are not reused
+    argv[argv.index("--steps") + 1] = "1"
+    assert study.main([a for a in argv if a not in ("--record",)]) == 0
+    assert set(recorder) == {"sorsa-g0.0004", "lora", "pissa", "sorsa-g0"}
+    assert all(len(c) == 1 for c in recorder.values())
 
 
 def test_study_refuses_a_character_level_tokenizer(monkeypatch):
