@@ -217,7 +217,7 @@ def peft_step(model, params, optimizer, scheduler, batch, clip: float, device: t
     n_loss = int((batch["labels"][:, 1:] != IGNORE).sum())
     n_tok = int(batch["attention_mask"][(batch["labels"] != IGNORE).any(1)].sum())
     lr = optimizer.param_groups[0]["lr"]
-    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    b = {k: v.to(device, non_blocking=True) for k, v in {**batch, T.LOSS_INDEX: T.loss_index(batch)}.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         ls = T.loss_sum(model, b)[0]
     (ls / n_loss).backward()

@@ -36,6 +36,7 @@ class ResidualStore:
         self.recording = True
         self.pos = 0
         self.resident: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self.misses = 0  # fetches that found nothing prefetched (on a GPU: a copy the step waits for)
 
     @property
     def host_bytes(self) -> int:
@@ -57,24 +58,33 @@ class ResidualStore:
         return w, ev
 
     def get(self, i: int) -> torch.Tensor:
+        """W_r of layer i on the device. The trace of the first step is replayed cyclically (a step
+        of more micro-batches than the recorded one wraps around it), and the next `window`
+        layers along it are copied ahead; a layer wanted again next (the turn from forward to
+        backward, a checkpoint's recomputation) stays resident instead of being fetched anew."""
+        n = len(self.trace)
         if self.recording:
             self.trace.append(i)
-        elif self.pos < len(self.trace) and self.trace[self.pos] == i:
+        elif n and self.trace[self.pos % n] == i:
             self.pos += 1
         else:  # the pattern changed (e.g. another sequence length path): record it again
             self.recording, self.trace, self.pos = True, [i], 0
-        w, ev = self.resident.pop(i, None) or self._copy(i)
+        hit = self.resident.pop(i, None)
+        if hit is None:
+            self.misses += 1
+        w, ev = hit or self._copy(i)
         if ev is not None:
             torch.cuda.current_stream(self.device).wait_event(ev)
             w.record_stream(torch.cuda.current_stream(self.device))
         if not self.recording:
-            ahead = self.trace[self.pos : self.pos + self.window]
+            n = len(self.trace)
+            ahead = [self.trace[(self.pos + k) % n] for k in range(min(self.window, n))]
             for j in list(self.resident):
                 if j not in ahead:
                     del self.resident[j]
             for j in ahead:
-                if j not in self.resident and j != i:
-                    self.resident[j] = self._copy(j)
+                if j not in self.resident:
+                    self.resident[j] = (w, None) if j == i else self._copy(j)
         return w
 
 
@@ -93,5 +103,6 @@ class _OffloadedLinear(torch.autograd.Function):
         return grad_y @ w.to(grad_y.dtype), None, None
 
 
+@torch.compiler.disable  # streams, events and the trace are Python state: compile around them
 def residual_matmul(x: torch.Tensor, layer: SORSALinear) -> torch.Tensor:
     return _OffloadedLinear.apply(x, layer.residual_store, layer.residual_index)

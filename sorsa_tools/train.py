@@ -164,7 +164,11 @@ def label_positions(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     sel = targets != IGNORE
-    return hidden[:, :-1][sel], targets[sel], sel
+    idx = batch.get(LOSS_INDEX)
+    if idx is None:  # boolean indexing: a device-to-host sync (the count) on a GPU
+        return hidden[:, :-1][sel], targets[sel], sel
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, idx)
+    return h, targets.reshape(-1).index_select(0, idx), sel
 
 
 @torch.no_grad()
@@ -194,6 +198,16 @@ def check_packing(model, device: torch.device) -> None:
         )
 
 
+LOSS_INDEX = "loss_index"  # optional batch key: flat (row, position) indices that carry loss
+
+
+def loss_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The flat indices into labels[:, 1:] of the positions that carry loss, computed where the
+    labels are (the host, before the batch moves): the loss then selects them without asking
+    the device how many there are."""
+    return (batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().squeeze(1)
+
+
 def head_cross_entropy(model, h: torch.Tensor, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Cross-entropy of the LM head's float32 logits (final softcapping applied, as the model does)."""
     logits = model.get_output_embeddings()(h).float()
@@ -218,7 +232,9 @@ def loss_sum(
     def ce(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         return head_cross_entropy(model, hc, tc)
 
-    if t.numel() * model.get_output_embeddings().weight.shape[0] <= budget:
+    head = model.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # offloaded: weight is empty
+    if t.numel() * vocab <= budget:
         return ce(h, t), int(t.numel())
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, t.numel(), chunk):
@@ -295,6 +311,7 @@ def optimizer_step(
     cuda = torch.device(device).type == "cuda"
     total = torch.zeros((), device=device)
     for i, b in enumerate(group):
+        b = {**b, LOSS_INDEX: loss_index(b)}  # from the host's labels: no sync in the loss
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with nullcontext() if not ddp or i == len(group) - 1 else model.no_sync():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):

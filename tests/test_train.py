@@ -258,6 +258,13 @@ def test_residual_store_prefetches_along_the_recorded_trace(tiny_lm_decomposed):
     # frozen embeddings) needs no gradient: 25 fetches, replayed along the trace in step 2
     assert len(store.trace) == 25 and set(store.trace[:14]) == set(range(14))
     assert len(set(store.trace[14:])) == 11 and not store.recording and store.pos == 25
+    # a step of two micro-batches replays the one-micro-batch trace twice: no re-recording, and
+    # every fetch was prefetched (the last forward layer stays resident for its backward)
+    store.begin_step()
+    misses = store.misses
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+    assert not store.recording and store.pos == 50 and store.misses == misses
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -275,6 +282,12 @@ def test_cuda_training_matches_cpu_direction_and_offload(tiny_lm_decomposed, tmp
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     log = _log(run)
     assert log[-1]["loss"] < log[0]["loss"] and log[0]["memory_gib"] > 0
+
+
+def _tok(d: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(d)
 
 
 def _lines(tmp_path: Path, n: int, name: str = "d.jsonl") -> Path:
@@ -375,3 +388,26 @@ def test_force_keeps_the_data_file_inside_the_run(tiny_lm_decomposed, tmp_path):
     with pytest.raises(OutputDirError, match="it holds .*mine.jsonl, an input of this job"):
         train(dec, data, run, config=cfg, device="cpu", force=True)
     assert data.is_file()
+
+
+def test_offloaded_lm_head_is_still_chunked(tiny_lm_decomposed, tmp_path, monkeypatch):
+    """With W_r offloaded the head's weight is empty: the chunking decision must not read it."""
+    import sorsa_tools.train as T
+    from sorsa_tools import decompose
+
+    src, _ = tiny_lm_decomposed("llama")
+    dec = tmp_path / "dec"
+    decompose(str(src), 4, dec, targets="q_proj,lm_head", svd="exact", check_sample=0)
+    model, _, _ = load_sorsa_model(dec, trainable=True, offload_residual=True)
+    assert model.get_output_embeddings().weight.numel() == 0
+    chunks = []
+    orig = T.head_cross_entropy
+    monkeypatch.setattr(
+        T, "head_cross_entropy", lambda m, h, t, **k: chunks.append(len(t)) or orig(m, h, t, **k)
+    )
+    batch = {
+        k: torch.as_tensor(v)
+        for k, v in Dataset(GSM8K_SLICE, _tok(dec), max_length=384).collate([[0], [1]]).items()
+    }
+    T.loss_sum(model, batch, chunk=16, budget=16 * 384)
+    assert len(chunks) > 1 and max(chunks) <= 16
