@@ -236,6 +236,19 @@ def select_targets(
         return targets, warnings
     targets = generic_targets(config, modules_2d)
     if not targets:
+        try:
+            kinds = {
+                type(m).__name__
+                for n, m in meta_model(config).named_modules()
+                if re.search(r"\.\d+\.", n + ".")
+            }
+        except Exception:
+            kinds = set()
+        if "Conv1D" in kinds:  # GPT-2 style: the projections are transformers Conv1D, not nn.Linear
+            raise TargetError(
+                f"this {mt!r} checkpoint's projections are Conv1D modules, not nn.Linear: SORSA cannot adapt "
+                "them (train, merge and export replace nn.Linear); use a model with linear projections"
+            )
         raise TargetError(
             f"found no linear layers inside repeated blocks of this {mt!r} checkpoint; pass --targets "
             "with module names or a regex"

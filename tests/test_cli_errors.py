@@ -299,3 +299,15 @@ def test_verification_catches_a_bad_copy(src, tmp_path, monkeypatch):
     monkeypatch.setattr(sf.StreamWriter, "copy_from", zeros)
     res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"))
     assert_clean_error(res, "not copied bit-identically", code=3)
+
+
+def test_conv1d_projections_are_named_not_sent_to_targets():
+    from transformers import GPT2Config
+
+    from sorsa_tools.arch import select_targets
+    from sorsa_tools.errors import TargetError
+
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0).to_dict()
+    shapes = {"transformer.h.0.attn.c_attn.weight": (32, 96), "transformer.h.0.mlp.c_fc.weight": (32, 128)}
+    with pytest.raises(TargetError, match="projections are Conv1D modules, not nn.Linear"):
+        select_targets(cfg, shapes)
