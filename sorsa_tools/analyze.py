@@ -300,7 +300,12 @@ def select_modules(
 
 def check_compatible(base: MergedSource, checkpoints: list[Checkpoint], modules: list[str]) -> None:
     """Every TUNED holds every module with BASE's shape (checked from headers, before any SVD)."""
+    base_names = set(base.names())
     for m in modules:
+        if m + ".weight" not in base_names:  # chosen from a TUNED of another architecture
+            raise ModelMismatchError(
+                f"BASE has no {m}.weight, which TUNED has; pass the model TUNED was fine-tuned from"
+            )
         shape = tuple(base.info(m + ".weight").shape)
         if len(shape) != 2:
             raise ModelMismatchError(

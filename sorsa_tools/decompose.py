@@ -237,8 +237,10 @@ def decompose(
     t0 = time.perf_counter()
     progress = progress or Progress()
     _check_options(rank, svd, oversample, niter, check_sample)
-    if tol < 0 or max_niter < niter:
-        raise InputError(f"--svd-tol must be >= 0 and --max-niter >= --niter (got {tol}, {max_niter})")
+    if not math.isfinite(tol) or tol < 0 or max_niter < niter:
+        raise InputError(
+            f"--svd-tol must be a finite number >= 0 and --max-niter >= --niter (got {tol}, {max_niter})"
+        )
     if oversample is None:
         oversample = rank if svd == "randomized" else 0
     dev = resolve_device(device)

@@ -318,6 +318,12 @@ def test_other_architecture_is_refused(tiny_lm_decomposed, tmp_path):
     )
     with pytest.raises(ModelMismatchError):
         analyze(src, [short])
+    # the other way round: the deeper model as TUNED of a shallower BASE
+    assert_clean_error(
+        run("analyze", str(short), str(dec), "--no-plot"),
+        "BASE has no model.layers.1.",
+        "pass the model TUNED was fine-tuned from",
+    )
     r = analyze(src, [short], layers="0", modules="q_proj")  # leaving the module out works
     assert [m["module"] for m in r.modules] == ["model.layers.0.self_attn.q_proj"]
 

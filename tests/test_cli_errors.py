@@ -311,3 +311,9 @@ def test_conv1d_projections_are_named_not_sent_to_targets():
     shapes = {"transformer.h.0.attn.c_attn.weight": (32, 96), "transformer.h.0.mlp.c_fc.weight": (32, 128)}
     with pytest.raises(TargetError, match="projections are Conv1D modules, not nn.Linear"):
         select_targets(cfg, shapes)
+
+
+@pytest.mark.parametrize("tol", ["nan", "inf"])
+def test_svd_tol_must_be_finite(src, tmp_path, tol):
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"), "--svd-tol", tol)
+    assert_clean_error(res, "--svd-tol must be a finite number >= 0")
