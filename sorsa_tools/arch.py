@@ -181,17 +181,21 @@ def generic_targets(config: dict, modules_2d: list[str]) -> list[str]:
             f"architecture {config.get('model_type')!r} is not in the target table and transformers "
             f"cannot build it ({type(e).__name__}); pass --targets with module names or a regex"
         ) from None
-    linear = {
-        name
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and re.search(r"\.\d+\.", "." + name + ".")
-    }
+    in_blocks = {name: mod for name, mod in model.named_modules() if re.search(r"\.\d+\.", "." + name + ".")}
+    linear = {name for name, mod in in_blocks.items() if isinstance(mod, torch.nn.Linear)}
     present = set(modules_2d)
     hits = [m for m in modules_2d if m in linear]
     if not hits:
         prefix = getattr(model, "base_model_prefix", "") + "."
         hits = [m for m in present if m.startswith(prefix) and m[len(prefix) :] in linear]
         hits += [m for m in present if prefix + m in linear]
+    if not hits and any(type(mod).__name__ == "Conv1D" for mod in in_blocks.values()):
+        # GPT-2 style: the projections are transformers Conv1D, not nn.Linear
+        raise TargetError(
+            f"this {config.get('model_type')!r} checkpoint's projections are Conv1D modules, not nn.Linear: "
+            "SORSA cannot adapt them (train, merge and export replace nn.Linear); use a model with linear "
+            "projections"
+        )
     return sorted(set(hits), key=modules_2d.index)
 
 
@@ -236,19 +240,6 @@ def select_targets(
         return targets, warnings
     targets = generic_targets(config, modules_2d)
     if not targets:
-        try:
-            kinds = {
-                type(m).__name__
-                for n, m in meta_model(config).named_modules()
-                if re.search(r"\.\d+\.", n + ".")
-            }
-        except Exception:
-            kinds = set()
-        if "Conv1D" in kinds:  # GPT-2 style: the projections are transformers Conv1D, not nn.Linear
-            raise TargetError(
-                f"this {mt!r} checkpoint's projections are Conv1D modules, not nn.Linear: SORSA cannot adapt "
-                "them (train, merge and export replace nn.Linear); use a model with linear projections"
-            )
         raise TargetError(
             f"found no linear layers inside repeated blocks of this {mt!r} checkpoint; pass --targets "
             "with module names or a regex"

@@ -105,7 +105,6 @@ class Dataset:
         self.response_tokens = array("l")  # tokens that carry loss
         self.truncated = array("b")  # 1 where --max-length cut the example
         self.n_records = 0
-        self.n_truncated = 0
         self.n_too_long = 0
         self._scan()
 
@@ -184,11 +183,15 @@ class Dataset:
             if n_resp == 0:
                 self.n_too_long += 1
                 continue
-            self.n_truncated += truncated
             self.offsets.append(off)
             self.lengths.append(len(ids))
             self.response_tokens.append(n_resp)
             self.truncated.append(bool(truncated))
+
+    @property
+    def n_truncated(self) -> int:
+        """Usable examples that --max-length cut."""
+        return sum(self.truncated)
 
     # -- encoding -------------------------------------------------------------------------------
     def _encode(self, records: list[dict]) -> list[tuple[list[int], list[int], bool]]:

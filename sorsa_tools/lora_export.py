@@ -180,7 +180,7 @@ def export_lora(
         )
 
     live = _live_names(src)
-    peft_name = {m: live_module_name(m, live) or m for m in targets} if live else {m: m for m in targets}
+    peft_name = {m: live_module_name(m, live) or m for m in targets}
     names, exact = peft_targets(
         [peft_name[m] for m in targets], sorted(live) or [n.removesuffix(".weight") for n in src.names()]
     )

@@ -75,10 +75,16 @@ def read_adapter(
         missing = [n for n in names if n not in f]
         if missing:
             raise NotDecomposedError(f"{f.path} lacks {missing[0]}; re-create the adapter")
-        out[m] = tuple(f.read_tensor(n) for n in names)
-        for n, t in zip(names, out[m], strict=True):
-            require_finite(t, f"{f.path}: {n}", ADAPTER_NOT_FINITE)
+        out[m] = read_factors(f, m)
     return out
+
+
+def read_factors(f: SafetensorsFile, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vt) of one module from an adapter file, refused by name if any holds NaN or inf."""
+    out = tuple(f.read_tensor(n) for n in factor_names(module))
+    for n, t in zip(factor_names(module), out, strict=True):
+        require_finite(t, f"{f.path}: {n}", ADAPTER_NOT_FINITE)
+    return out  # type: ignore[return-value]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

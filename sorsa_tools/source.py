@@ -22,8 +22,7 @@ from sorsa_tools.errors import AdapterMismatchError
 from sorsa_tools.format import ADAPTER_FILE, factor_names
 from sorsa_tools.io.checkpoint import Checkpoint, open_checkpoint
 from sorsa_tools.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
-from sorsa_tools.model import ADAPTER_NOT_FINITE, check_adapter, read_decomposition
-from sorsa_tools.svd import require_finite
+from sorsa_tools.model import check_adapter, read_decomposition, read_factors
 
 R = TypeVar("R")
 Raw = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
@@ -85,10 +84,7 @@ class MergedSource:
         return DTYPES[self.info(name).dtype]
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = tuple(self._adapter.read_tensor(n) for n in factor_names(module))
-        for n, t in zip(factor_names(module), out, strict=True):
-            require_finite(t, f"{self._adapter.path}: {n}", ADAPTER_NOT_FINITE)
-        return out  # type: ignore[return-value]
+        return read_factors(self._adapter, module)
 
     def read_raw(self, name: str) -> Raw:
         """(the tensor as stored, the target's float32 factors or None): the disk part of read()."""

@@ -78,6 +78,13 @@ def exact_svd(W: torch.Tensor, rank: int) -> Factors:
     return _unorient(U[:, :rank], S[:rank], Vt[:rank], t)
 
 
+def _exact_handover(W: torch.Tensor, rank: int, steps: int) -> Factors:
+    """The exact SVD where an iterative one hands over, labelled so (after `steps` steps)."""
+    f = exact_svd(W, rank)
+    f.niter, f.est_error, f.method = steps, 0.0, "exact"
+    return f
+
+
 def _orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of Y's columns.
 
@@ -199,9 +206,7 @@ def krylov_svd(
     steps = max(niter, max_niter) if tol else niter
     blocks = min(steps + 1, n // b)
     if blocks < 2:  # not two blocks of the narrow side: the exact SVD costs no more, and says so
-        f = exact_svd(W, rank)
-        f.niter, f.est_error, f.method = 0, 0.0, "exact"
-        return f
+        return _exact_handover(W, rank, 0)
     V = torch.empty(n, blocks * b, dtype=A.dtype, device=A.device)
     M = torch.empty(m, blocks * b, dtype=A.dtype, device=A.device)
     G = torch.empty(blocks * b, blocks * b, dtype=A.dtype, device=A.device)
@@ -244,9 +249,7 @@ def krylov_svd(
     if tol and not est <= tol and blocks < steps + 1:
         # the basis filled the whole narrow side before reaching tol: the full SVD is no more
         # work than the steps still owed (n <= (steps + 1) b), and exact
-        f = exact_svd(W, rank)
-        f.niter, f.est_error, f.method = j, 0.0, "exact"
-        return f
+        return _exact_handover(W, rank, j)
     hi = (j + 1) * b
     lam, E = eig[1:] if eig is not None and eig[0] == hi else torch.linalg.eigh(G[:hi, :hi])
     S = lam[-rank:].flip(0).clamp_min(0).sqrt()
