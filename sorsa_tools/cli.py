@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,15 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+INTERRUPTED = {
+    "decompose": "interrupted; finished shards are kept: run the same command again to resume",
+    "train": "interrupted; the last checkpoint is kept: run the same command with --resume to go on",
+    "push": "interrupted before the upload finished: run the same command again",
+}
+INTERRUPTED_DEFAULT = "interrupted; nothing was written: run the same command again"
+_said = {"interrupted": False}  # typer turns a Ctrl-C outside a command into a silent exit 130
+
+
 def handle_errors(fn):
     """Every failure becomes one line on stderr and a non-zero exit; SORSA_DEBUG=1 re-raises."""
 
@@ -51,11 +61,8 @@ def handle_errors(fn):
                 raise
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail(
-                "interrupted; finished work is kept: run the same command again to resume "
-                "(sorsa train: add --resume)",
-                130,
-            )
+            _said["interrupted"] = True
+            _fail(INTERRUPTED.get(fn.__name__, INTERRUPTED_DEFAULT), 130)
         except MemoryError:
             _fail("out of memory; close other programs, or use --device cuda / a smaller --rank", 1)
         except OSError as e:
@@ -471,8 +478,11 @@ def merge(
         str, typer.Option(help="hf: float32, float16 or bfloat16 \\[default: the residual dtype].")
     ] = None,
     outtype: Annotated[
-        str, typer.Option(help="gguf: f32, f16, bf16, q8_0, q4_0, q5_0, or a k-quant such as q4_k_m.")
-    ] = "f16",
+        str,
+        typer.Option(
+            help="gguf: f32, f16, bf16, q8_0, q4_0, q5_0, or a k-quant such as q4_k_m \\[default: f16]."
+        ),
+    ] = None,
     split_max_size: Annotated[
         str, typer.Option(help="gguf: split into files of at most this size (e.g. 2G).")
     ] = None,
@@ -816,8 +826,7 @@ def analyze(
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Write no PNG.")] = False,
 ) -> None:
-    """Delta Sigma and Delta D (paper eq. 1-4) of every adapted matrix: how far tuning moved its
-    singular values and vectors."""
+    """How far tuning moved each matrix's singular values and vectors (paper eq. 1-4: ΔΣ, ΔD)."""
     import json
 
     from sorsa_tools.analyze import analyze as run
@@ -930,5 +939,48 @@ def inspect(
     out.print(_kv_table(title, rows))
 
 
+def _on_interrupt(signum, frame) -> None:
+    """The first Ctrl-C stops the command; later ones must not cut its clean-up short."""
+    signal.signal(signal.SIGINT, _while_stopping)
+    raise KeyboardInterrupt
+
+
+def _while_stopping(signum, frame) -> None:
+    os.write(2, b"stopping: removing unfinished files, one moment\n")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The `sorsa` command: returns its exit code. click's own usage errors (unknown option,
+    missing argument) are one `error:` line too, not a box."""
+    # typer re-exports click's exceptions (and from 0.29 vendors click): find them through typer
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if main_thread:
+        signal.signal(signal.SIGINT, _on_interrupt)
+    _said["interrupted"] = False
+    try:
+        code = app(args=argv, prog_name="sorsa", standalone_mode=False)
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `sorsa`: the help, as click shows it
+            out.print(e.ctx.get_help(), markup=False, highlight=False)
+            return 2
+        where = e.ctx.command_path if e.ctx is not None else "sorsa"
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        if where == "sorsa" and words and words[0] in typer.main.get_command(app).commands:
+            where = f"sorsa {words[0]}"  # click names no command for some option errors
+        message = e.format_message().replace("\n", " ").rstrip(".")
+        err.print(f"[bold red]error:[/] {message}; see '{where} --help'", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Abort:
+        err.print("[bold red]error:[/] aborted", highlight=False)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if code == 130 and not _said["interrupted"]:
+        err.print(f"[bold red]error:[/] {INTERRUPTED_DEFAULT}", highlight=False)
+    return code if isinstance(code, int) else 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    sys.exit(run())

@@ -19,7 +19,9 @@ import json
 import math
 import resource
 import shutil
+import sys
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -695,3 +697,15 @@ def _finalize(
     }
     atomic_write_json(out / CONFIG_FILE, config)
     shutil.rmtree(partial, ignore_errors=True)
+
+
+class _CallableModule(types.ModuleType):
+    """`from sorsa_tools import decompose; decompose(model, rank, out)`: the package attribute is
+    this module (Python binds a submodule under its name on import), so the module calls its
+    function."""
+
+    def __call__(self, *args, **kwargs) -> DecomposeResult:
+        return decompose(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -570,6 +570,19 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _check_writable(items_file: Path) -> None:
+    """Fail before the (long) run, not after it, when the results could not be written."""
+    place = items_file.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise InputError(f"--output {items_file}: {place} is a file, not a directory; choose another path")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--output {items_file}: cannot write in {place} (permission denied); choose another path"
+        )
+
+
 def _check_options(limit, batch_size, max_new_tokens, metric, template, output) -> None:
     bad = [
         (limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})"),
@@ -617,6 +630,7 @@ def evaluate_gsm8k(
     items_file = Path(output).expanduser() if output is not None else default_output(spec)
     if items_file.is_dir():
         raise InputError(f"--output {items_file} is a directory; name a file such as {items_file}/eval.jsonl")
+    _check_writable(items_file)
     inputs = [data] + ([Path(spec.path)] if spec.kind == "gguf" else [])
     for out_file in (items_file, summary_path(items_file)):
         hit = next((p for p in inputs if out_file.exists() and out_file.resolve() == p.resolve()), None)
@@ -638,6 +652,8 @@ def evaluate_gsm8k(
     records = _read_records(ds, idx)
     prompt_len = [ds.lengths[i] - ds.response_tokens[i] for i in idx]
     truncated = sum(1 for i in idx if ds.truncated[i])
+    if metric in ("accuracy", "both"):
+        _check_gold(ds, idx, records)
 
     backend.load()
     nll_sums: list[tuple[float, int] | None] = [None] * n
@@ -772,6 +788,18 @@ def evaluate_gsm8k(
         truncated,
         summary,
     )
+
+
+def _check_gold(ds: Dataset, idx: list[int], records: list[dict]) -> None:
+    """An answer with no number cannot be scored: every such item would count as wrong."""
+    bad = [i for i, rec in zip(idx, records, strict=True) if gold_answer(rec[ds.fields.response]) is None]
+    if bad:
+        line = ds.path.read_bytes()[: ds.offsets[bad[0]]].count(b"\n") + 1
+        raise DataError(
+            f"{ds.path}: {len(bad)} of {len(idx)} answers ({ds.fields.response!r}) hold no number "
+            f"(first: line {line}); accuracy needs GSM-8K-style answers ending in '#### N': fix them, "
+            "or pass --metric nll"
+        )
 
 
 def _read_records(ds: Dataset, indices: list[int]) -> list[dict]:

@@ -20,7 +20,9 @@ import logging
 import math
 import os
 import re
+import signal
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -866,6 +868,25 @@ def _verify(
             raise VerificationError(f"{paths[0]}: {sample.name} does not read back as written; export again")
 
 
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """A Ctrl-C while llama.cpp runs lands in its Python log callback, where ctypes prints and
+    drops it: the quantizer went on and the export finished as if nothing happened. Remember it
+    instead and raise it when the C call returns (llama.cpp's quantizer cannot be cancelled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits: list[int] = []
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: hits.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
+    if hits:
+        raise KeyboardInterrupt
+
+
 def _llama_quantize(src: Path, dst: Path, ot: OutType) -> None:
     try:
         import llama_cpp
@@ -881,7 +902,7 @@ def _llama_quantize(src: Path, dst: Path, ot: OutType) -> None:
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        with disk_errors(dst):
+        with disk_errors(dst), _deferred_interrupt():
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     finally:
         log.setLevel(level)

@@ -67,7 +67,7 @@ def merge(
     adapter: str | Path | None = None,
     to: str = "hf",
     dtype: str | None = None,
-    outtype: str = "f16",
+    outtype: str | None = None,
     split_max_size: int | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
@@ -75,10 +75,12 @@ def merge(
     """Fold DIR's residual + adapter (RUN's, or DIR's own untrained one) into OUT.
 
     `to="hf"` writes an HF checkpoint in `dtype` (default: the residual dtype);
-    `to="gguf"` writes a GGUF file of `outtype` (gguf_export.py).
+    `to="gguf"` writes a GGUF file of `outtype` (default f16; gguf_export.py).
     """
     if to not in TARGETS:
         raise InputError(f"--to {to!r} is not one of {', '.join(TARGETS)}; pass --to hf or --to gguf")
+    if to == "hf" and outtype is not None:
+        raise InputError("--outtype applies to --to gguf; for an HF checkpoint choose the dtype with --dtype")
     source = MergedSource(directory, adapter)
     if to == "gguf":
         if dtype is not None:
@@ -89,7 +91,7 @@ def merge(
         r = export_gguf(
             source,
             output,
-            outtype,
+            outtype or "f16",
             split_max_size=split_max_size,
             force=force,
             provenance=provenance(source),

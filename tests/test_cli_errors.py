@@ -6,6 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +321,126 @@ def test_conv1d_projections_are_named_not_sent_to_targets():
 def test_svd_tol_must_be_finite(src, tmp_path, tol):
     res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"), "--svd-tol", tol)
     assert_clean_error(res, "--svd-tol must be a finite number >= 0")
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["decompose", "x", "--rnak", "3"], ["No such option: --rnak", "see 'sorsa decompose --help'"]),
+        (["decompose"], ["Missing argument 'model'", "'sorsa decompose --help'"]),
+        (["nope"], ["No such command 'nope'", "see 'sorsa --help'"]),
+        (["decompose", "x", "-r", "abc", "-o", "y"], ["'--rank'", "valid integer"]),
+        (["train", "x", "--data"], ["'--data' requires an argument", "see 'sorsa train --help'"]),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, args, needles):
+    """click's own usage errors go through the same one-line form as the library's errors."""
+    from sorsa_tools.cli import run as sorsa
+
+    assert sorsa(args) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "╭" not in captured.err and "Traceback" not in captured.err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_bare_sorsa_prints_help(capsys):
+    from sorsa_tools.cli import run as sorsa
+
+    assert sorsa([]) == 2
+    assert "decompose" in capsys.readouterr().out
+
+
+def test_import_is_cheap_and_decompose_stays_callable():
+    """`import sorsa_tools` loads no torch (fast --help, Ctrl-C in the first second is one line);
+    `from sorsa_tools import decompose` still calls, before and after the submodule is loaded."""
+    code = (
+        "import sys, sorsa_tools, sorsa_tools.cli; assert 'torch' not in sys.modules, 'torch'\n"
+        "from sorsa_tools import decompose, describe\n"
+        "import sorsa_tools.decompose as m\n"
+        "assert callable(decompose) and callable(m) and callable(sorsa_tools.decompose)\n"
+        "assert sorsa_tools.DecomposeResult is m.DecomposeResult\n"
+        "print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command,stage,needle",
+    [
+        ("decompose", "sorsa_tools.decompose.decompose", "run the same command again to resume"),
+        ("train", "sorsa_tools.train.train", "with --resume"),
+        ("merge", "sorsa_tools.merge.merge", "nothing was written"),
+    ],
+)
+def test_interrupt_message_fits_the_command(monkeypatch, tmp_path, command, stage, needle):
+    """Only decompose and train keep work to resume; the others say to run again."""
+    import importlib
+
+    module, name = stage.rsplit(".", 1)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), name, interrupted)
+    args = {
+        "decompose": ["decompose", "m", "-r", "4", "-o", str(tmp_path / "o")],
+        "train": ["train", str(tmp_path), "--data", "d.jsonl", "-o", str(tmp_path / "o")],
+        "merge": ["merge", str(tmp_path), "-o", str(tmp_path / "o")],
+    }[command]
+    res = run(*args)
+    line = assert_clean_error(res, needle, code=130)
+    assert ("resume" in line) == (command != "merge")
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    """A Ctrl-C while the command is still importing (or anywhere in it) is one line, exit 130."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sorsa_tools",
+            "decompose",
+            str(tmp_path / "m"),
+            "-r",
+            "4",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.15)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 2 and "no such directory" in err:  # the machine finished before the signal
+        pytest.skip("the command ended before the signal was sent")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    # under `python -m` CPython sometimes ends by re-raising SIGINT (-2), which a shell reports as 130
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+
+
+def test_second_ctrl_c_does_not_cut_clean_up_short(monkeypatch, capfd):
+    """After the first Ctrl-C, further ones only say that it is stopping: no traceback, no abort."""
+    from sorsa_tools import cli
+
+    def stage(*a, **k):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        finally:  # the library's clean-up, interrupted again by an impatient user
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            cleaned.append(True)
+
+    cleaned: list[bool] = []
+    monkeypatch.setattr("sorsa_tools.merge.merge", stage)
+    assert cli.run(["merge", "d", "-o", "o"]) == 130
+    err = capfd.readouterr().err
+    assert cleaned == [True] and "Traceback" not in err
+    assert err.count("stopping:") == 2 and err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

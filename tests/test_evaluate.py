@@ -381,6 +381,36 @@ def test_output_never_overwrites_an_input(tiny_lm_decomposed, tmp_path):
     assert data.read_bytes() == before
 
 
+def test_answers_without_a_number_are_refused_for_accuracy(tiny_lm_decomposed, tmp_path):
+    src, _ = tiny_lm_decomposed("llama")
+    rows = [{"question": "1+1?", "answer": "#### 2"}, {"question": "Why?", "answer": "Because."}]
+    data = _write(tmp_path / "d.jsonl", rows)
+    res = run("eval", "gsm8k", str(src), "--data", str(data), "-o", str(tmp_path / "r.jsonl"))
+    assert_clean_error(res, "1 of 2 answers ('answer') hold no number (first: line 2)", "--metric nll")
+    assert not (tmp_path / "r.jsonl").exists()
+    res = run(
+        "eval", "gsm8k", str(src), "--data", str(data), "--metric", "nll", "-o", str(tmp_path / "r.jsonl")
+    )
+    assert res.exit_code == 0, res.stderr
+
+
+def test_unwritable_output_fails_before_the_run(tiny_lm_decomposed, tmp_path, monkeypatch):
+    """Not after an hour of generation, and naming --output, not a temp file."""
+    import sorsa_tools.evaluate as ev
+
+    src, _ = tiny_lm_decomposed("llama")
+    data = _write(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    monkeypatch.setattr(ev, "HFBackend", lambda *a, **k: pytest.fail("the model was loaded"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run("eval", "gsm8k", str(src), "--data", str(data), "-o", str(blocker / "sub" / "r.jsonl"))
+    assert_clean_error(res, f"--output {blocker}/sub/r.jsonl: {blocker} is a file, not a directory")
+    monkeypatch.setattr(ev.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    (tmp_path / "ro").mkdir()
+    res = run("eval", "gsm8k", str(src), "--data", str(data), "-o", str(tmp_path / "ro" / "r.jsonl"))
+    assert_clean_error(res, f"cannot write in {tmp_path}/ro (permission denied)")
+
+
 def test_truncated_counts_only_examples_cut(tiny_lm_decomposed, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 

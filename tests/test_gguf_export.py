@@ -261,6 +261,30 @@ def test_k_quants_through_llama_cpp(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["q4_k_m.gguf", "q6_k.gguf"]  # no temp left behind
 
 
+def test_ctrl_c_during_the_quantizer_stops_the_export(tiny, tmp_path, monkeypatch):
+    """A Ctrl-C while llama.cpp quantizes lands in a ctypes callback (its log), where Python
+    prints and drops it: the export went on and wrote the file. It must stop, leaving nothing."""
+    import ctypes
+    import signal
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    src, _ = tiny("llama")
+    real = llama_cpp.llama_model_quantize
+    log_line = ctypes.CFUNCTYPE(None)(lambda: signal.raise_signal(signal.SIGINT))
+
+    def quantize(*args):
+        log_line()  # the user's Ctrl-C, delivered while C code calls back into Python
+        return real(*args)
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", quantize)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(MergedSource.plain(src), out / "q.gguf", "q4_k_m")
+    assert list(out.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_k_quant_without_llama_cpp(tiny, tmp_path, monkeypatch):
     import sys
 

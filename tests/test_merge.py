@@ -190,6 +190,7 @@ def test_merge_cli(trained, tmp_path):
         (["--to", "onnx"], ["--to 'onnx' is not one of hf, gguf"]),
         (["--dtype", "int8"], ["--dtype 'int8' is not one of float32, float16, bfloat16"]),
         (["--split-max-size", "2G"], ["--split-max-size applies to --to gguf"]),
+        (["--outtype", "q8_0"], ["--outtype applies to --to gguf", "--dtype"]),
         (["--to", "gguf", "--split-max-size", "lots"], ["'lots' is not a size"]),
         (["--to", "gguf", "--dtype", "float16"], ["--dtype applies to --to hf", "--outtype"]),
     ],
