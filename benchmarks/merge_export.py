@@ -250,7 +250,11 @@ def main() -> None:
             f"not recorded: {', '.join(earlier)} came from an earlier run; rerun without --skip to record one run"
         )
     if args.record:
-        record("merge_export", "## merge_export\n\n" + table)
+        record(
+            "merge_export",
+            "## Merge and GGUF export of a Llama-2-7B-shaped checkpoint (`benchmarks/merge_export.py`)\n\n"
+            + table,
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ writes docs/RESULTS.md with the loss curves (docs/results_loss.png) and the anal
     python examples/gsm8k_study.py --model out/gemma3-270m --record                 # the GPU machine
     python examples/gsm8k_study.py --model out/gemma3-270m --smoke --record         # CPU check, minutes
 
+--train and --test default to ../shared/data/gsm8k/{train,test}.jsonl (this project's machines);
+elsewhere pass GSM-8K JSONL files (question, answer with '#### N') of your own.
+
 What is the same for every flow (so that only the method differs):
 - data: `sorsa_tools.data.Dataset` on the train file (paper template, `--max-length`), batches in
   the order `sorsa train` takes them (the seeded epoch permutation, `--batch-size` rows a step);
@@ -814,8 +817,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     ap.add_argument(
         "--model", default=d.model, help="HF model dir (examples/prepare_gemma3_270m.py builds Gemma 3 270M)"
     )
-    ap.add_argument("--train", default=d.train)
-    ap.add_argument("--test", default=d.test)
+    ap.add_argument("--train", default=d.train, help=f"GSM-8K train JSONL (default {d.train})")
+    ap.add_argument("--test", default=d.test, help=f"GSM-8K test JSONL (default {d.test})")
     ap.add_argument("--workdir", default=None, help=f"default {d.workdir} ({SMOKE['workdir']} with --smoke)")
     ap.add_argument("--rank", type=int, default=d.rank)
     ap.add_argument(
@@ -892,9 +895,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sorsa_tools.errors import SorsaError
+
     cfg, a = parse_args(argv)
     t = time.perf_counter()
-    study = run_study(cfg, log=lambda m: print(m, flush=True))
+    try:
+        study = run_study(cfg, log=lambda m: print(m, flush=True))
+    except SorsaError as e:  # a bad input or setting: one line, as the sorsa command gives it
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     section = "gsm8k_study_smoke" if cfg.smoke else "gsm8k_study"
     body = write_report(study, Path(a.doc) if a.record else None, section)
     Path(cfg.workdir, "study.json").write_text(json.dumps(study, default=str))

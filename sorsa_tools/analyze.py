@@ -34,7 +34,7 @@ import torch
 from sorsa_tools.arch import select_targets
 from sorsa_tools.errors import InputError, ModelMismatchError, ModelNotFoundError, TargetError
 from sorsa_tools.format import CONFIG_FILE, read_config
-from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, temp_path
+from sorsa_tools.io.safetensors_file import atomic_write_json, check_output_file, disk_errors, temp_path
 from sorsa_tools.source import MergedSource
 from sorsa_tools.svd import require_finite
 
@@ -120,6 +120,13 @@ def _kind(d: Path) -> str | None:
 def _open(path: str | Path, role: str) -> tuple[MergedSource, str]:
     """A model directory as a MergedSource, and its kind: 'hf', 'decomposition' or 'trained'."""
     p = Path(path).expanduser()
+    if p.is_file():
+        hint = (
+            "analyze reads safetensors checkpoints, not GGUF: pass the merged HF dir (sorsa merge --to hf)"
+            if p.suffix == ".gguf"
+            else "pass a model directory"
+        )
+        raise InputError(f"{role} {p} is a file; {hint}")
     if not p.is_dir():
         raise ModelNotFoundError(
             f"{role} {p}: no such directory; pass a local model directory (a Hub model: download it "
@@ -470,17 +477,8 @@ def analyze(
 # -- outputs ------------------------------------------------------------------------------------
 def check_output(path: Path | None, what: str) -> None:
     """Refuse an output path that cannot be written, before hours of SVDs."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise InputError(
-            f"{what} {path} is a directory; name a file, e.g. {path / ('analyze' + path.suffix)}"
-        )
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{what} {path}: {parent} is not writable; choose another path")
+    if path is not None:
+        check_output_file(path, what, "analyze.json" if what == "--json" else "analyze.png")
 
 
 def write_json(result: AnalyzeResult, path: str | Path) -> Path:

@@ -239,7 +239,11 @@ def decompose(
         ("mean energy captured", f"{r.mean_energy_captured:.2%}"),
         (
             "max S error vs exact",
-            "not sampled" if r.max_s_rel_error is None else f"{r.max_s_rel_error:.2e} (sampled)",
+            "none: every module took the exact SVD"
+            if r.all_exact
+            else "not sampled"
+            if r.max_s_rel_error is None
+            else f"{r.max_s_rel_error:.2e} (sampled)",
         ),
         (
             "max S error (estimate)",
@@ -321,7 +325,8 @@ def train(
     no_shuffle: Annotated[bool, typer.Option("--no-shuffle", help="Keep the file's order.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     dtype: Annotated[
-        str, typer.Option(help="Dtype of the frozen model [default auto: bfloat16 on CUDA, float32 on CPU].")
+        str,
+        typer.Option(help="Dtype of the frozen model \\[default auto: bfloat16 on CUDA, float32 on CPU]."),
     ] = "auto",
     grad_checkpointing: Annotated[
         bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass.")
@@ -360,6 +365,14 @@ def train(
     quiet = launch_rank() != 0  # under torchrun only rank 0 reports; the library raises on every rank
     if quiet:
         hf_logging.set_verbosity_error()
+    if offload_residual and not quiet:
+        from sorsa_tools.device import resolve_device
+
+        if resolve_device(device) == "cpu":
+            err.print(
+                "[yellow]warning:[/] --offload-residual saves GPU memory; on the CPU it only adds work: drop it",
+                highlight=False,
+            )
     cfg = TrainConfig(
         fields=fields,
         template=template,
@@ -902,7 +915,11 @@ def inspect(
     base = d["base_model"]
     title = f"{d['directory']} ({d['kind']}, format v{d['format_version']})"
     rows = [
-        ("base model", f"{base.get('name_or_path')} ({base.get('source')}, revision {base.get('revision')})"),
+        (
+            "base model",
+            f"{base.get('name_or_path')} ({base.get('source')}"
+            + (f", revision {base['revision']})" if base.get("revision") else ")"),
+        ),
         ("architecture", f"{base.get('model_type')} {base.get('architectures')}"),
         ("rank", str(d["rank"])),
         ("targets", f"{d['target_count']}: " + ", ".join(f"{k}×{v}" for k, v in d["target_kinds"].items())),

@@ -58,16 +58,17 @@ def parse_fields(spec: str | None) -> Fields | None:
     raise DataError(f"--fields {spec!r}: give PROMPT,RESPONSE (e.g. question,answer) or one TEXT field")
 
 
-def _detect_fields(record: dict, lineno: int, path: Path) -> Fields:
+FIELDS_HINT = "pass --fields PROMPT,RESPONSE or --fields TEXT"
+
+
+def _detect_fields(record: dict, lineno: int, path: Path, hint: str = FIELDS_HINT) -> Fields:
     for p, r in FIELD_PAIRS:
         if p in record and r in record:
             return Fields(p, r)
     if "text" in record:
         return Fields(None, "text")
     keys = ", ".join(sorted(record)[:8]) or "none"
-    raise DataError(
-        f"{path}:{lineno}: no known fields (keys: {keys}); pass --fields PROMPT,RESPONSE or --fields TEXT"
-    )
+    raise DataError(f"{path}:{lineno}: no known fields (keys: {keys}); {hint}")
 
 
 class Dataset:
@@ -81,7 +82,9 @@ class Dataset:
         template: str = "paper",
         max_length: int = 512,
         pack: bool = False,
+        fields_hint: str = FIELDS_HINT,
     ):
+        """`fields_hint`: what to tell the user when no known fields are found."""
         self.path = Path(path).expanduser()
         self.tok = tokenizer
         self.template = template
@@ -95,6 +98,8 @@ class Dataset:
             )
         if max_length < 2:
             raise DataError(f"--max-length must be at least 2 (got {max_length})")
+        if self.path.is_dir():
+            raise DataError(f"--data {self.path} is a directory; pass a JSONL file, one example per line")
         if not self.path.is_file():
             raise DataError(f"data file not found: {self.path}; pass an existing JSONL file to --data")
         self.eos = tokenizer.eos_token_id
@@ -106,6 +111,7 @@ class Dataset:
         self.truncated = array("b")  # 1 where --max-length cut the example
         self.n_records = 0
         self.n_too_long = 0
+        self._fields_hint = fields_hint
         self._scan()
 
     # -- scanning -------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ class Dataset:
                     continue
                 rec = self._parse(raw, lineno)
                 if self.fields is None:
-                    self.fields = _detect_fields(rec, lineno, self.path)
+                    self.fields = _detect_fields(rec, lineno, self.path, self._fields_hint)
                 self._check_fields(rec, lineno)
                 pending.append((off, rec))
                 if len(pending) >= _SCAN_BATCH:

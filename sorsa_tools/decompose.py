@@ -119,6 +119,7 @@ class DecomposeResult:
     resumed_shards: int = 0
     already_done: bool = False
     warnings: list[str] = field(default_factory=list)
+    all_exact: bool = False  # every module took the exact SVD: its S error is 0 by construction
 
 
 @dataclass
@@ -179,7 +180,7 @@ def _validate_targets(ckpt: Checkpoint, targets: list[str], rank: int) -> None:
 
 
 def _clear_dir(out: Path, source: Path) -> None:
-    check_replaceable(out, [source])
+    check_replaceable(out, [source], replaces="decomposition")
     for p in out.iterdir():
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -239,9 +240,11 @@ def decompose(
     t0 = time.perf_counter()
     progress = progress or Progress()
     _check_options(rank, svd, oversample, niter, check_sample)
-    if not math.isfinite(tol) or tol < 0 or max_niter < niter:
+    if not math.isfinite(tol) or tol < 0:
+        raise InputError(f"--svd-tol must be a finite number >= 0 (got {tol}); 0 turns it off")
+    if max_niter < niter:
         raise InputError(
-            f"--svd-tol must be a finite number >= 0 and --max-niter >= --niter (got {tol}, {max_niter})"
+            f"--max-niter {max_niter} is below --niter {niter}; raise --max-niter or lower --niter"
         )
     if oversample is None:
         oversample = rank if svd == "randomized" else 0
@@ -251,6 +254,11 @@ def decompose(
     rdt = _dtype_arg(residual_dtype, "--residual-dtype", FLOAT_DTYPES)
 
     src = resolve_model(model, revision)
+    if (src.path / CONFIG_FILE).is_file():
+        raise InputError(
+            f"{model} is already a SORSA decomposition (its target weights hold residuals); decompose the "
+            f"original model, or get it back first with `sorsa merge {model} --to hf -o ORIGINAL`"
+        )
     ckpt = open_checkpoint(src.path)
     shapes = {n: ckpt.info(n).shape for n in ckpt.weight_map}
     target_list, warnings = select_targets(ckpt.config, shapes, targets)
@@ -399,6 +407,7 @@ def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings, 
         resumed_shards=resumed,
         already_done=already,
         warnings=warnings,
+        all_exact=all_exact,
     )
 
 

@@ -40,7 +40,13 @@ from sorsa_tools.errors import (
     ModelNotFoundError,
 )
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config
-from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, file_sha256, temp_path
+from sorsa_tools.io.safetensors_file import (
+    atomic_write_json,
+    check_output_file,
+    disk_errors,
+    file_sha256,
+    temp_path,
+)
 from sorsa_tools.prompts import TEMPLATES, render_prompt
 from sorsa_tools.train import head_cross_entropy, label_positions
 
@@ -570,19 +576,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_writable(items_file: Path) -> None:
-    """Fail before the (long) run, not after it, when the results could not be written."""
-    place = items_file.parent
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise InputError(f"--output {items_file}: {place} is a file, not a directory; choose another path")
-    if not os.access(place, os.W_OK | os.X_OK):
-        raise InputError(
-            f"--output {items_file}: cannot write in {place} (permission denied); choose another path"
-        )
-
-
 def _check_options(limit, batch_size, max_new_tokens, metric, template, output) -> None:
     bad = [
         (limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})"),
@@ -625,12 +618,12 @@ def evaluate_gsm8k(
     spec = resolve_model(model, adapter)
     dev = resolve_device(device)
     data = Path(data).expanduser()
+    if data.is_dir():
+        raise DataError(f"--data {data} is a directory; pass a GSM-8K-style JSONL file")
     if not data.is_file():
         raise DataError(f"data file not found: {data}; pass a GSM-8K-style JSONL file to --data")
     items_file = Path(output).expanduser() if output is not None else default_output(spec)
-    if items_file.is_dir():
-        raise InputError(f"--output {items_file} is a directory; name a file such as {items_file}/eval.jsonl")
-    _check_writable(items_file)
+    check_output_file(items_file, "--output", "eval.jsonl")
     inputs = [data] + ([Path(spec.path)] if spec.kind == "gguf" else [])
     for out_file in (items_file, summary_path(items_file)):
         hit = next((p for p in inputs if out_file.exists() and out_file.resolve() == p.resolve()), None)
@@ -641,7 +634,9 @@ def evaluate_gsm8k(
 
     backend = GGUFBackend(spec, dev) if spec.kind == "gguf" else HFBackend(spec, dev, dtype)
     tok = backend.tokenizer
-    ds = Dataset(data, tok, parse_fields(fields), template, MAX_LENGTH)
+    ds = Dataset(
+        data, tok, parse_fields(fields), template, MAX_LENGTH, fields_hint="pass --fields QUESTION,ANSWER"
+    )
     if ds.fields.prompt is None:
         raise DataError(
             f"{data}: sorsa eval gsm8k needs a question and an answer field, not one text field "

@@ -33,12 +33,14 @@ def adapter_tensor_specs(
     return specs
 
 
-def read_config(directory: str | Path) -> dict:
-    """The sorsa_config.json of a decomposed dir or trained run, checked for a known version."""
+def read_config(directory: str | Path, expect: str = "the output of `sorsa decompose`") -> dict:
+    """The sorsa_config.json of a decomposed dir or trained run, checked for a known version.
+    `expect` names what the caller wanted there, for the message when it is missing."""
     d = Path(directory)
     path = d / CONFIG_FILE
     if not d.is_dir():
-        raise NotDecomposedError(f"no such directory: {d}; pass the output of `sorsa decompose`")
+        what = "is a file, not a directory" if d.exists() else "no such directory"
+        raise NotDecomposedError(f"{what}: {d}; pass {expect}")
     if not path.is_file():
         hint = (
             " (an unfinished decomposition: run the same `sorsa decompose` command again)"

@@ -591,8 +591,7 @@ def push(
     token = token or _saved_token()
     if not token:
         raise HubAuthError(
-            "no Hugging Face token: run `huggingface-cli login` or `hf auth login`, or set HF_TOKEN "
-            "(a token with write access)"
+            "no Hugging Face token: run `hf auth login`, or set HF_TOKEN (a token with write access)"
         )
     message = commit_message or f"Upload {art.kind.what} with sorsa push"
     try:

@@ -12,7 +12,7 @@ from sorsa_tools.io.safetensors_file import SafetensorsFile
 def describe(directory: str | Path) -> dict:
     """Summarise a SORSA directory; checks that the adapter file matches its config."""
     d = Path(directory)
-    cfg = read_config(d)
+    cfg = read_config(d, "a decomposed dir (`sorsa decompose`) or a trained run (`sorsa train`)")
     adapter = SafetensorsFile(d / ADAPTER_FILE) if (d / ADAPTER_FILE).exists() else None
     if adapter is None:
         raise NotDecomposedError(f"{d} has {ADAPTER_FILE} missing; re-run the command that made it")

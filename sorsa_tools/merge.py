@@ -105,9 +105,9 @@ def merge(
             r.tensor_count,
             r.bytes,
             time.perf_counter() - t0,
-            outtype,
+            r.outtype,
             adapter=_adapter_kind(source),
-            outtype=outtype,
+            outtype=r.outtype,
             files=files,
             warnings=list(r.warnings),
         )

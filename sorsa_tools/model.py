@@ -23,9 +23,14 @@ def read_decomposition(directory: str | Path) -> dict:
     """sorsa_config.json of a decomposed dir (not a trained run), with its adapter present."""
     d = Path(directory).expanduser()
     cfg = read_config(d)
+    if cfg.get("kind") == "trained":
+        origin = (cfg.get("decomposition") or {}).get("path") or "the decomposed dir it was trained on"
+        raise NotDecomposedError(
+            f"{d} is a trained run, not a decomposition; pass its DIR ({origin}) and the run as --adapter"
+        )
     if cfg.get("kind") != "decomposition":
         raise NotDecomposedError(
-            f"{d} holds a {cfg.get('kind', 'unknown')!r}, not a decomposition; pass the output of `sorsa decompose`"
+            f"{d} is not a decomposition (kind {cfg.get('kind', 'unknown')!r}); pass the output of `sorsa decompose`"
         )
     if not (d / ADAPTER_FILE).is_file():
         raise NotDecomposedError(f"{d} lacks {ADAPTER_FILE}; re-run `sorsa decompose`")
@@ -42,13 +47,15 @@ def fingerprint(cfg: dict) -> str | None:
 def check_adapter(decomp_cfg: dict, adapter_dir: str | Path) -> dict:
     """The config of adapter_dir, refused unless it was trained from this decomposition."""
     a = Path(adapter_dir).expanduser()
-    acfg = read_config(a)
+    acfg = read_config(a, "a `sorsa train` run")
     if not (a / ADAPTER_FILE).is_file():
         raise NotDecomposedError(f"{a} lacks {ADAPTER_FILE}; pass a finished `sorsa train` output")
     if fingerprint(acfg) != decomp_cfg.get("job_id"):
+        origin = (acfg.get("decomposition") or {}).get("path")
         raise AdapterMismatchError(
-            f"the adapter in {a} was made from another decomposition (fingerprint "
-            f"{str(fingerprint(acfg))[:12]} != {str(decomp_cfg.get('job_id'))[:12]}); pass the DIR it was trained on"
+            f"the adapter in {a} was trained on another decomposition (job id {str(fingerprint(acfg))[:12]}"
+            + (f", {origin}" if origin else "")
+            + f"; this DIR's is {str(decomp_cfg.get('job_id'))[:12]}): pass the DIR it was trained on"
         )
     if acfg.get("target_modules") != decomp_cfg.get("target_modules") or acfg.get("rank") != decomp_cfg.get(
         "rank"

@@ -373,7 +373,7 @@ def _prepare_run_dir(
             raise RunDirError(
                 f"{out} holds files that are not a sorsa run (e.g. {existing[0]}); --force only replaces runs"
             )
-        check_replaceable(out, [decomp, *inputs])
+        check_replaceable(out, [decomp, *inputs], replaces="trained")
         shutil.rmtree(out)
         out.mkdir(parents=True)
         return "fresh"
@@ -785,7 +785,8 @@ def _train(
                 )
                 raise TrainingError(
                     f"the loss became {o.loss} (gradient norm {o.grad_norm}) at step {step + 1}; training stopped, "
-                    f"{where}: lower --lr (or raise --warmup-ratio) and run again with --resume"
+                    f"{where}: lower --lr (or raise --warmup-ratio) and start over with --force "
+                    "(--resume continues only with the same settings)"
                 )
             step += 1
             tokens_seen += o.tokens

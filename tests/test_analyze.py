@@ -351,7 +351,7 @@ def test_adapter_of_another_decomposition(trained, tmp_path):
     other = tmp_path / "other"
     decompose(str(src), 4, other, svd="exact", check_sample=0)
     res = run("analyze", str(other), "--adapter", str(run_dir))
-    assert_clean_error(res, "was made from another decomposition", "pass the DIR it was trained on")
+    assert_clean_error(res, "was trained on another decomposition (job id", "pass the DIR it was trained on")
     with pytest.raises(AdapterMismatchError):
         analyze(src, [other], adapters=[run_dir])
 

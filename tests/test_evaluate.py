@@ -299,7 +299,7 @@ def test_cli_bad_inputs(tiny_lm_decomposed, tmp_path):
     other = tmp_path / "other"
     decompose(str(src), 4, other, svd="exact", check_sample=0)
     res = run("eval", "gsm8k", str(dec), "--adapter", str(other), *data, *o)
-    assert_clean_error(res, "made from another decomposition")
+    assert_clean_error(res, "trained on another decomposition")
     with pytest.raises(AdapterMismatchError):
         ev.resolve_model(dec, other)
     assert_clean_error(

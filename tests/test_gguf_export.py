@@ -378,9 +378,8 @@ def test_byte_level_bpe_tokenization_matches_hf(kind, tiny, tmp_path):
 
     src, _ = tiny(kind)
     r = export_gguf(MergedSource.plain(src), tmp_path / "t.gguf", "f16")
-    assert r.pre_tokenizer == {"llama": "gpt-2", "qwen2": "qwen2"}[kind] and r.warnings == [
-        "gguf: TemplateProcessing<single> leading/trailing special tokens do not match TemplateProcessing<pair>"
-    ]
+    # gguf-py's note that the pair template differs is dropped: generation never encodes pairs
+    assert r.pre_tokenizer == {"llama": "gpt-2", "qwen2": "qwen2"}[kind] and r.warnings == []
     tok = AutoTokenizer.from_pretrained(src)
     llm = llama_cpp.Llama(model_path=str(r.path), vocab_only=True, verbose=False)
     for text in _texts(60):

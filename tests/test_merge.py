@@ -133,7 +133,7 @@ def test_adapter_of_another_decomposition_is_refused(trained, tmp_path):
     src, dec, run_dir = trained
     other = tmp_path / "other"
     decompose(str(src), 4, other, svd="exact", check_sample=0)
-    with pytest.raises(AdapterMismatchError, match="made from another decomposition"):
+    with pytest.raises(AdapterMismatchError, match="trained on another decomposition"):
         merge(other, tmp_path / "m", adapter=run_dir)
     assert not (tmp_path / "m").exists()
 

@@ -528,7 +528,7 @@ def test_no_token(tmp_path, monkeypatch):
     called = []
     monkeypatch.setattr(hub, "_default_api", lambda token: called.append(token))
     res = run("push", str(make_merged(tmp_path / "m")), "--repo-id", REPO)
-    assert_clean_error(res, "no Hugging Face token", "hf auth login", "huggingface-cli login", "HF_TOKEN")
+    assert_clean_error(res, "no Hugging Face token", "hf auth login", "HF_TOKEN")
     assert called == []
     with pytest.raises(HubAuthError):
         hub.push(make_lora(tmp_path / "l"), REPO, api=FakeApi())

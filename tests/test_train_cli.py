@@ -154,7 +154,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dec, tmp_path):
         )
     )
     line = assert_clean_error(res, "the loss became", "last good checkpoint (step 1)", "lower --lr", code=4)
-    assert "--resume" in line
+    assert "start over with --force" in line
     assert json.loads((r / "checkpoint" / "state.json").read_text())["step"] == 1
     assert not (r / "sorsa_adapter.safetensors").exists()
+    # the advice works as given
+    res = run(
+        *train_args(dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-4", "--force")
+    )
+    assert res.exit_code == 0, res.stderr
+    assert (r / "sorsa_adapter.safetensors").exists()
     shutil.rmtree(r)

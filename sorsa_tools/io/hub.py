@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sorsa_tools.errors import CheckpointError, HubError, ModelNotFoundError
+from sorsa_tools.errors import CheckpointError, HubError, InputError, ModelNotFoundError
 
 # Small files copied along with the weights, and fetched from the Hub first.
 SIDE_FILE_PATTERNS = [
@@ -45,6 +45,11 @@ def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
     """Find MODEL on disk, downloading it from the Hub if it is a Hub id."""
     p = Path(model).expanduser()
     if p.is_dir():
+        if revision is not None:
+            raise InputError(
+                f"--revision applies to Hub ids; {model} is a local directory: drop --revision (or check "
+                "out that revision there)"
+            )
         return ResolvedModel(p.resolve(), model, "local", None)
     if p.exists():
         raise ModelNotFoundError(

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from sorsa_tools.errors import CheckpointError, DiskFullError, OutputDirError, VerificationError
+from sorsa_tools.errors import (
+    CheckpointError,
+    DiskFullError,
+    InputError,
+    OutputDirError,
+    VerificationError,
+)
 
 # safetensors dtype code <-> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -223,10 +229,34 @@ def disk_errors(path: Path) -> Iterator[None]:
         raise
 
 
-def check_replaceable(out: Path, inputs: list[Path], flag: str = "--force") -> None:
+def check_output_file(path: Path, flag: str, example: str) -> None:
+    """Refuse an output file that could not be written, before a long run rather than after it
+    (and naming the flag, not a temp file). `example`: a file name to suggest inside a directory."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; name a file such as {path / example}")
+    place = path.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise InputError(f"{flag} {path}: {place} is a file, not a directory; choose another path")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write in {place} (permission denied); choose another path")
+
+
+SORSA_OUTPUTS = {  # sorsa_config.json kind -> what it is, for the --force guard
+    "decomposition": "a decomposed dir (`sorsa decompose` output)",
+    "trained": "a trained run (`sorsa train` output)",
+}
+
+
+def check_replaceable(
+    out: Path, inputs: list[Path], flag: str = "--force", replaces: str | None = None
+) -> None:
     """Refuse to delete `out` (what `flag` asked for) where that would destroy more than an old
-    output: the filesystem root, the home or working directory or one of their ancestors, or a
-    directory that is or holds one of the job's `inputs` (a source, adapter or data file)."""
+    output: the filesystem root, the home or working directory or one of their ancestors, a
+    directory that is or holds one of the job's `inputs` (a source, adapter or data file), or
+    one that is or holds another command's SORSA output (a decomposition or a trained run, hours of
+    work) rather than this command's own kind `replaces`."""
     res = out.resolve()
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if res == Path(res.anchor) or cwd.is_relative_to(res) or home.is_relative_to(res):
@@ -235,6 +265,19 @@ def check_replaceable(out: Path, inputs: list[Path], flag: str = "--force") -> N
         if p.resolve().is_relative_to(res):
             raise OutputDirError(
                 f"refusing to replace {out} with {flag}: it holds {p}, an input of this job; choose another -o"
+            )
+    if not out.is_dir():
+        return
+    for d in [out, *(c for c in out.iterdir() if c.is_dir() and not c.is_symlink())]:
+        try:
+            kind = json.loads((d / "sorsa_config.json").read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if kind in SORSA_OUTPUTS and (kind != replaces or d != out):
+            where = "it is" if d == out else f"it holds {d.name}/,"
+            raise OutputDirError(
+                f"refusing to replace {out} with {flag}: {where} {SORSA_OUTPUTS[kind]}; choose another -o, "
+                "or delete it yourself"
             )
 
 
