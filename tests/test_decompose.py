@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sorsa_tools import decompose
-from sorsa_tools.errors import InputError
+from sorsa_tools.errors import InputError, OutputDirError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, factor_names
 from sorsa_tools.io.checkpoint import open_checkpoint
 
@@ -99,7 +99,8 @@ def test_invariants(tiny_factory, tmp_path, kind, dtype):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model is not None
+    q = "model.layers.0.self_attn.q_proj.weight"  # it loaded W_r, not the original weight
+    assert torch.equal(model.state_dict()[q], all_tensors(out)[q].to(model.dtype))
     assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert idx["weight_map"] == json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
@@ -209,6 +210,10 @@ def test_rerun_reports_done_and_force_redoes(tiny_factory, tmp_path):
     assert again.already_done and again.modules == 14
     forced = decompose(str(src), 4, out, force=True)
     assert not forced.already_done
+    # any setting that changes the output is part of what "done" means: here the residual dtype
+    for changed in (dict(residual_dtype="bfloat16"), dict(factor_dtype="float16"), dict(svd="exact")):
+        with pytest.raises(OutputDirError, match="already holds other files"):
+            decompose(str(src), 4, out, **changed)
 
 
 def _file_bytes(d: Path) -> dict[str, bytes]:
@@ -305,9 +310,15 @@ def test_cuda_decompose_matches_cpu(tiny_factory, tmp_path):
     decompose(str(src), 8, tmp_path / "cpu", device="cpu", svd="exact")
     decompose(str(src), 8, tmp_path / "gpu", device="cuda", svd="exact")
     a, b = load_file(tmp_path / "cpu" / ADAPTER_FILE), load_file(tmp_path / "gpu" / ADAPTER_FILE)
+    wa, wb = all_tensors(tmp_path / "cpu"), all_tensors(tmp_path / "gpu")
     for k in a:
         if k.endswith("sorsa_S"):
+            m = k.removesuffix(".sorsa_S")
             assert torch.allclose(a[k], b[k], rtol=1e-4)
+            # the same principal part (singular vectors are defined up to sign) and residual
+            pa, pb = ((d[m + ".sorsa_U"] * d[k]) @ d[m + ".sorsa_Vt"] for d in (a, b))
+            assert torch.allclose(pa, pb, atol=1e-4 * pa.abs().max()), m
+            assert torch.allclose(wa[m + ".weight"], wb[m + ".weight"], atol=1e-4 * pa.abs().max()), m
 
 
 def test_checkpoint_index_reads_headers_only(tiny_factory):

@@ -48,13 +48,16 @@ def _cfg(kind: str, hidden: int):
     return cfg
 
 
-def build(path: Path, kind: str, hidden: int = 64, seed: int = 0) -> Path:
-    """A tiny model whose attention is peaked and whose logits are far from flat."""
+def build(path: Path, kind: str, hidden: int = 64, seed: int = 0, rope: dict | None = None) -> Path:
+    """A tiny model whose attention is peaked and whose logits are far from flat (`rope`: its
+    rope_parameters, for the scaled variants)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     tok = make_tokenizer(path)
     cfg = _cfg(kind, hidden)
+    if rope is not None:
+        cfg.rope_parameters = {"rope_theta": 10000.0, **rope}
     cfg.vocab_size = len(tok)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
     model = AutoModelForCausalLM.from_config(cfg)
@@ -179,6 +182,26 @@ def test_f32_logits_match_transformers(kind, tiny, tmp_path):
     assert json.loads(kv[PROVENANCE_KEY])["method"] == "SORSA"
     assert ("output.weight" in tensors) == (kind != "gemma3")  # gemma3 ties its head to token_embd
     assert all(t.qtype.name == "F32" for t in tensors.values())
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 16},
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    ],
+    ids=lambda r: r["rope_type"],
+)  # fmt: skip
+def test_scaled_rope_logits_match_transformers(rope, tmp_path):
+    """Llama 3.1-style (the rope_freqs tensor), linear and YaRN rope scaling: llama.cpp's logits
+    equal transformers' (a factor written upside down moves them far)."""
+    src = build(tmp_path / "src", "llama", rope=rope)
+    ids = token_ids(src)
+    r = export_gguf(MergedSource.plain(src), tmp_path / "m.gguf", "f32")
+    got, ref = cpp_logits(r.path, ids), hf_logits(MergedSource.plain(src), src, ids)
+    assert np.abs(got - ref).max() < F32_TOL * np.abs(ref).max(), np.abs(got - ref).max()
 
 
 def test_q_k_permutation_matters(tiny, tmp_path, monkeypatch):

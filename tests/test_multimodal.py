@@ -108,3 +108,29 @@ def test_legacy_keys_line_up_through_train_merge_and_lora(gemma_mm, tmp_path):
     assert lo.exact_names and all(t.startswith("model.language_model.layers.") for t in lo.target_modules)
     peft = PeftModel.from_pretrained(original, tmp_path / "lora").eval()
     assert (_logits(peft, ids) - want).abs().max() < 1e-4
+
+
+def test_gguf_export_of_the_language_model(gemma_mm, tmp_path):
+    """The GGUF holds the language model only (vision tower left out, legacy key prefixes mapped)
+    and llama.cpp's logits follow transformers'."""
+    np = pytest.importorskip("numpy")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from sorsa_tools.gguf_export import read_layout
+
+    dec = tmp_path / "dec"
+    decompose(str(gemma_mm), 4, dec, svd="exact", check_sample=0)
+    r = merge(dec, tmp_path / "m.gguf", to="gguf", outtype="f32")
+    _, tensors = read_layout(r.out)
+    assert not any("vision" in n or "mm_" in n for n in tensors) and "token_embd.weight" in tensors
+    ids = list(range(3, 40))
+    original = AutoModelForCausalLM.from_pretrained(gemma_mm, dtype=torch.float32).eval()
+    ref = _logits(original, torch.tensor([ids]))[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(r.out), logits_all=True, verbose=False, n_ctx=64, n_threads=2)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])[:, : ref.shape[1]]
+    llm.close()
+    # llama.cpp computes Gemma's GELU through an fp16 table: about 1e-3 apart, not more
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max(), np.abs(got - ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).mean() > 0.9

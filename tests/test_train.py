@@ -164,6 +164,25 @@ class _StopAt(TrainProgress):
             raise KeyboardInterrupt
 
 
+def test_resume_restores_the_random_state(tiny_lm_decomposed, tmp_path):
+    """With dropout the random stream matters: a resumed run draws the masks the uninterrupted
+    one draws (the checkpoint's RNG state), so the adapters are equal."""
+    import shutil
+
+    _, dec0 = tiny_lm_decomposed("llama")
+    dec = tmp_path / "dec"
+    shutil.copytree(dec0, dec)
+    c = json.loads((dec / "config.json").read_text())
+    (dec / "config.json").write_text(json.dumps({**c, "attention_dropout": 0.5}))
+    cfg = TrainConfig(**{**FAST, "max_length": 256}, max_steps=4)
+    train(dec, GSM8K_SLICE, tmp_path / "full", config=cfg, save_every=2, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train(dec, GSM8K_SLICE, tmp_path / "cut", config=cfg, save_every=2, device="cpu", progress=_StopAt(3))
+    train(dec, GSM8K_SLICE, tmp_path / "cut", config=cfg, save_every=2, device="cpu", resume=True)
+    a, b = (load_file(tmp_path / d / "sorsa_adapter.safetensors") for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_equals_uninterrupted(tiny_lm_decomposed, tmp_path):
     """Also --keep-adapters: the snapshots of a resumed run equal those of an uninterrupted one."""
     _, dec = tiny_lm_decomposed("llama")
@@ -181,6 +200,9 @@ def test_resume_equals_uninterrupted(tiny_lm_decomposed, tmp_path):
     (stale / "sorsa_config.json").write_text("{}")
     r = train(dec, GSM8K_SLICE, cut, config=TrainConfig(**cfg), resume=True, **kw)
     assert r.resumed_from == 4 and r.steps == 7
+    full_cfg, cut_cfg = (json.loads((d / "sorsa_config.json").read_text()) for d in (full, cut))
+    assert cut_cfg["training"] == full_cfg["training"]  # tokens, final loss, run id: all carried over
+    assert r.tokens == full_cfg["training"]["tokens"] > 0
     a, b = load_file(full / "sorsa_adapter.safetensors"), load_file(cut / "sorsa_adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     snaps = ["step-000002", "step-000004", "step-000006"]
@@ -223,12 +245,28 @@ def test_data_errors_name_the_line(tiny_lm_decomposed, tmp_path):
         Dataset(bad, tok)
 
 
-def test_offloaded_residual_gives_the_same_training(tiny_lm_decomposed, tmp_path):
+@pytest.mark.parametrize("kind, checkpointing", [("llama", (False, True)), ("qwen2", (False,))])
+def test_offloaded_residual_gives_the_same_training(tiny_lm_decomposed, tmp_path, kind, checkpointing):
     """--offload-residual runs W_r through the fetch-in-forward-and-backward path (on the CPU
     without copies): the same losses and the same adapter as the plain path, with and without
-    gradient checkpointing (which replays the forward inside the backward)."""
-    _, dec = tiny_lm_decomposed("llama")
-    for ckpt in (False, True):
+    gradient checkpointing (which replays the forward inside the backward); qwen2's q/k/v carry
+    a bias, which the offloaded path must add too."""
+    _, dec = tiny_lm_decomposed(kind)
+    if kind == "qwen2":  # a random init has zero biases: give them values that matter
+        import shutil
+
+        from safetensors.torch import save_file
+
+        dec = shutil.copytree(dec, tmp_path / "dec")
+        g, biased = torch.Generator().manual_seed(0), 0
+        for f in dec.glob("model*.safetensors"):
+            t = load_file(f)
+            for n in [n for n in t if n.endswith("_proj.bias")]:
+                t[n] = torch.randn(t[n].shape, generator=g)
+                biased += 1
+            save_file(t, f, metadata={"format": "pt"})
+        assert biased == 6  # q, k, v of both layers
+    for ckpt in checkpointing:
         runs = []
         for off in (False, True):
             run = tmp_path / f"r{ckpt}{off}"
@@ -411,3 +449,51 @@ def test_offloaded_lm_head_is_still_chunked(tiny_lm_decomposed, tmp_path, monkey
     }
     T.loss_sum(model, batch, chunk=16, budget=16 * 384)
     assert len(chunks) > 1 and max(chunks) <= 16
+
+
+def test_one_step_applies_eq_10_clip_then_regularizer(tiny_lm_decomposed):
+    """The gradient the optimizer steps on is clip(task gradient) + scale * grad L_reg: the task
+    gradient alone is clipped (the official order), the regularizer's is added whole after it."""
+    from transformers import AutoTokenizer
+
+    from sorsa_tools.layer import orthonormality_errors
+    from sorsa_tools.train import factor_params, optimizer_step
+
+    _, dec = tiny_lm_decomposed("llama")
+    model, layers, _ = load_sorsa_model(dec, trainable=True)
+    layer_list = list(layers.values())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # factors clearly off orthonormal, so L_reg has a real gradient
+        for m in layer_list:
+            m.sorsa_U.mul_(1.2).add_(0.05 * torch.randn(m.sorsa_U.shape, generator=g))
+            m.sorsa_Vt.mul_(0.9)
+    params = factor_params(layer_list)
+    batch = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(dec), max_length=256).collate([[0], [1]])
+    clip, scale = 1e-4, 0.5
+
+    # the expectation, by autograd: task gradient, its clipped version, the regularizer's gradient
+    total, n = loss_sum(model, batch)
+    task = torch.autograd.grad(total / n, params)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in task]))
+    assert norm > 100 * clip  # clipping acts
+    reg = sum(sum(orthonormality_errors(m.sorsa_U, m.sorsa_Vt)) for m in layer_list) / len(layer_list)
+    reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
+    want = [
+        t * (clip / (norm + 1e-6)) + (0 if r is None else scale * r)
+        for t, r in zip(task, reg_grads, strict=True)
+    ]
+    assert any(r is not None and r.abs().max() > 10 * clip for r in reg_grads)  # would show if clipped
+
+    seen: list[torch.Tensor] = []
+
+    class Capture(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.extend(p.grad.clone() for p in params)
+
+    opt = Capture(params, lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    out = optimizer_step(model, layer_list, opt, sched, [batch], clip, scale, "cpu")
+    assert out.stepped and abs(out.grad_norm - float(norm)) < 1e-4 * float(norm)
+    assert abs(out.reg_loss - float(reg)) < 1e-5 * float(reg)
+    for got, exp in zip(seen, want, strict=True):
+        assert torch.allclose(got, exp, rtol=1e-4, atol=1e-7), (got - exp).abs().max()
