@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before run() took over Ctrl-C, or after it gave it back
         sys.stderr.write("error: interrupted before the command started; nothing was written\n")
         code = 130
-    if code == 130:  # exiting: worker threads finish their task first; more Ctrl-C cannot help
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # exiting: worker threads finish their task first, and a Ctrl-C now (the work done or already
+    # given up) would only turn the exit into a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code
 
 

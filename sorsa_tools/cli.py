@@ -971,8 +971,9 @@ def run(argv: list[str] | None = None) -> int:
     missing argument) are one `error:` line too, not a box."""
     # typer re-exports click's exceptions (and from 0.29 vendors click): find them through typer
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-    main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if main_thread:
+    # only where Ctrl-C has Python's own handler (not ignored, not someone else's)
+    owns_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if owns_sigint:
         signal.signal(signal.SIGINT, _on_interrupt)
     _said["interrupted"] = False
     try:
@@ -992,7 +993,7 @@ def run(argv: list[str] | None = None) -> int:
         err.print("[bold red]error:[/] aborted", highlight=False)
         return 1
     finally:
-        if main_thread:
+        if owns_sigint:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     if code == 130 and not _said["interrupted"]:
         err.print(f"[bold red]error:[/] {INTERRUPTED_DEFAULT}", highlight=False)

@@ -436,15 +436,7 @@ def _usage(art: Artifact, repo_id: str, revision: str | None) -> str:
             f'llama-cli -m {first} -p "Question: what is 12 * 7?\\nAnswer:" -n 64\n'
             f"llama-server -m {first}    # OpenAI-compatible server on :8080\n```\n"
         )
-    if kind == "lora":
-        from sorsa_tools.io.hub import looks_like_repo_id
-
-        try:
-            named = _read_json(art.root / "adapter_config.json").get("base_model_name_or_path")
-        except ArtifactError:
-            named = None
-        if named and looks_like_repo_id(named) and not Path(named).expanduser().exists():
-            base = named  # a Hub id; a local path stays out of the card
+    if kind == "lora":  # the base as provenance records it: adapter_config's name may be a local path
         return (
             "A PEFT LoRA adapter exported from the SORSA adapter (`sorsa export-lora`).\n\n"
             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

@@ -662,3 +662,11 @@ def test_card_never_shows_a_local_base_path(tmp_path):
     hub.push(lora, REPO, token=TOKEN, api=api)
     content = card_of(api).content
     assert str(base) not in content and f'from_pretrained("{BASE}", dtype="auto")' in content
+    # a relative local base that looks like a Hub id is still a local path: not in the card's code
+    rel = make_lora(tmp_path / "lora-rel")
+    (rel / hub.PROVENANCE_FILE).write_text(json.dumps(provenance(base="ckpt/llama", revision=None)))
+    (rel / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "ckpt/llama"}))
+    api = FakeApi()
+    hub.push(rel, REPO, token=TOKEN, api=api)
+    content = card_of(api).content
+    assert "ckpt/llama" not in content and 'from_pretrained("BASE_MODEL", dtype="auto")' in content
