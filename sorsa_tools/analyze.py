@@ -34,7 +34,7 @@ import torch
 from sorsa_tools.arch import select_targets
 from sorsa_tools.errors import InputError, ModelMismatchError, ModelNotFoundError, TargetError
 from sorsa_tools.format import CONFIG_FILE, read_config
-from sorsa_tools.io.safetensors_file import atomic_write_json, check_output_file, disk_errors, temp_path
+from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, temp_path
 from sorsa_tools.source import MergedSource
 from sorsa_tools.svd import require_finite
 
@@ -475,12 +475,6 @@ def analyze(
 
 
 # -- outputs ------------------------------------------------------------------------------------
-def check_output(path: Path | None, what: str) -> None:
-    """Refuse an output path that cannot be written, before hours of SVDs."""
-    if path is not None:
-        check_output_file(path, what, "analyze.json" if what == "--json" else "analyze.png")
-
-
 def write_json(result: AnalyzeResult, path: str | Path) -> Path:
     """The result as JSON, written atomically (temp name, fsync, rename)."""
     p = Path(path)

@@ -843,15 +843,17 @@ def analyze(
     import json
 
     from sorsa_tools.analyze import analyze as run
-    from sorsa_tools.analyze import check_output, plot, write_json
+    from sorsa_tools.analyze import plot, write_json
+    from sorsa_tools.io.safetensors_file import check_output_file
 
     to_stdout = json_out == "-"
     json_path = Path(json_out) if json_out and not to_stdout else None
     png = None
     if not no_plot:
         png = plot_out or (json_path.with_suffix(".png") if json_path else Path("analyze.png"))
-    check_output(json_path, "--json")
-    check_output(png, "--plot")
+    for path, flag, example in ((json_path, "--json", "analyze.json"), (png, "--plot", "analyze.png")):
+        if path is not None:  # before hours of SVDs, not after
+            check_output_file(path, flag, example)
     with _live("{task.description:<40.40}", "{task.fields[count]}") as p:
         r = run(
             base,

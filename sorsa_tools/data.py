@@ -61,6 +61,14 @@ def parse_fields(spec: str | None) -> Fields | None:
 FIELDS_HINT = "pass --fields PROMPT,RESPONSE or --fields TEXT"
 
 
+def check_data_file(path: Path, wanted: str = "an existing JSONL file") -> None:
+    """--data must name a file: say so apart for a directory and for nothing there."""
+    if path.is_dir():
+        raise DataError(f"--data {path} is a directory; pass {wanted}")
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}; pass {wanted} to --data")
+
+
 def _detect_fields(record: dict, lineno: int, path: Path, hint: str = FIELDS_HINT) -> Fields:
     for p, r in FIELD_PAIRS:
         if p in record and r in record:
@@ -98,10 +106,7 @@ class Dataset:
             )
         if max_length < 2:
             raise DataError(f"--max-length must be at least 2 (got {max_length})")
-        if self.path.is_dir():
-            raise DataError(f"--data {self.path} is a directory; pass a JSONL file, one example per line")
-        if not self.path.is_file():
-            raise DataError(f"data file not found: {self.path}; pass an existing JSONL file to --data")
+        check_data_file(self.path)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
         self.fields = fields

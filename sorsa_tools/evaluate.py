@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sorsa_tools import __version__
-from sorsa_tools.data import IGNORE, Dataset, parse_fields
+from sorsa_tools.data import IGNORE, Dataset, check_data_file, parse_fields
 from sorsa_tools.device import resolve_device
 from sorsa_tools.errors import (
     DataError,
@@ -618,10 +618,7 @@ def evaluate_gsm8k(
     spec = resolve_model(model, adapter)
     dev = resolve_device(device)
     data = Path(data).expanduser()
-    if data.is_dir():
-        raise DataError(f"--data {data} is a directory; pass a GSM-8K-style JSONL file")
-    if not data.is_file():
-        raise DataError(f"data file not found: {data}; pass a GSM-8K-style JSONL file to --data")
+    check_data_file(data, "a GSM-8K-style JSONL file")
     items_file = Path(output).expanduser() if output is not None else default_output(spec)
     check_output_file(items_file, "--output", "eval.jsonl")
     inputs = [data] + ([Path(spec.path)] if spec.kind == "gguf" else [])

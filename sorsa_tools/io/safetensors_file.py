@@ -27,6 +27,7 @@ from sorsa_tools.errors import (
     OutputDirError,
     VerificationError,
 )
+from sorsa_tools.format import CONFIG_FILE
 
 # safetensors dtype code <-> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -270,7 +271,7 @@ def check_replaceable(
         return
     for d in [out, *(c for c in out.iterdir() if c.is_dir() and not c.is_symlink())]:
         try:
-            kind = json.loads((d / "sorsa_config.json").read_text()).get("kind")
+            kind = json.loads((d / CONFIG_FILE).read_text()).get("kind")
         except (OSError, ValueError, AttributeError):
             continue
         if kind in SORSA_OUTPUTS and (kind != replaces or d != out):
