@@ -47,6 +47,20 @@ INTERRUPTED = {
 }
 INTERRUPTED_DEFAULT = "interrupted; nothing was written: run the same command again"
 _said = {"interrupted": False}  # typer turns a Ctrl-C outside a command into a silent exit 130
+_written: list[str] = []  # what the running command has finished writing (for the Ctrl-C line)
+
+
+def _wrote(*paths: object) -> None:
+    """Called once the library has put its output in place: a Ctrl-C after this point (while the
+    report prints) must not claim that nothing was written."""
+    _written.extend(str(p) for p in paths if p is not None)
+
+
+def _interrupted_line(command: str) -> str:
+    if _written:
+        verb = "is" if len(_written) == 1 else "are"
+        return f"interrupted while reporting; the work was done: {' and '.join(_written)} {verb} complete"
+    return INTERRUPTED.get(command, INTERRUPTED_DEFAULT)
 
 
 def handle_errors(fn):
@@ -54,6 +68,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _written.clear()
         try:
             return fn(*args, **kwargs)
         except SorsaError as e:
@@ -62,7 +77,7 @@ def handle_errors(fn):
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _said["interrupted"] = True
-            _fail(INTERRUPTED.get(fn.__name__, INTERRUPTED_DEFAULT), 130)
+            _fail(_interrupted_line(fn.__name__), 130)
         except MemoryError:
             _fail("out of memory; close other programs, or use --device cuda / a smaller --rank", 1)
         except OSError as e:
@@ -222,6 +237,7 @@ def decompose(
             force=force,
             progress=_RichProgress(p),
         )
+    _wrote(r.out_dir)
     for w in r.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if r.already_done:
@@ -412,6 +428,7 @@ def train(
         if quiet and not getattr(e, "rank_local", False):  # rank 0 says it
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
         raise
+    _wrote(r.output_dir)
     if quiet:
         return
     if r.already_done:
@@ -516,6 +533,7 @@ def merge(
             force=force,
             progress=_MergeBar(p),
         )
+    _wrote(r.out)
     for w in r.warnings or []:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     rows = [
@@ -556,6 +574,7 @@ def export_lora(
     from sorsa_tools.lora_export import export_lora as run
 
     r = run(directory, adapter, output, dtype=dtype, force=force)
+    _wrote(r.out_dir)
     rows = [
         ("LoRA rank / alpha", f"{r.rank} (2 x {r.sorsa_rank}) / {r.rank}: scale 1"),
         ("modules", str(r.modules)),
@@ -666,6 +685,7 @@ def eval_gsm8k(
             output=output,
             progress=_EvalBar(p),
         )
+    _wrote(r.items_file, r.summary_file)
     if as_json:
         out.print_json(json.dumps(r.summary))
         return
@@ -865,8 +885,9 @@ def analyze(
             progress=_AnalyzeBar(p),
         )
     if json_path:
-        write_json(r, json_path)
+        _wrote(write_json(r, json_path))
     png_written = plot(r, png) if png else None
+    _wrote(png_written)
     if to_stdout:
         out.print_json(json.dumps(r.to_json()))
         return

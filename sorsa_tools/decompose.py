@@ -61,6 +61,7 @@ from sorsa_tools.io.safetensors_file import (
     check_read_back,
     check_replaceable,
     iter_file_chunks,
+    remove_stale_temps,
     write_tensors,
 )
 from sorsa_tools.svd import (
@@ -181,6 +182,8 @@ def _validate_targets(ckpt: Checkpoint, targets: list[str], rank: int) -> None:
 
 def _clear_dir(out: Path, source: Path) -> None:
     check_replaceable(out, [source], replaces="decomposition")
+    # the config first: it marks the dir finished, so a kill part-way must not leave it behind
+    (out / CONFIG_FILE).unlink(missing_ok=True)
     for p in out.iterdir():
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -291,18 +294,16 @@ def decompose(
 
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{out} is a file; -o must name a directory")
+    for d in (out, partial):  # what killed runs were writing (a live run's temps are kept)
+        remove_stale_temps(d)
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if existing == [PARTIAL_DIR] and not (partial / "job.json").exists():
-        # killed before its job file was in place: nothing but temp files, so nothing to keep
-        if all(p.name.startswith(".") and ".tmp-" in p.name for p in partial.iterdir()):
-            shutil.rmtree(partial)
-            existing = []
+    if existing == [PARTIAL_DIR] and not (partial / "job.json").exists() and not any(partial.iterdir()):
+        partial.rmdir()  # killed before its job file was in place: nothing to keep
+        existing = []
     if existing and not force:
         done_cfg = out / CONFIG_FILE
         if done_cfg.exists() and _read_job_id(done_cfg) == job_id:
             shutil.rmtree(partial, ignore_errors=True)  # killed after the config, before this cleanup
-            for stale in out.glob(".*.tmp-*"):
-                stale.unlink(missing_ok=True)
             stats = json.loads(done_cfg.read_text())["modules"]
             n = len(ckpt.shards)
             return _result(out, stats, rank, t0, svd, dev, n, n, True, warnings, tol)
@@ -315,8 +316,6 @@ def decompose(
         _clear_dir(out, src.path)
     out.mkdir(parents=True, exist_ok=True)
     partial.mkdir(exist_ok=True)
-    for stale in [*out.glob(".*.tmp-*"), *partial.glob(".*.tmp-*")]:  # left by a killed run
-        stale.unlink(missing_ok=True)
     atomic_write_json(partial / "job.json", {"job_id": job_id, **job})
 
     shard_done = [_shard_is_done(out, partial, s.path.name) for s in ckpt.shards]
@@ -558,6 +557,15 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _svd_pool(workers: int, threads: int) -> ThreadPoolExecutor:
+    """Compute threads that each run torch on `threads` threads. A new thread starts at OpenMP's
+    default count, not its caller's, and an SVD's last bits depend on the count: without this a
+    rerun (or a resumed run) could differ from an uninterrupted one by 1e-8."""
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix="sorsa-svd", initializer=torch.set_num_threads, initargs=(threads,)
+    )
+
+
 def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path, progress: Progress) -> None:
     items = [
         (s, info)
@@ -571,7 +579,7 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
     with (
         _torch_threads(threads),
         ThreadPoolExecutor(2, thread_name_prefix="sorsa-read") as io_pool,
-        ThreadPoolExecutor(workers, thread_name_prefix="sorsa-svd") as cpu_pool,
+        _svd_pool(workers, threads) as cpu_pool,
     ):
 
         def submit_until(k: int) -> None:

@@ -14,6 +14,7 @@ written here first.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -46,7 +47,7 @@ from sorsa_tools.gguf_tables import (
     ArchSpec,
     OutType,
 )
-from sorsa_tools.io.safetensors_file import disk_errors
+from sorsa_tools.io.safetensors_file import disk_errors, remove_stale_temps
 from sorsa_tools.source import MergedSource
 
 T = gguf.GGMLQuantizationType
@@ -995,7 +996,8 @@ def _export(
         raise ExportError(f"{out} does not end in .gguf; name the output file NAME.gguf")
     if out.is_dir():
         raise ExportError(f"{out} is a directory; give a file path ending in .gguf")
-    _check_out(out, force, [out, *out.parent.glob(f"{glob_escape(out.stem)}-0*-of-0*.gguf")])
+    remove_stale_temps(out.parent, out.stem)  # what a killed export of this name was writing
+    _check_out(out, force, _existing_outputs(out))
     m = _model(source)
     window = m.hp.get(m.spec.ignored_window_key) if m.spec.ignored_window_key else None
     if window:
@@ -1042,17 +1044,12 @@ def _export(
                 t.unlink(missing_ok=True)
             raise
     try:
-        _check_out(out, force, finals)  # again: something may have appeared there meanwhile
+        _check_out(out, force, [f for f in _existing_outputs(out) if f in finals])  # appeared meanwhile?
+        _put_in_place(out, temps, finals)
     except BaseException:
         for t in temps:
             t.unlink(missing_ok=True)
         raise
-    stale = [out, *out.parent.glob(f"{glob_escape(out.stem)}-0*-of-0*.gguf")]
-    for p in stale:  # with --force: an earlier export under this name, split differently
-        if p not in finals:
-            p.unlink(missing_ok=True)
-    for t, f in zip(temps, finals, strict=True):
-        t.replace(f)
     return GGUFResult(
         path=finals[0],
         paths=finals,
@@ -1067,8 +1064,27 @@ def _export(
     )
 
 
-def glob_escape(s: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", s)
+def _split_files(out: Path) -> list[Path]:
+    """Files of earlier split exports under this name, first parts first."""
+    parts = out.parent.glob(f"{glob.escape(out.stem)}-0*-of-0*.gguf")
+    return sorted(parts, key=lambda p: (not p.name.startswith(f"{out.stem}-00001-of-"), p.name))
+
+
+def _existing_outputs(out: Path) -> list[Path]:
+    """What an export to `out` would replace: the file, or a split's first part (the file llama.cpp
+    opens). Later parts without their first are what a killed export left, not an output."""
+    return [p for p in [out, *_split_files(out)] if p == out or p.name.startswith(f"{out.stem}-00001-of-")]
+
+
+def _put_in_place(out: Path, temps: list[Path], finals: list[Path]) -> None:
+    """Rename the temps to their final names so a kill part-way never leaves a loadable mix: an
+    earlier export's first part goes first and the new first part comes last (llama.cpp opens a
+    split through its first part, and a rerun ignores later parts without one)."""
+    for p in [out, *_split_files(out)]:  # with --force: an earlier export under this name
+        if p not in finals or (p == finals[0] and len(finals) > 1):  # one file: replaced at once
+            p.unlink(missing_ok=True)
+    for t, f in list(zip(temps, finals, strict=True))[::-1]:
+        t.replace(f)
 
 
 def _float_base(source: MergedSource) -> str:

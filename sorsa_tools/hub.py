@@ -16,6 +16,7 @@ The token is passed to huggingface_hub and never appears in a message.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import re
 from dataclasses import dataclass, field
@@ -505,10 +506,6 @@ def build_card(art: Artifact, repo_id: str, revision: str | None = None):
 # --------------------------------------------------------------------------- push
 
 
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def _default_api(token: str):
     """The real client; refused up front in offline mode (it would fail on the first request)."""
     from huggingface_hub import HfApi, constants
@@ -634,7 +631,7 @@ def push(
 def _upload_large(api, art: Artifact, repo_id, revision, private, token, message, send_user_card):
     """Many or big files: the library's resumable upload (`upload_large_folder` where this
     huggingface_hub has it; from 2.x `upload_folder` itself streams, batches commits and resumes)."""
-    patterns = [_glob_escape(rel) for rel, _, _ in art.files] + ([CARD_FILE] if send_user_card else [])
+    patterns = [glob.escape(rel) for rel, _, _ in art.files] + ([CARD_FILE] if send_user_card else [])
     if hasattr(api, "upload_large_folder"):  # it keeps its resume state in PATH/.cache/huggingface
         api.upload_large_folder(
             repo_id=repo_id,

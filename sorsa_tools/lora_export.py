@@ -32,6 +32,8 @@ from sorsa_tools.io.safetensors_file import (
     SafetensorsFile,
     StreamWriter,
     atomic_write_json,
+    remove_stale_temps,
+    swap_dir_into_place,
 )
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 
@@ -111,8 +113,8 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 8 * torch.finfo(dtype).eps
 
 
-def _check_paths(out: Path, force: bool, protected: list[Path]) -> bool:
-    """Whether OUT exists (and may be replaced); refuses what must not be written or replaced."""
+def _check_paths(out: Path, force: bool, protected: list[Path]) -> None:
+    """Refuses an OUT that must not be written or replaced."""
     res = out.resolve()
     for p in protected:
         pr = p.resolve()
@@ -121,7 +123,7 @@ def _check_paths(out: Path, force: bool, protected: list[Path]) -> bool:
                 f"-o {out} overlaps {p}; export-lora never writes into DIR or RUN: choose another -o"
             )
     if not out.exists():
-        return False
+        return
     if not out.is_dir():
         raise OutputDirError(f"{out} is a file; -o must name a directory")
     if not force:
@@ -132,7 +134,6 @@ def _check_paths(out: Path, force: bool, protected: list[Path]) -> bool:
             f"{out} holds files that are not a LoRA export (e.g. {names[0]}); --force only replaces an "
             "export: choose another -o"
         )
-    return True
 
 
 def export_lora(
@@ -162,7 +163,7 @@ def export_lora(
             f"{run} holds {acfg.get('kind', 'an unknown')!r} factors, not a trained run: their LoRA would be "
             f"zero; pass the output of `sorsa train {d} --data FILE -o RUN`"
         )
-    exists = _check_paths(out, force, [d, run])
+    _check_paths(out, force, [d, run])
     init = SafetensorsFile(d / ADAPTER_FILE)
     targets = src.targets
     r = int(src.decomposition["rank"])
@@ -195,10 +196,10 @@ def export_lora(
         specs += [(ka, code, (2 * r, in_f)), (kb, code, (out_f, 2 * r))]
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, out.name + ".")  # what a killed export was writing or replacing
     tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         weights = tmp / LORA_WEIGHTS_FILE
         with StreamWriter(weights, specs, metadata={"format": "pt"}) as w:
             for m in targets:
@@ -251,17 +252,7 @@ def export_lora(
         }
         atomic_write_json(tmp / PROVENANCE_FILE, prov)
         nbytes = weights.stat().st_size
-        if exists:
-            old_dir = out.parent / f".{out.name}.export-old-{os.getpid()}"
-            os.replace(out, old_dir)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old_dir, out)  # the earlier export stays as it was
-                raise
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

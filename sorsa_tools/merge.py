@@ -34,6 +34,8 @@ from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     check_read_back,
     check_replaceable,
+    remove_stale_temps,
+    swap_dir_into_place,
 )
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 from sorsa_tools.svd import Factors, reconstruction_probe
@@ -143,8 +145,7 @@ def _prepare_out(out: Path, source: MergedSource, force: bool) -> Path:
             raise OutputDirError(f"{out} already exists; choose a new -o, or pass --force to replace it")
         check_replaceable(out, [source.root] + ([source.adapter_dir] if source.adapter_dir else []))
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.merge-*"):  # left by a killed merge
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(out.parent, out.name + ".")  # what a killed merge was writing or replacing
     return out.parent / f".{out.name}.merge-{os.getpid()}"
 
 
@@ -202,13 +203,7 @@ def merge_to_hf(
         stream.close()
         _write_side_files(source, tmp, dtype)
         _check_output(source, tmp, dtypes)
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, out)
+        swap_dir_into_place(tmp, out)
     except BaseException:
         verify.shutdown(cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)

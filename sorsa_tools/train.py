@@ -45,7 +45,10 @@ from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
+    disk_errors,
     file_sha256,
+    remove_stale_temps,
+    temp_path,
     write_tensors,
 )
 from sorsa_tools.layer import regularizer_grad_
@@ -357,6 +360,7 @@ def _prepare_run_dir(
         raise RunDirError(
             f"-o {out} is inside the decomposed dir; sorsa train never writes there: choose another -o"
         )
+    remove_stale_temps(out)  # a killed run's half-written run.json, adapter, config or plot
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not existing:
         out.mkdir(parents=True, exist_ok=True)
@@ -378,6 +382,7 @@ def _prepare_run_dir(
         out.mkdir(parents=True)
         return "fresh"
     if same and (out / CONFIG_FILE).is_file() and (out / ADAPTER_FILE).is_file():
+        _remove_checkpoints(out)  # a run killed after its config was written still holds them
         return "done"
     if same and resume:
         return "resume"
@@ -426,6 +431,11 @@ def _save_checkpoint(out: Path, layers, optimizer, scheduler, state: dict) -> No
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_checkpoints(out: Path) -> None:
+    for name in (CKPT_DIR, ".checkpoint-old", ".checkpoint-tmp"):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def snapshot_name(step: int) -> str:
@@ -505,10 +515,14 @@ def plot_losses(log_file: Path, png: Path, title: str = "") -> Path | None:
     b.set(xlabel="step", title="orthonormality error")
     b.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    tmp = temp_path(png)
+    try:
+        with disk_errors(png):
+            fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return png
 
 
@@ -833,8 +847,7 @@ def _train(
             log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
         )
         atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
-        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
-        shutil.rmtree(out / ".checkpoint-old", ignore_errors=True)
+        _remove_checkpoints(out)
         return png
 
     png = distributed.on_main(d, finish)  # the others wait here until RUN is complete

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def make_tiny(path: Path, kind: str = "llama", dtype: torch.dtype = torch.float3
     model.save_pretrained(path, max_shard_size="40KB")
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     return path
+
+
+@pytest.fixture(scope="session")
+def dead_pid() -> int:
+    """The PID of a process that has exited: what the temp names a killed run left behind carry
+    (a fixed number such as 9 may be a live process, whose temps are rightly kept)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 @pytest.fixture(scope="session")

@@ -256,7 +256,7 @@ decompose({str(src)!r}, 8, {str(out)!r}, progress=P())
     assert _file_bytes(out) == _file_bytes(ref)
 
 
-def test_kill_at_the_edges_of_the_job(tiny_factory, tmp_path):
+def test_kill_at_the_edges_of_the_job(tiny_factory, tmp_path, dead_pid):
     """Killed before its job file was in place, or after its config but before the cleanup: the
     rerun neither refuses the directory nor leaves the partial files behind."""
     src = tiny_factory("llama", torch.float32)
@@ -264,12 +264,12 @@ def test_kill_at_the_edges_of_the_job(tiny_factory, tmp_path):
     decompose(str(src), 4, ref)
     out = tmp_path / "early"
     (out / ".sorsa-partial").mkdir(parents=True)
-    (out / ".sorsa-partial" / ".job.json.tmp-123").write_text("{")
+    (out / ".sorsa-partial" / f".job.json.tmp-{dead_pid}").write_text("{")
     assert not decompose(str(src), 4, out).already_done
     assert _file_bytes(out) == _file_bytes(ref)
     (out / ".sorsa-partial").mkdir()
     (out / ".sorsa-partial" / "factors-x").write_text("left by a kill after the config")
-    (out / ".model.safetensors.tmp-9").write_text("")
+    (out / f".model.safetensors.tmp-{dead_pid}").write_text("")
     assert decompose(str(src), 4, out).already_done
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
 

@@ -1,0 +1,258 @@
+"""A kill (SIGKILL, Ctrl-C) at any moment leaves nothing that blocks or misleads the rerun: no temp
+file that survives it, nothing incomplete under a final name, and a resumed result equal bit for
+bit to an uninterrupted one. (From a crash-fuzz review that killed every command at random moments
+and at every file operation.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GSM8K_SLICE
+from test_cli_errors import run
+
+import sorsa_tools.merge as merge_module
+from sorsa_tools import decompose
+from sorsa_tools.decompose import _svd_pool, _torch_threads
+from sorsa_tools.errors import OutputDirError
+from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE
+from sorsa_tools.gguf_export import export_gguf
+from sorsa_tools.io import safetensors_file as stf
+from sorsa_tools.io.safetensors_file import remove_stale_temps, swap_dir_into_place
+from sorsa_tools.lora_export import export_lora
+from sorsa_tools.merge import merge
+from sorsa_tools.source import MergedSource
+from sorsa_tools.train import RUN_FILE, TrainConfig, train
+
+CFG = dict(max_length=256, batch_size=2, max_steps=2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_lm_decomposed, tmp_path_factory) -> Path:
+    _, dec = tiny_lm_decomposed("llama")
+    r = tmp_path_factory.mktemp("crash") / "run"
+    train(dec, GSM8K_SLICE, r, config=TrainConfig(**CFG), device="cpu")
+    return r
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def _tree_bytes(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_stale_temps_are_those_of_dead_processes_only(tmp_path, dead_pid):
+    live = os.getppid()
+    stale = [f".m.gguf.tmp-{dead_pid}", f".m.f16.tmp-{dead_pid}.gguf", f".out.export-old-{dead_pid}"]
+    kept = [f".m.gguf.tmp-{live}", ".m.gguf.tmp-x", "m.gguf.tmp-1", ".m.gguf", ".checkpoint-tmp", "notes.txt"]
+    for n in stale + kept:
+        (tmp_path / n).write_text("x")
+    (tmp_path / f".out.merge-{dead_pid}").mkdir()
+    (tmp_path / f".out.merge-{dead_pid}" / "model.safetensors").write_text("x")
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(stale + [f".out.merge-{dead_pid}"])
+    assert _names(tmp_path) == sorted(kept)
+    (tmp_path / f".other.tmp-{dead_pid}").write_text("x")
+    assert remove_stale_temps(tmp_path, "m.") == [] and (tmp_path / f".other.tmp-{dead_pid}").exists()
+
+
+def test_a_replaced_dir_comes_back_when_the_swap_is_cut_short(tmp_path, monkeypatch):
+    out, tmp = tmp_path / "out", tmp_path / ".out.merge-1"
+    out.mkdir()
+    (out / "old").write_text("earlier output")
+    tmp.mkdir()
+    (tmp / "new").write_text("new output")
+    real, calls = os.replace, []
+
+    def second_rename_interrupted(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(stf.os, "replace", second_rename_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        swap_dir_into_place(tmp, out)
+    monkeypatch.undo()
+    assert (out / "old").read_text() == "earlier output"
+    swap_dir_into_place(tmp, out)
+    assert _names(out) == ["new"] and _names(tmp_path) == ["out"]
+
+
+def test_train_run_killed_while_writing_its_run_file(tiny_lm_decomposed, tmp_path, dead_pid):
+    """All RUN held was the temp of run.json: --resume and a plain rerun start the run afresh."""
+    _, dec = tiny_lm_decomposed("llama")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{RUN_FILE}.tmp-{dead_pid}").write_text('{"run_')
+    r = train(dec, GSM8K_SLICE, out, config=TrainConfig(**CFG), device="cpu", resume=True)
+    assert r.steps == 2 and not r.already_done
+    assert not any(p.name.startswith(".") for p in out.iterdir()), _names(out)
+
+
+def test_train_killed_after_its_config_is_reported_done_and_tidied(run_dir, tiny_lm_decomposed, dead_pid):
+    """Killed after sorsa_config.json, before checkpoint/ went, with temps of the adapter, the config
+    and the plot left: the rerun reports the finished run and removes the rest."""
+    _, dec = tiny_lm_decomposed("llama")
+    before = _tree_bytes(run_dir)
+    (run_dir / "checkpoint").mkdir()
+    (run_dir / "checkpoint" / "state.json").write_text('{"step": 1}')
+    for n in (
+        f".{ADAPTER_FILE}.tmp-{dead_pid}",
+        f".{CONFIG_FILE}.tmp-{dead_pid}",
+        f".loss.tmp-{dead_pid}.png",
+    ):
+        (run_dir / n).write_text("partial")
+    r = train(dec, GSM8K_SLICE, run_dir, config=TrainConfig(**CFG), device="cpu")
+    assert r.already_done and r.steps == 2
+    assert _tree_bytes(run_dir) == before
+
+
+def test_forced_decompose_killed_while_clearing_is_not_reported_done(tiny_factory, tmp_path, monkeypatch):
+    """--force over a finished dir, interrupted after its first deletion: the rerun must not take
+    the dir for finished (its config marks it so), and --force then rebuilds the same bytes."""
+    src = tiny_factory("llama", torch.float32)
+    out = tmp_path / "d"
+    decompose(str(src), 4, out, check_sample=0)
+    ref = _tree_bytes(out)
+    real_unlink, real_rmtree = Path.unlink, shutil.rmtree
+
+    def unlink_then_interrupted(self, *a, **k):
+        real_unlink(self, *a, **k)
+        raise KeyboardInterrupt
+
+    def rmtree_then_interrupted(*a, **k):
+        real_rmtree(*a, **k)
+        raise KeyboardInterrupt
+
+    real_iterdir = Path.iterdir
+
+    def config_listed_last(self):  # whatever order the file system lists: the config goes first
+        return iter(sorted(real_iterdir(self), key=lambda p: p.name == CONFIG_FILE))
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_interrupted)
+    monkeypatch.setattr(shutil, "rmtree", rmtree_then_interrupted)
+    monkeypatch.setattr(Path, "iterdir", config_listed_last)
+    with pytest.raises(KeyboardInterrupt):
+        decompose(str(src), 4, out, check_sample=0, force=True)
+    monkeypatch.undo()
+    assert not (out / CONFIG_FILE).exists() and len(_tree_bytes(out)) == len(ref) - 1
+    with pytest.raises(OutputDirError, match="pass --force"):
+        decompose(str(src), 4, out, check_sample=0)
+    assert not decompose(str(src), 4, out, check_sample=0, force=True).already_done
+    got = _tree_bytes(out)
+    assert got.keys() == ref.keys() and all(
+        got[k] == ref[k] for k in ref if k != CONFIG_FILE
+    )  # it has a date
+
+
+def test_svd_worker_threads_compute_like_the_caller(monkeypatch):
+    """A new thread starts at OpenMP's default thread count, and an SVD's last bits depend on it: the
+    pipeline's workers must use the count they were given, or reruns differ (9e-8) from each other."""
+    torch.manual_seed(0)
+    a = torch.randn(1024, 768)
+    with _torch_threads(1):
+        ref = torch.linalg.svd(a, full_matrices=False)
+        with _svd_pool(2, 1) as pool:
+            got = pool.submit(torch.linalg.svd, a, full_matrices=False).result()
+    assert all(torch.equal(x, y) for x, y in zip(ref, got, strict=True))
+
+
+def test_killed_split_gguf_leaves_no_loadable_mix(tiny_lm_decomposed, tmp_path, monkeypatch, dead_pid):
+    """Interrupted while the parts were renamed into place: no first part is there (llama.cpp opens a
+    split through it), and a plain rerun writes the whole split and removes what was left."""
+    _, dec = tiny_lm_decomposed("llama")
+    src = MergedSource(dec)
+    out = tmp_path / "m.gguf"
+    real, done = Path.replace, []
+
+    def cut_after_one(self, target):
+        if Path(target).name.startswith("m-0") and done:
+            raise KeyboardInterrupt
+        done.append(target)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", cut_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(src, out, "f32", split_max_size=150_000)
+    monkeypatch.undo()
+    left = _names(tmp_path)
+    assert left and not any("-00001-of-" in n for n in left) and not any(n.startswith(".") for n in left), (
+        left
+    )
+    (tmp_path / f".m.gguf.tmp-{dead_pid}").write_text("a killed single-file export")
+    r = export_gguf(src, out, "f32", split_max_size=150_000)
+    assert _names(tmp_path) == sorted(p.name for p in r.paths) and len(r.paths) >= 2
+
+    # --force over that split: the earlier first part goes before any new part lands
+    def cut_at_first(self, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "replace", cut_at_first)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(src, out, "f32", split_max_size=150_000, force=True)
+    monkeypatch.undo()
+    assert not any("-00001-of-" in n for n in _names(tmp_path))
+
+
+def test_exports_and_merges_remove_what_killed_ones_left(
+    tiny_lm_decomposed, run_dir, tmp_path, dead_pid, monkeypatch
+):
+    _, dec = tiny_lm_decomposed("llama")
+    for n in ("lora", "merged"):
+        for kind in ("export-tmp", "export-old", "merge", "old"):
+            (tmp_path / f".{n}.{kind}-{dead_pid}").mkdir()
+    live = tmp_path / f".lora.export-tmp-{os.getppid()}"  # a concurrent export's: kept
+    live.mkdir()
+    (tmp_path / "lora").mkdir()  # an earlier export, replaced with --force
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    export_lora(dec, run_dir, tmp_path / "lora", force=True)
+    merge(dec, tmp_path / "merged", adapter=run_dir)
+    assert _names(tmp_path) == sorted(["lora", "merged", live.name])
+    # interrupted between moving the earlier merge aside and renaming the new one in: it comes back
+    before = _tree_bytes(tmp_path / "merged")
+    real_replace, real_swap, swap = os.replace, stf.swap_dir_into_place, {"on": False, "renames": 0}
+
+    def second_rename_interrupted(a, b):  # counts only the swap's renames, not the shards'
+        swap["renames"] += swap["on"]
+        if swap["renames"] == 2:
+            raise KeyboardInterrupt
+        real_replace(a, b)
+
+    def swapping(tmp, out):
+        swap["on"] = True
+        return real_swap(tmp, out)
+
+    monkeypatch.setattr(os, "replace", second_rename_interrupted)
+    monkeypatch.setattr(merge_module, "swap_dir_into_place", swapping)
+    with pytest.raises(KeyboardInterrupt):
+        merge(dec, tmp_path / "merged", adapter=run_dir, force=True)
+    monkeypatch.undo()
+    assert _tree_bytes(tmp_path / "merged") == before
+    assert _names(tmp_path) == sorted(["lora", "merged", live.name])
+
+
+def test_ctrl_c_after_the_work_says_it_is_complete(tiny_lm_decomposed, run_dir, tmp_path, monkeypatch):
+    """A Ctrl-C while the report prints must not claim that nothing was written."""
+    from sorsa_tools import cli
+
+    _, dec = tiny_lm_decomposed("llama")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_kv_table", interrupted)
+    res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "m"))
+    assert res.exit_code == 130
+    assert (
+        res.stderr.strip()
+        == f"error: interrupted while reporting; the work was done: {tmp_path / 'm'} is complete"
+    )
+    assert (tmp_path / "m" / "config.json").is_file()
+    res = run("export-lora", str(dec), "--adapter", str(tmp_path / "nope"), "-o", str(tmp_path / "l"))
+    assert res.exit_code == 2 and "complete" not in res.stderr  # the next command starts clean
