@@ -1031,19 +1031,14 @@ def _export(
             tmp_float.unlink(missing_ok=True)
             tmp_quant.unlink(missing_ok=True)
             raise
-        finals = _split_names(out, len(temps))
-        _verify(temps, plans, None, exact_types=False)
+        check_against = None  # llama.cpp's quantizer: types and shapes, not values
     else:
         plans = _plan(source, m, ot, n_vocab, warnings)
         temps = _write(source, out, m, ot, plans, vocab, n_vocab, split_max_size, provenance, progress)
-        finals = _split_names(out, len(temps))
-        try:
-            _verify(temps, plans, source)
-        except BaseException:
-            for t in temps:
-                t.unlink(missing_ok=True)
-            raise
+        check_against = source
+    finals = _split_names(out, len(temps))
     try:
+        _verify(temps, plans, check_against, exact_types=check_against is not None)
         _check_out(out, force, [f for f in _existing_outputs(out) if f in finals])  # appeared meanwhile?
         _put_in_place(out, temps, finals)
     except BaseException:
