@@ -19,7 +19,13 @@ import torch
 from conftest import GSM8K_SLICE, _config, make_tokenizer
 
 from sorsa_tools import decompose
-from sorsa_tools.errors import DiskFullError, ExportError, OutputExistsError, TokenizerMissingError
+from sorsa_tools.errors import (
+    DiskFullError,
+    ExportError,
+    OutputExistsError,
+    TokenizerMissingError,
+    VerificationError,
+)
 from sorsa_tools.gguf_export import PROVENANCE_KEY, export_gguf, read_layout
 from sorsa_tools.source import MergedSource, provenance
 
@@ -261,7 +267,7 @@ def _corr(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(got, ref, strict=True)]))
 
 
-def test_k_quants_through_llama_cpp(tmp_path):
+def test_k_quants_through_llama_cpp(tmp_path, monkeypatch):
     """q4_k_m / q6_k come from llama.cpp's own quantizer; rows of 256 take K blocks, no temp left.
     (4-bit noise moves this random, peaked model a lot: measured logit correlation 0.91 for q4_k_m,
     0.99 for q6_k.)"""
@@ -282,6 +288,21 @@ def test_k_quants_through_llama_cpp(tmp_path):
         print(f"{outtype}: logit correlation with transformers {corr:.3f}")
         assert corr >= min_corr
     assert sorted(p.name for p in out.iterdir()) == ["q4_k_m.gguf", "q6_k.gguf"]  # no temp left behind
+
+    # the read-back of the quantizer's output fails: its temps go too
+    import sorsa_tools.gguf_export as ge
+
+    real_verify = ge._verify
+
+    def quantized_check_fails(paths, plans, source, exact_types=True):
+        if source is None:
+            raise VerificationError("injected")
+        return real_verify(paths, plans, source, exact_types)
+
+    monkeypatch.setattr(ge, "_verify", quantized_check_fails)
+    with pytest.raises(VerificationError):
+        export_gguf(MergedSource.plain(src), out / "bad.gguf", "q4_k_m")
+    assert sorted(p.name for p in out.iterdir()) == ["q4_k_m.gguf", "q6_k.gguf"]
 
 
 def test_ctrl_c_during_the_quantizer_stops_the_export(tiny, tmp_path, monkeypatch):
