@@ -47,9 +47,16 @@ def _tree_bytes(d: Path) -> dict[str, bytes]:
 
 
 def test_stale_temps_are_those_of_dead_processes_only(tmp_path, dead_pid):
-    live = os.getppid()
+    live, me = os.getppid(), os.getpid()  # this process's own: another of its threads may write it
     stale = [f".m.gguf.tmp-{dead_pid}", f".m.f16.tmp-{dead_pid}.gguf", f".out.export-old-{dead_pid}"]
-    kept = [f".m.gguf.tmp-{live}", ".m.gguf.tmp-x", "m.gguf.tmp-1", ".m.gguf", ".checkpoint-tmp", "notes.txt"]
+    kept = [
+        f".m.gguf.tmp-{live}",
+        f".m.json.tmp-{me}",
+        ".m.gguf.tmp-x",
+        "m.gguf.tmp-1",
+        ".m.gguf",
+        "notes.txt",
+    ]
     for n in stale + kept:
         (tmp_path / n).write_text("x")
     (tmp_path / f".out.merge-{dead_pid}").mkdir()

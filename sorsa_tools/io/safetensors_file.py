@@ -296,8 +296,8 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|merge|old|export-tmp|export-ol
 
 
 def _running(pid: int) -> bool:
-    if pid == os.getpid():  # ours: written by an earlier call in this process, which has returned
-        return False
+    if pid == os.getpid():  # ours: another thread may be writing it (failed calls remove their own)
+        return True
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):  # gone, or a number no PID can be
