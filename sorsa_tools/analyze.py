@@ -34,7 +34,8 @@ import torch
 from sorsa_tools.arch import select_targets
 from sorsa_tools.errors import InputError, ModelMismatchError, ModelNotFoundError, TargetError
 from sorsa_tools.format import CONFIG_FILE, read_config
-from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors, temp_path
+from sorsa_tools.io.placement import temp_path
+from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors
 from sorsa_tools.source import MergedSource
 from sorsa_tools.svd import require_finite
 

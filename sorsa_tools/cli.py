@@ -57,9 +57,12 @@ def _wrote(*paths: object) -> None:
 
 
 def _interrupted_line(command: str) -> str:
-    if _written:
-        verb = "is" if len(_written) == 1 else "are"
-        return f"interrupted while reporting; the work was done: {' and '.join(_written)} {verb} complete"
+    from sorsa_tools.io.placement import completed_outputs
+
+    done = list(dict.fromkeys([*map(str, completed_outputs()), *_written]))
+    if done:
+        verb = "is" if len(done) == 1 else "are"
+        return f"interrupted after the work was done: {' and '.join(done)} {verb} complete"
     return INTERRUPTED.get(command, INTERRUPTED_DEFAULT)
 
 
@@ -68,7 +71,10 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from sorsa_tools.io.placement import forget_completed
+
         _written.clear()
+        forget_completed()
         try:
             return fn(*args, **kwargs)
         except SorsaError as e:

@@ -51,6 +51,7 @@ from sorsa_tools.format import (
 )
 from sorsa_tools.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from sorsa_tools.io.hub import resolve_model
+from sorsa_tools.io.placement import mark_complete, remove_stale_temps
 from sorsa_tools.io.safetensors_file import (
     DTYPE_CODES,
     DTYPES,
@@ -61,7 +62,6 @@ from sorsa_tools.io.safetensors_file import (
     check_read_back,
     check_replaceable,
     iter_file_chunks,
-    remove_stale_temps,
     write_tensors,
 )
 from sorsa_tools.svd import (
@@ -713,6 +713,7 @@ def _finalize(
         "modules": stats,
     }
     atomic_write_json(out / CONFIG_FILE, config)
+    mark_complete(out)
     shutil.rmtree(partial, ignore_errors=True)
 
 

@@ -40,13 +40,8 @@ from sorsa_tools.errors import (
     ModelNotFoundError,
 )
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config
-from sorsa_tools.io.safetensors_file import (
-    atomic_write_json,
-    check_output_file,
-    disk_errors,
-    file_sha256,
-    temp_path,
-)
+from sorsa_tools.io.placement import temp_path
+from sorsa_tools.io.safetensors_file import atomic_write_json, check_output_file, disk_errors, file_sha256
 from sorsa_tools.prompts import TEMPLATES, render_prompt
 from sorsa_tools.train import head_cross_entropy, label_positions
 

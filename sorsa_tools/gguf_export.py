@@ -47,7 +47,8 @@ from sorsa_tools.gguf_tables import (
     ArchSpec,
     OutType,
 )
-from sorsa_tools.io.safetensors_file import disk_errors, remove_stale_temps
+from sorsa_tools.io.placement import mark_complete, remove_stale_temps
+from sorsa_tools.io.safetensors_file import disk_errors
 from sorsa_tools.source import MergedSource
 
 T = gguf.GGMLQuantizationType
@@ -1080,6 +1081,7 @@ def _put_in_place(out: Path, temps: list[Path], finals: list[Path]) -> None:
             p.unlink(missing_ok=True)
     for t, f in list(zip(temps, finals, strict=True))[::-1]:
         t.replace(f)
+    mark_complete(finals[0])
 
 
 def _float_base(source: MergedSource) -> str:

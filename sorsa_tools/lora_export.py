@@ -27,14 +27,8 @@ import torch
 from sorsa_tools.arch import live_module_name, meta_model
 from sorsa_tools.errors import InputError, NotDecomposedError, OutputDirError, VerificationError
 from sorsa_tools.format import ADAPTER_FILE, factor_names
-from sorsa_tools.io.safetensors_file import (
-    DTYPE_CODES,
-    SafetensorsFile,
-    StreamWriter,
-    atomic_write_json,
-    remove_stale_temps,
-    swap_dir_into_place,
-)
+from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
+from sorsa_tools.io.safetensors_file import DTYPE_CODES, SafetensorsFile, StreamWriter, atomic_write_json
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 
 LORA_CONFIG_FILE = "adapter_config.json"

@@ -24,6 +24,7 @@ import torch
 
 from sorsa_tools.errors import DiskFullError, InputError, OutputDirError, VerificationError
 from sorsa_tools.io.checkpoint import INDEX_NAME, open_checkpoint
+from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
 from sorsa_tools.io.safetensors_file import (
     DTYPE_CODES,
     DTYPES,
@@ -34,8 +35,6 @@ from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     check_read_back,
     check_replaceable,
-    remove_stale_temps,
-    swap_dir_into_place,
 )
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 from sorsa_tools.svd import Factors, reconstruction_probe

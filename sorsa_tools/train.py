@@ -41,14 +41,13 @@ from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
+from sorsa_tools.io.placement import mark_complete, remove_stale_temps, temp_path
 from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
     disk_errors,
     file_sha256,
-    remove_stale_temps,
-    temp_path,
     write_tensors,
 )
 from sorsa_tools.layer import regularizer_grad_
@@ -847,6 +846,7 @@ def _train(
             log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
         )
         atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
+        mark_complete(out)
         _remove_checkpoints(out)
         return png
 

@@ -20,8 +20,8 @@ from sorsa_tools.decompose import _svd_pool, _torch_threads
 from sorsa_tools.errors import OutputDirError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE
 from sorsa_tools.gguf_export import export_gguf
-from sorsa_tools.io import safetensors_file as stf
-from sorsa_tools.io.safetensors_file import remove_stale_temps, swap_dir_into_place
+from sorsa_tools.io import placement
+from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
 from sorsa_tools.lora_export import export_lora
 from sorsa_tools.merge import merge
 from sorsa_tools.source import MergedSource
@@ -82,7 +82,7 @@ def test_a_replaced_dir_comes_back_when_the_swap_is_cut_short(tmp_path, monkeypa
             raise KeyboardInterrupt
         real(a, b)
 
-    monkeypatch.setattr(stf.os, "replace", second_rename_interrupted)
+    monkeypatch.setattr(placement.os, "replace", second_rename_interrupted)
     with pytest.raises(KeyboardInterrupt):
         swap_dir_into_place(tmp, out)
     monkeypatch.undo()
@@ -223,7 +223,7 @@ def test_exports_and_merges_remove_what_killed_ones_left(
     assert _names(tmp_path) == sorted(["lora", "merged", live.name])
     # interrupted between moving the earlier merge aside and renaming the new one in: it comes back
     before = _tree_bytes(tmp_path / "merged")
-    real_replace, real_swap, swap = os.replace, stf.swap_dir_into_place, {"on": False, "renames": 0}
+    real_replace, real_swap, swap = os.replace, placement.swap_dir_into_place, {"on": False, "renames": 0}
 
     def second_rename_interrupted(a, b):  # counts only the swap's renames, not the shards'
         swap["renames"] += swap["on"]
@@ -245,21 +245,29 @@ def test_exports_and_merges_remove_what_killed_ones_left(
 
 
 def test_ctrl_c_after_the_work_says_it_is_complete(tiny_lm_decomposed, run_dir, tmp_path, monkeypatch):
-    """A Ctrl-C while the report prints must not claim that nothing was written."""
+    """A Ctrl-C once the output is in place (while the earlier one is removed, or the report
+    prints) must not claim that nothing was written."""
     from sorsa_tools import cli
 
     _, dec = tiny_lm_decomposed("llama")
+    out = tmp_path / "m"
+    argv = ["merge", str(dec), "--adapter", str(run_dir), "-o", str(out), "--force"]
+    complete = f"error: interrupted after the work was done: {out} is complete"
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_kv_table", interrupted)
-    res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "m"))
-    assert res.exit_code == 130
-    assert (
-        res.stderr.strip()
-        == f"error: interrupted while reporting; the work was done: {tmp_path / 'm'} is complete"
-    )
-    assert (tmp_path / "m" / "config.json").is_file()
+    res = run(*argv)
+    assert res.exit_code == 130 and res.stderr.strip() == complete
+    assert (out / "config.json").is_file()
+    monkeypatch.undo()
+
+    monkeypatch.setattr(placement.shutil, "rmtree", interrupted)  # removing the earlier merge
+    res = run(*argv)
+    assert res.exit_code == 130 and res.stderr.strip() == complete
+    monkeypatch.undo()
+    assert (out / "config.json").is_file()
+
     res = run("export-lora", str(dec), "--adapter", str(tmp_path / "nope"), "-o", str(tmp_path / "l"))
     assert res.exit_code == 2 and "complete" not in res.stderr  # the next command starts clean

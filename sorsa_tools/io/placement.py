@@ -1,0 +1,89 @@
+"""Putting outputs in place: temp names, the temps killed runs leave, swapping a finished directory
+in, and which outputs this process has completed. Torch-free: the CLI reads it on a Ctrl-C."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+def temp_path(path: Path) -> Path:
+    """This process's temp name for `path`; temps of `path` that killed processes left go first."""
+    remove_stale_temps(path.parent, path.name + ".")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+# what this package writes before a rename puts it in place: .NAME.KIND-PID, maybe with a suffix
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|merge|old|export-tmp|export-old)-(?P<pid>\d+)(?:\.\w+)?$")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():  # ours: another thread may be writing it (failed calls remove their own)
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or a number no PID can be
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path, prefix: str = "") -> list[Path]:
+    """Remove the temp files and dirs a killed sorsa process left in `directory` (only those whose
+    PID no longer runs, so a concurrent run's are kept); `prefix` narrows it to one output's
+    (names starting with '.' + prefix). A kill -9 runs no clean-up, so every writer calls this."""
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.glob("." + glob.escape(prefix) + "*"):
+        m = _TEMP_NAME.match(p.name)
+        if m is None or _running(int(m["pid"])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+_completed: list[Path] = []
+
+
+def mark_complete(path: Path) -> None:
+    """Record that a command's output is now whole in place. A Ctrl-C from here on (while clean-up
+    or the report runs) must not be told that nothing was written: the CLI reads this."""
+    _completed.append(path)
+
+
+def completed_outputs() -> list[Path]:
+    return list(_completed)
+
+
+def forget_completed() -> None:
+    _completed.clear()
+
+
+def swap_dir_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete directory `tmp` to `out`, replacing what `out` held. If the swap is cut
+    short (Ctrl-C, a failed rename), the earlier `out` is put back, so it is never lost half-way."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+        mark_complete(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    mark_complete(out)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
