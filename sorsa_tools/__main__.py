@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from sorsa_tools.cli import run
 
-        code = run(argv)
+        code = run(argv, exiting=True)
     except KeyboardInterrupt:  # before run() took over Ctrl-C, or after it gave it back
         sys.stderr.write("error: interrupted before the command started; nothing was written\n")
         code = 130

@@ -46,7 +46,9 @@ INTERRUPTED = {
     "push": "interrupted before the upload finished: run the same command again",
 }
 INTERRUPTED_DEFAULT = "interrupted; nothing was written: run the same command again"
-_said = {"interrupted": False}  # typer turns a Ctrl-C outside a command into a silent exit 130
+# interrupted: the Ctrl-C line was printed (typer turns a Ctrl-C outside a command into a silent
+# exit 130); sigint: a Ctrl-C arrived at all (a library may have swallowed it, e.g. inside an import)
+_said = {"interrupted": False, "sigint": False}
 _written: list[str] = []  # what the running command has finished writing (for the Ctrl-C line)
 
 
@@ -76,7 +78,10 @@ def handle_errors(fn):
         _written.clear()
         forget_completed()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if _said["sigint"]:  # a Ctrl-C some library turned into another error and swallowed
+                raise KeyboardInterrupt
+            return result
         except SorsaError as e:
             if os.environ.get("SORSA_DEBUG"):
                 raise
@@ -987,6 +992,7 @@ def inspect(
 
 def _on_interrupt(signum, frame) -> None:
     """The first Ctrl-C stops the command; later ones must not cut its clean-up short."""
+    _said["sigint"] = True
     signal.signal(signal.SIGINT, _while_stopping)
     raise KeyboardInterrupt
 
@@ -995,16 +1001,17 @@ def _while_stopping(signum, frame) -> None:
     os.write(2, b"stopping: removing unfinished files, one moment\n")
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     """The `sorsa` command: returns its exit code. click's own usage errors (unknown option,
-    missing argument) are one `error:` line too, not a box."""
+    missing argument) are one `error:` line too, not a box. `exiting`: the process ends after this,
+    so Ctrl-C stays ignored from the moment the command is over (no gap where it could still land)."""
     # typer re-exports click's exceptions (and from 0.29 vendors click): find them through typer
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     # only where Ctrl-C has Python's own handler (not ignored, not someone else's)
     owns_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if owns_sigint:
         signal.signal(signal.SIGINT, _on_interrupt)
-    _said["interrupted"] = False
+    _said["interrupted"] = _said["sigint"] = False
     try:
         code = app(args=argv, prog_name="sorsa", standalone_mode=False)
     except usage_error as e:
@@ -1021,9 +1028,13 @@ def run(argv: list[str] | None = None) -> int:
     except typer.Abort:
         err.print("[bold red]error:[/] aborted", highlight=False)
         return 1
+    except KeyboardInterrupt:  # outside the command's own handling: typer's set-up or tear-down
+        if not _said["interrupted"]:  # before the command began or after it was over
+            err.print(f"[bold red]error:[/] {_interrupted_line('')}", highlight=False)
+        return 130
     finally:
         if owns_sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.SIG_IGN if exiting else signal.default_int_handler)
     if code == 130 and not _said["interrupted"]:
         err.print(f"[bold red]error:[/] {INTERRUPTED_DEFAULT}", highlight=False)
     return code if isinstance(code, int) else 0

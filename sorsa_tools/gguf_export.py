@@ -47,7 +47,7 @@ from sorsa_tools.gguf_tables import (
     ArchSpec,
     OutType,
 )
-from sorsa_tools.io.placement import mark_complete, remove_stale_temps
+from sorsa_tools.io.placement import aside_name, mark_complete, remove_path, remove_stale_temps
 from sorsa_tools.io.safetensors_file import disk_errors
 from sorsa_tools.source import MergedSource
 
@@ -1073,15 +1073,27 @@ def _existing_outputs(out: Path) -> list[Path]:
 
 
 def _put_in_place(out: Path, temps: list[Path], finals: list[Path]) -> None:
-    """Rename the temps to their final names so a kill part-way never leaves a loadable mix: an
-    earlier export's first part goes first and the new first part comes last (llama.cpp opens a
-    split through its first part, and a rerun ignores later parts without one)."""
-    for p in [out, *_split_files(out)]:  # with --force: an earlier export under this name
-        if p not in finals or (p == finals[0] and len(finals) > 1):  # one file: replaced at once
-            p.unlink(missing_ok=True)
-    for t, f in list(zip(temps, finals, strict=True))[::-1]:
-        t.replace(f)
+    """Rename the temps to their final names so a kill part-way never leaves a loadable mix: the
+    new first part comes last (llama.cpp opens a split through it, and a rerun ignores later parts
+    without one). An earlier export under this name (--force) waits aside until the new one is in
+    place, and comes back if the renames are cut short."""
+    earlier = [p for p in [out, *_split_files(out)] if p.exists()]
+    try:
+        for p in earlier:  # first parts first: an earlier split is never left loadable but partial
+            os.replace(p, aside_name(p))
+        for t, f in list(zip(temps, finals, strict=True))[::-1]:
+            t.replace(f)
+    except BaseException:
+        for t, f in zip(temps, finals, strict=True):
+            if not t.exists():  # renamed already
+                f.unlink(missing_ok=True)
+        for p in earlier[::-1]:
+            if aside_name(p).exists():
+                os.replace(aside_name(p), p)
+        raise
     mark_complete(finals[0])
+    for p in earlier:
+        remove_path(aside_name(p))
 
 
 def _float_base(source: MergedSource) -> str:

@@ -41,7 +41,7 @@ from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
-from sorsa_tools.io.placement import mark_complete, remove_stale_temps, temp_path
+from sorsa_tools.io.placement import mark_complete, remove_path, remove_stale_temps, temp_path
 from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     atomic_write_text,
@@ -433,8 +433,14 @@ def _save_checkpoint(out: Path, layers, optimizer, scheduler, state: dict) -> No
 
 
 def _remove_checkpoints(out: Path) -> None:
-    for name in (CKPT_DIR, ".checkpoint-old", ".checkpoint-tmp"):
-        shutil.rmtree(out / name, ignore_errors=True)
+    """Once the run is finished. checkpoint/ is first renamed to a hidden name, which _save_checkpoint
+    clears and no resume reads: a kill part-way never leaves a half-deleted checkpoint/ that push
+    would upload with the finished run."""
+    if (out / CKPT_DIR).is_dir():
+        remove_path(out / ".checkpoint-tmp")
+        os.replace(out / CKPT_DIR, out / ".checkpoint-tmp")
+    for name in (".checkpoint-tmp", ".checkpoint-old"):
+        remove_path(out / name)
 
 
 def snapshot_name(step: int) -> str:

@@ -102,7 +102,9 @@ def test_train_run_killed_while_writing_its_run_file(tiny_lm_decomposed, tmp_pat
     assert not any(p.name.startswith(".") for p in out.iterdir()), _names(out)
 
 
-def test_train_killed_after_its_config_is_reported_done_and_tidied(run_dir, tiny_lm_decomposed, dead_pid):
+def test_train_killed_after_its_config_is_reported_done_and_tidied(
+    run_dir, tiny_lm_decomposed, dead_pid, monkeypatch
+):
     """Killed after sorsa_config.json, before checkpoint/ went, with temps of the adapter, the config
     and the plot left: the rerun reports the finished run and removes the rest."""
     _, dec = tiny_lm_decomposed("llama")
@@ -118,6 +120,24 @@ def test_train_killed_after_its_config_is_reported_done_and_tidied(run_dir, tiny
     r = train(dec, GSM8K_SLICE, run_dir, config=TrainConfig(**CFG), device="cpu")
     assert r.already_done and r.steps == 2
     assert _tree_bytes(run_dir) == before
+
+    # a Ctrl-C while checkpoint/ is deleted: it is gone whole, not left half-deleted beside the
+    # finished run (push would upload it)
+    (run_dir / "checkpoint").mkdir()
+    (run_dir / "checkpoint" / "state.json").write_text('{"step": 1}')
+    real_rmtree, calls = shutil.rmtree, []
+
+    def interrupted_once(path, *a, **k):
+        calls.append(Path(path).name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        train(dec, GSM8K_SLICE, run_dir, config=TrainConfig(**CFG), device="cpu")
+    monkeypatch.undo()
+    assert calls[0].startswith(".checkpoint") and _tree_bytes(run_dir) == before
 
 
 def test_forced_decompose_killed_while_clearing_is_not_reported_done(tiny_factory, tmp_path, monkeypatch):
@@ -171,40 +191,54 @@ def test_svd_worker_threads_compute_like_the_caller(monkeypatch):
 
 
 def test_killed_split_gguf_leaves_no_loadable_mix(tiny_lm_decomposed, tmp_path, monkeypatch, dead_pid):
-    """Interrupted while the parts were renamed into place: no first part is there (llama.cpp opens a
-    split through it), and a plain rerun writes the whole split and removes what was left."""
+    """Interrupted while the parts are renamed into place: none of the new parts stays under a final
+    name, an earlier split (--force) comes back whole, and what a kill -9 leaves (later parts without
+    a first one, temps) neither blocks nor survives a plain rerun."""
     _, dec = tiny_lm_decomposed("llama")
     src = MergedSource(dec)
     out = tmp_path / "m.gguf"
-    real, done = Path.replace, []
+    real_path_replace, real_os_replace, landed = Path.replace, os.replace, []
 
-    def cut_after_one(self, target):
-        if Path(target).name.startswith("m-0") and done:
+    def cut_after_one(self, target):  # the new parts are renamed with Path.replace
+        if landed:
             raise KeyboardInterrupt
-        done.append(target)
-        return real(self, target)
+        landed.append(target)
+        return real_path_replace(self, target)
 
     monkeypatch.setattr(Path, "replace", cut_after_one)
     with pytest.raises(KeyboardInterrupt):
         export_gguf(src, out, "f32", split_max_size=150_000)
     monkeypatch.undo()
-    left = _names(tmp_path)
-    assert left and not any("-00001-of-" in n for n in left) and not any(n.startswith(".") for n in left), (
-        left
-    )
+    assert len(landed) == 1 and _names(tmp_path) == []
+
+    (tmp_path / "m-00003-of-00003.gguf").write_text("a later part left by a kill -9")
     (tmp_path / f".m.gguf.tmp-{dead_pid}").write_text("a killed single-file export")
     r = export_gguf(src, out, "f32", split_max_size=150_000)
     assert _names(tmp_path) == sorted(p.name for p in r.paths) and len(r.paths) >= 2
+    before = _tree_bytes(tmp_path)
 
-    # --force over that split: the earlier first part goes before any new part lands
-    def cut_at_first(self, target):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Path, "replace", cut_at_first)
-    with pytest.raises(KeyboardInterrupt):
-        export_gguf(src, out, "f32", split_max_size=150_000, force=True)
+    landed.clear()
+    monkeypatch.setattr(Path, "replace", cut_after_one)
+    with pytest.raises(KeyboardInterrupt):  # --force, cut after one new part landed
+        export_gguf(src, out, "f16", split_max_size=100_000, force=True)
     monkeypatch.undo()
-    assert not any("-00001-of-" in n for n in _names(tmp_path))
+    assert _tree_bytes(tmp_path) == before
+
+    moved = []
+
+    def cut_while_moving_aside(a, b):
+        if ".old-" in Path(b).name:
+            moved.append(a)
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+        real_os_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", cut_while_moving_aside)
+    with pytest.raises(KeyboardInterrupt):  # --force, cut while the earlier parts are moved aside
+        export_gguf(src, out, "f16", force=True)
+    monkeypatch.undo()
+    assert _tree_bytes(tmp_path) == before
+    assert "-00001-of-" in Path(moved[0]).name  # the first part goes first
 
 
 def test_exports_and_merges_remove_what_killed_ones_left(
@@ -271,3 +305,37 @@ def test_ctrl_c_after_the_work_says_it_is_complete(tiny_lm_decomposed, run_dir, 
 
     res = run("export-lora", str(dec), "--adapter", str(tmp_path / "nope"), "-o", str(tmp_path / "l"))
     assert res.exit_code == 2 and "complete" not in res.stderr  # the next command starts clean
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_command(monkeypatch, capfd, tmp_path):
+    """A Ctrl-C landing inside an import can come out as another error that a library's fallback
+    swallows (seen in numpy's and accelerate's imports): the command must still end with exit 130
+    and say so, not exit 0 as if the user had not asked it to stop."""
+    import signal
+    from types import SimpleNamespace
+
+    from sorsa_tools import cli
+
+    def export(*a, **k):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except Exception:  # what the fallback catches: the interrupt became another error
+            pass
+        except KeyboardInterrupt:
+            pass
+        return SimpleNamespace(
+            out_dir=tmp_path / "l", rank=8, sorsa_rank=4, modules=1, target_modules=["q_proj"],
+            exact_names=False, base_model="b", dtype="float32", bytes=1, max_check_error=0.0,
+            max_relative_delta=0.0, seconds=0.0,
+        )  # fmt: skip
+
+    monkeypatch.setattr("sorsa_tools.lora_export.export_lora", export)
+    assert cli.run(["export-lora", "d", "--adapter", "r", "-o", str(tmp_path / "l")]) == 130
+    err = capfd.readouterr().err.strip()
+    assert err == f"error: interrupted after the work was done: {tmp_path / 'l'} is complete", err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:  # the console script: from the end of the command on, Ctrl-C stays ignored until exit
+        assert cli.run(["--version"], exiting=True) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

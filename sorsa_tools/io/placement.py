@@ -68,6 +68,28 @@ def forget_completed() -> None:
     _completed.clear()
 
 
+def remove_path(p: Path) -> None:
+    """Delete a file, link or directory tree; a Ctrl-C part-way still finishes it (what is being
+    removed is already out of use, and a half-deleted copy would only be litter)."""
+    try:
+        _remove(p)
+    except KeyboardInterrupt:
+        _remove(p)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def aside_name(p: Path) -> Path:
+    """Where an earlier output waits while its replacement is renamed in."""
+    return p.with_name(f".{p.name}.old-{os.getpid()}")
+
+
 def swap_dir_into_place(tmp: Path, out: Path) -> None:
     """Rename the complete directory `tmp` to `out`, replacing what `out` held. If the swap is cut
     short (Ctrl-C, a failed rename), the earlier `out` is put back, so it is never lost half-way."""
@@ -75,7 +97,7 @@ def swap_dir_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
         mark_complete(out)
         return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = aside_name(out)
     os.replace(out, old)
     try:
         os.replace(tmp, out)
@@ -83,7 +105,4 @@ def swap_dir_into_place(tmp: Path, out: Path) -> None:
         os.replace(old, out)
         raise
     mark_complete(out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    remove_path(old)
