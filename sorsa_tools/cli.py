@@ -77,8 +77,16 @@ def handle_errors(fn):
 
         _written.clear()
         forget_completed()
+        _said["sigint"] = False  # set by a Ctrl-C from here on
         try:
-            result = fn(*args, **kwargs)
+            try:
+                result = fn(*args, **kwargs)
+            except (typer.Exit, typer.BadParameter):  # the command's own exit, a usage error
+                raise
+            except Exception:
+                if _said["sigint"]:  # a Ctrl-C landed in an import and left a module half-built:
+                    raise KeyboardInterrupt from None  # what failed next is its consequence
+                raise
             if _said["sigint"]:  # a Ctrl-C some library turned into another error and swallowed
                 raise KeyboardInterrupt
             return result

@@ -712,8 +712,11 @@ def _finalize(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "modules": stats,
     }
-    atomic_write_json(out / CONFIG_FILE, config)
-    mark_complete(out)
+    try:
+        atomic_write_json(out / CONFIG_FILE, config)
+    finally:  # a Ctrl-C may land just after the rename that put it in place
+        if (out / CONFIG_FILE).is_file():
+            mark_complete(out)
     shutil.rmtree(partial, ignore_errors=True)
 
 

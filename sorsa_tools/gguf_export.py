@@ -1092,8 +1092,7 @@ def _put_in_place(out: Path, temps: list[Path], finals: list[Path]) -> None:
                 os.replace(aside_name(p), p)
         raise
     mark_complete(finals[0])
-    for p in earlier:
-        remove_path(aside_name(p))
+    remove_path(*(aside_name(p) for p in earlier))
 
 
 def _float_base(source: MergedSource) -> str:

@@ -432,15 +432,19 @@ def _save_checkpoint(out: Path, layers, optimizer, scheduler, state: dict) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_checkpoints(out: Path) -> None:
-    """Once the run is finished. checkpoint/ is first renamed to a hidden name, which _save_checkpoint
-    clears and no resume reads: a kill part-way never leaves a half-deleted checkpoint/ that push
-    would upload with the finished run."""
+def _hide_checkpoint(out: Path) -> None:
+    """checkpoint/ -> .checkpoint-old, which a resume also reads (the name of a crash between
+    _save_checkpoint's two renames): push never uploads a hidden name."""
     if (out / CKPT_DIR).is_dir():
-        remove_path(out / ".checkpoint-tmp")
-        os.replace(out / CKPT_DIR, out / ".checkpoint-tmp")
-    for name in (".checkpoint-tmp", ".checkpoint-old"):
-        remove_path(out / name)
+        remove_path(out / ".checkpoint-old")
+        os.replace(out / CKPT_DIR, out / ".checkpoint-old")
+
+
+def _remove_checkpoints(out: Path) -> None:
+    """Once the run is finished: hidden first, so a kill part-way never leaves a half-deleted
+    checkpoint/ beside the finished run."""
+    _hide_checkpoint(out)
+    remove_path(out / ".checkpoint-old", out / ".checkpoint-tmp")
 
 
 def snapshot_name(step: int) -> str:
@@ -851,8 +855,12 @@ def _train(
         png = plot_losses(
             log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
         )
-        atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
-        mark_complete(out)
+        _hide_checkpoint(out)  # a finished run never shows a checkpoint/ (resume reads the hidden one)
+        try:
+            atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
+        finally:  # a Ctrl-C may land just after the rename that put it in place
+            if (out / CONFIG_FILE).is_file():
+                mark_complete(out)
         _remove_checkpoints(out)
         return png
 

@@ -21,7 +21,7 @@ from sorsa_tools.errors import OutputDirError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE
 from sorsa_tools.gguf_export import export_gguf
 from sorsa_tools.io import placement
-from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
+from sorsa_tools.io.placement import remove_stale_temps
 from sorsa_tools.lora_export import export_lora
 from sorsa_tools.merge import merge
 from sorsa_tools.source import MergedSource
@@ -68,7 +68,11 @@ def test_stale_temps_are_those_of_dead_processes_only(tmp_path, dead_pid):
     assert remove_stale_temps(tmp_path, "m.") == [] and (tmp_path / f".other.tmp-{dead_pid}").exists()
 
 
-def test_a_replaced_dir_comes_back_when_the_swap_is_cut_short(tmp_path, monkeypatch):
+@pytest.mark.parametrize("at", [1, 2])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_swap_cut_short_anywhere_leaves_one_whole_output(tmp_path, monkeypatch, at, when):
+    """Ctrl-C at either rename of the swap, before it happens or just after it returned: OUT is the
+    earlier output put back, or the new one marked complete; never missing, nothing else left."""
     out, tmp = tmp_path / "out", tmp_path / ".out.merge-1"
     out.mkdir()
     (out / "old").write_text("earlier output")
@@ -76,19 +80,27 @@ def test_a_replaced_dir_comes_back_when_the_swap_is_cut_short(tmp_path, monkeypa
     (tmp / "new").write_text("new output")
     real, calls = os.replace, []
 
-    def second_rename_interrupted(a, b):
+    def interrupted(a, b):
         calls.append(a)
-        if len(calls) == 2:
+        if len(calls) == at and when == "after":
+            real(a, b)
+        if len(calls) == at:
             raise KeyboardInterrupt
         real(a, b)
 
-    monkeypatch.setattr(placement.os, "replace", second_rename_interrupted)
+    placement.forget_completed()
+    monkeypatch.setattr(placement.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        swap_dir_into_place(tmp, out)
+        placement.swap_dir_into_place(tmp, out)
     monkeypatch.undo()
-    assert (out / "old").read_text() == "earlier output"
-    swap_dir_into_place(tmp, out)
-    assert _names(out) == ["new"] and _names(tmp_path) == ["out"]
+    landed = (at, when) == (2, "after")
+    assert _names(out) == (["new"] if landed else ["old"])
+    assert placement.completed_outputs() == ([out] if landed else [])
+    assert _names(tmp_path) == (["out"] if landed else [tmp.name, "out"])
+    if not landed:  # the caller's own rerun
+        placement.swap_dir_into_place(tmp, out)
+        assert _names(out) == ["new"] and _names(tmp_path) == ["out"]
+    placement.forget_completed()
 
 
 def test_train_run_killed_while_writing_its_run_file(tiny_lm_decomposed, tmp_path, dead_pid):
@@ -240,6 +252,26 @@ def test_killed_split_gguf_leaves_no_loadable_mix(tiny_lm_decomposed, tmp_path, 
     assert _tree_bytes(tmp_path) == before
     assert "-00001-of-" in Path(moved[0]).name  # the first part goes first
 
+    # a Ctrl-C while the earlier parts (set aside) are removed: the new split is complete and said
+    # to be, and none of the earlier parts is left behind
+    real_unlink, unlinked = Path.unlink, []
+
+    def cut_at_first_removal(self, *a, **k):
+        if ".old-" in self.name and not unlinked:
+            unlinked.append(self.name)
+            raise KeyboardInterrupt
+        return real_unlink(self, *a, **k)
+
+    placement.forget_completed()
+    monkeypatch.setattr(Path, "unlink", cut_at_first_removal)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(src, out, "f16", split_max_size=100_000, force=True)
+    monkeypatch.undo()
+    new = _names(tmp_path)
+    assert unlinked and not any(n.startswith(".") for n in new) and new[0].startswith("m-00001-of-")
+    assert _tree_bytes(tmp_path) != before and placement.completed_outputs() == [tmp_path / new[0]]
+    placement.forget_completed()
+
 
 def test_exports_and_merges_remove_what_killed_ones_left(
     tiny_lm_decomposed, run_dir, tmp_path, dead_pid, monkeypatch
@@ -339,3 +371,85 @@ def test_a_swallowed_ctrl_c_still_stops_the_command(monkeypatch, capfd, tmp_path
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_an_error_after_a_swallowed_ctrl_c_is_reported_as_the_interrupt(monkeypatch, capfd):
+    """A Ctrl-C inside numpy's import left it half-built and the command failed later with an
+    AttributeError traceback: the user pressed Ctrl-C, so that is what is reported (exit 130)."""
+    import signal
+
+    from sorsa_tools import cli
+
+    def export(*a, **k):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        raise AttributeError("module 'numpy' has no attribute 'matrix'")
+
+    monkeypatch.setattr("sorsa_tools.lora_export.export_lora", export)
+    assert cli.run(["export-lora", "d", "--adapter", "r", "-o", "l"]) == 130
+    err = capfd.readouterr().err.strip()
+    assert err == "error: interrupted; nothing was written: run the same command again", err
+
+
+def test_the_console_script_exits_130_after_a_ctrl_c_in_string_exec(tmp_path):
+    """A KeyboardInterrupt that ends code run from a string (exec of a str, pybind11's exec) sets
+    CPython's "unhandled KeyboardInterrupt" flag even when it is caught; under `python -m` the exit
+    then killed the process with SIGINT (-2) instead of returning 130."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ctrl_c_in_exec.py").write_text(
+        "import sys\n"
+        "import sorsa_tools.cli as cli\n"
+        "from sorsa_tools.__main__ import main\n"
+        "def run(argv=None, *, exiting=False):\n"
+        "    try:\n"
+        "        exec('raise KeyboardInterrupt', {})\n"
+        "    except KeyboardInterrupt:\n"
+        "        sys.stderr.write('error: interrupted\\n')\n"
+        "        return 130\n"
+        "cli.run = run\n"
+        "sys.exit(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctrl_c_in_exec"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", (proc.returncode, proc.stderr)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_train_stopped_at_its_config_is_resumable_or_complete(
+    tiny_lm_decomposed, run_dir, tmp_path, monkeypatch, when
+):
+    """Ctrl-C as the finished run's config is written. Before: no config, the checkpoint is kept
+    (hidden, as resume reads it) and --resume ends with the uninterrupted run's adapter. Just after:
+    the run is finished and said to be; a checkpoint/ is never seen beside a config."""
+    import sorsa_tools.train as train_module
+
+    _, dec = tiny_lm_decomposed("llama")
+    out = tmp_path / "run"
+    real = train_module.atomic_write_json
+
+    def stopped(path, obj):
+        if Path(path).name == CONFIG_FILE:
+            if when == "after":
+                real(path, obj)
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    placement.forget_completed()
+    monkeypatch.setattr(train_module, "atomic_write_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(dec, GSM8K_SLICE, out, config=TrainConfig(**CFG), device="cpu", save_every=1)
+    monkeypatch.undo()
+    assert not (out / "checkpoint").exists()
+    assert (out / CONFIG_FILE).exists() == (when == "after")
+    assert placement.completed_outputs() == ([out] if when == "after" else [])
+    placement.forget_completed()
+    r = train(dec, GSM8K_SLICE, out, config=TrainConfig(**CFG), device="cpu", save_every=1, resume=True)
+    assert r.already_done == (when == "after") and r.resumed_from == (None if when == "after" else 1)
+    assert (out / ADAPTER_FILE).read_bytes() == (run_dir / ADAPTER_FILE).read_bytes()
+    assert not any(p.name.startswith(".") for p in out.iterdir()), _names(out)

@@ -68,14 +68,18 @@ def forget_completed() -> None:
     _completed.clear()
 
 
-def remove_path(p: Path) -> None:
-    """Delete a file, link or directory tree; a Ctrl-C part-way still finishes it (what is being
-    removed is already out of use, and a half-deleted copy would only be litter)."""
-    try:
-        _remove(p)
-    except KeyboardInterrupt:
-        _remove(p)
-        raise
+def remove_path(*paths: Path) -> None:
+    """Delete files, links or directory trees; a Ctrl-C part-way still finishes them all, then is
+    raised (what is being removed is already out of use: a half-deleted copy would only be litter)."""
+    stopped: KeyboardInterrupt | None = None
+    for p in paths:
+        try:
+            _remove(p)
+        except KeyboardInterrupt as e:
+            stopped = e
+            _remove(p)
+    if stopped is not None:
+        raise stopped
 
 
 def _remove(p: Path) -> None:
@@ -91,18 +95,21 @@ def aside_name(p: Path) -> Path:
 
 
 def swap_dir_into_place(tmp: Path, out: Path) -> None:
-    """Rename the complete directory `tmp` to `out`, replacing what `out` held. If the swap is cut
-    short (Ctrl-C, a failed rename), the earlier `out` is put back, so it is never lost half-way."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-        mark_complete(out)
-        return
+    """Rename the complete directory `tmp` to `out`, replacing what `out` held. Cut short anywhere
+    (a Ctrl-C may land just after a rename returned), `out` ends up either the new output (marked
+    complete) or the earlier one put back: never missing, never half."""
     old = aside_name(out)
-    os.replace(out, old)
+    had = out.exists() or out.is_symlink()
     try:
+        if had:
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
-        os.replace(old, out)
+        if not tmp.exists() and out.exists():  # the new output landed before the interrupt
+            mark_complete(out)
+            remove_path(old)
+        elif had and old.exists() and not (out.exists() or out.is_symlink()):
+            os.replace(old, out)
         raise
     mark_complete(out)
     remove_path(old)
