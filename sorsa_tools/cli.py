@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -1009,6 +1010,26 @@ def _while_stopping(signum, frame) -> None:
     os.write(2, b"stopping: removing unfinished files, one moment\n")
 
 
+_previous_unraisablehook = sys.__unraisablehook__
+_resends: list[threading.Timer] = []
+
+
+def _on_unraisable(unraisable) -> None:
+    """A Ctrl-C raised inside a __del__ (or another place Python cannot raise into) is printed as
+    "Exception ignored" and lost, and the command goes on with later Ctrl-Cs only saying "stopping".
+    Instead: no traceback, Ctrl-C stops the command again, and the signal is sent once more from a
+    helper thread so that it lands in the command's own code."""
+    main = threading.current_thread() is threading.main_thread()
+    if not (main and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+        _previous_unraisablehook(unraisable)
+        return
+    signal.signal(signal.SIGINT, _on_interrupt)
+    again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))  # once this hook is over
+    again.daemon = True
+    again.start()
+    _resends.append(again)  # cancelled when the command is over
+
+
 def run(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     """The `sorsa` command: returns its exit code. click's own usage errors (unknown option,
     missing argument) are one `error:` line too, not a box. `exiting`: the process ends after this,
@@ -1017,8 +1038,11 @@ def run(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     # only where Ctrl-C has Python's own handler (not ignored, not someone else's)
     owns_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    global _previous_unraisablehook
     if owns_sigint:
+        _previous_unraisablehook = sys.unraisablehook
         signal.signal(signal.SIGINT, _on_interrupt)
+        sys.unraisablehook = _on_unraisable
     _said["interrupted"] = _said["sigint"] = False
     try:
         code = app(args=argv, prog_name="sorsa", standalone_mode=False)
@@ -1043,6 +1067,9 @@ def run(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     finally:
         if owns_sigint:
             signal.signal(signal.SIGINT, signal.SIG_IGN if exiting else signal.default_int_handler)
+            sys.unraisablehook = _previous_unraisablehook
+            while _resends:
+                _resends.pop().cancel()
     if code == 130 and not _said["interrupted"]:
         err.print(f"[bold red]error:[/] {INTERRUPTED_DEFAULT}", highlight=False)
     return code if isinstance(code, int) else 0

@@ -861,7 +861,7 @@ def _train(
         finally:  # a Ctrl-C may land just after the rename that put it in place
             if (out / CONFIG_FILE).is_file():
                 mark_complete(out)
-        _remove_checkpoints(out)
+                _remove_checkpoints(out)
         return png
 
     png = distributed.on_main(d, finish)  # the others wait here until RUN is complete

@@ -447,9 +447,42 @@ def test_train_stopped_at_its_config_is_resumable_or_complete(
     monkeypatch.undo()
     assert not (out / "checkpoint").exists()
     assert (out / CONFIG_FILE).exists() == (when == "after")
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")]
+    assert hidden == ([] if when == "after" else [".checkpoint-old"])  # finished: nothing to resume
     assert placement.completed_outputs() == ([out] if when == "after" else [])
     placement.forget_completed()
     r = train(dec, GSM8K_SLICE, out, config=TrainConfig(**CFG), device="cpu", save_every=1, resume=True)
     assert r.already_done == (when == "after") and r.resumed_from == (None if when == "after" else 1)
     assert (out / ADAPTER_FILE).read_bytes() == (run_dir / ADAPTER_FILE).read_bytes()
     assert not any(p.name.startswith(".") for p in out.iterdir()), _names(out)
+
+
+def test_a_ctrl_c_lost_in_a_destructor_still_stops_the_command(monkeypatch, capfd):
+    """A Ctrl-C that lands in a __del__ (seen in regex's Group.__del__ during eval's start-up) was
+    printed as "Exception ignored ... KeyboardInterrupt" and lost: the command ran on, and further
+    Ctrl-Cs only said "stopping". It must stop the command, with one line and no traceback."""
+    import signal
+    import time
+
+    from sorsa_tools import cli
+
+    class Interrupted:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    ran_on = []
+
+    def export(*a, **k):
+        Interrupted()  # dropped at once: its __del__ gets the Ctrl-C
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        ran_on.append(True)
+
+    monkeypatch.setattr("sorsa_tools.lora_export.export_lora", export)
+    t0 = time.monotonic()
+    assert cli.run(["export-lora", "d", "--adapter", "r", "-o", "l"]) == 130
+    assert time.monotonic() - t0 < 4 and not ran_on
+    err = capfd.readouterr().err.strip()
+    assert err == "error: interrupted; nothing was written: run the same command again", err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
