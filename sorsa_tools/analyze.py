@@ -22,7 +22,6 @@ few copies of one matrix in float64 (peak RSS 3.2 GiB measured for a 4096 x 1100
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,8 +33,7 @@ import torch
 from sorsa_tools.arch import select_targets
 from sorsa_tools.errors import InputError, ModelMismatchError, ModelNotFoundError, TargetError
 from sorsa_tools.format import CONFIG_FILE, read_config
-from sorsa_tools.io.placement import temp_path
-from sorsa_tools.io.safetensors_file import atomic_write_json, disk_errors
+from sorsa_tools.io.safetensors_file import atomic_save_figure, atomic_write_json
 from sorsa_tools.source import MergedSource
 from sorsa_tools.svd import require_finite
 
@@ -539,12 +537,4 @@ def plot(result: AnalyzeResult, png: str | Path) -> Path | None:
     fig.suptitle(f"singular values and vectors moved from {Path(result.base['path']).name} (numbers: layer)")
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(n / 4), 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(png)
-    try:
-        with disk_errors(png):
-            fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return png
+    return atomic_save_figure(fig, png)

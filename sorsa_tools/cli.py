@@ -50,19 +50,22 @@ INTERRUPTED_DEFAULT = "interrupted; nothing was written: run the same command ag
 # interrupted: the Ctrl-C line was printed (typer turns a Ctrl-C outside a command into a silent
 # exit 130); sigint: a Ctrl-C arrived at all (a library may have swallowed it, e.g. inside an import)
 _said = {"interrupted": False, "sigint": False}
-_written: list[str] = []  # what the running command has finished writing (for the Ctrl-C line)
 
 
-def _wrote(*paths: object) -> None:
-    """Called once the library has put its output in place: a Ctrl-C after this point (while the
+def _wrote(*paths: Path | None) -> None:
+    """Called once the library has returned its outputs: a Ctrl-C after this point (while the
     report prints) must not claim that nothing was written."""
-    _written.extend(str(p) for p in paths if p is not None)
+    from sorsa_tools.io.placement import mark_complete
+
+    for p in paths:
+        if p is not None:
+            mark_complete(Path(p))
 
 
 def _interrupted_line(command: str) -> str:
     from sorsa_tools.io.placement import completed_outputs
 
-    done = list(dict.fromkeys([*map(str, completed_outputs()), *_written]))
+    done = list(dict.fromkeys(map(str, completed_outputs())))
     if done:
         verb = "is" if len(done) == 1 else "are"
         return f"interrupted after the work was done: {' and '.join(done)} {verb} complete"
@@ -76,7 +79,6 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         from sorsa_tools.io.placement import forget_completed
 
-        _written.clear()
         forget_completed()
         _said["sigint"] = False  # set by a Ctrl-C from here on
         try:

@@ -41,12 +41,12 @@ from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
-from sorsa_tools.io.placement import mark_complete, remove_path, remove_stale_temps, temp_path
+from sorsa_tools.io.placement import mark_complete, remove_path, remove_stale_temps
 from sorsa_tools.io.safetensors_file import (
+    atomic_save_figure,
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
-    disk_errors,
     file_sha256,
     write_tensors,
 )
@@ -524,15 +524,7 @@ def plot_losses(log_file: Path, png: Path, title: str = "") -> Path | None:
     b.set(xlabel="step", title="orthonormality error")
     b.legend(fontsize=7)
     fig.tight_layout()
-    tmp = temp_path(png)
-    try:
-        with disk_errors(png):
-            fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return png
+    return atomic_save_figure(fig, png)
 
 
 # -- the trainer --------------------------------------------------------------------------------

@@ -43,10 +43,7 @@ def remove_stale_temps(directory: Path, prefix: str = "") -> list[Path]:
         m = _TEMP_NAME.match(p.name)
         if m is None or _running(int(m["pid"])):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        _remove(p)
         removed.append(p)
     return removed
 

@@ -435,6 +435,22 @@ def atomic_write_json(path: str | Path, obj: object) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_save_figure(fig, png: Path) -> Path:
+    """A matplotlib figure as a PNG, written like every other output (temp name, rename); the
+    figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    tmp = temp_path(png)
+    try:
+        with disk_errors(png):
+            fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return png
+
+
 def atomic_copy(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     tmp = temp_path(dst)
