@@ -100,15 +100,22 @@ def regularizer_loss(layers: Iterable[SORSALinear]) -> torch.Tensor:
     return total / max(len(layers), 1)
 
 
-def add_regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> tuple[float, float]:
+REG_CHUNK_BYTES = 64 * 2**20  # float32 U and Vt stacked at once: bounds the regularizer's transient memory
+
+
+def add_regularizer_grad_(
+    layers: Iterable[SORSALinear], scale: float, chunk_bytes: int = REG_CHUNK_BYTES
+) -> tuple[float, float]:
     """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors (see
     `regularizer_grad_`); returns (L_reg, the worst orthonormality error) as floats."""
-    t = regularizer_grad_(layers, scale)
+    t = regularizer_grad_(layers, scale, chunk_bytes)
     return (0.0, 0.0) if t is None else tuple(t.tolist())
 
 
 @torch.no_grad()
-def regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> torch.Tensor | None:
+def regularizer_grad_(
+    layers: Iterable[SORSALinear], scale: float, chunk_bytes: int = REG_CHUNK_BYTES
+) -> torch.Tensor | None:
     """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors, without a host sync.
 
     Returns a device tensor (L_reg, the largest single ||U^T U - I||_F or ||Vt Vt^T - I||_F): the
@@ -119,7 +126,9 @@ def regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> torch.Tens
     L_reg = mean over layers of ||U^T U - I||_F + ||Vt Vt^T - I||_F. With A = U^T U - I,
     d||A||_F / dU = 2 U A / ||A||_F; with B = Vt Vt^T - I, d||B||_F / dVt = 2 B Vt / ||B||_F.
     A zero norm (exactly orthonormal factors) contributes no gradient. Layers of one shape are
-    stacked and handled with batched matmuls.
+    stacked and handled with batched matmuls, at most `chunk_bytes` of float32 factors at a time:
+    stacking a whole shape group at once (128 q/k/v/o layers of a 7B model) held about 1 GiB of
+    copies and gradients at the moment of the step, the peak of a training step.
     """
     layers = list(layers)
     if not layers:
@@ -129,30 +138,34 @@ def regularizer_grad_(layers: Iterable[SORSALinear], scale: float) -> torch.Tens
     for m in layers:
         groups[(tuple(m.sorsa_U.shape), tuple(m.sorsa_Vt.shape), m.sorsa_U.device, m.sorsa_U.dtype)].append(m)
     sums, worsts = [], []  # device tensors: nothing here waits for the GPU
+
+    def coef(norm: torch.Tensor) -> torch.Tensor:  # scale * 2 / (n ||.||), and 0 where the norm is 0
+        c = torch.where(norm > 0, 2.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+        return (c * scale / n)[:, None, None]
+
     for group in groups.values():
-        U = torch.stack([m.sorsa_U for m in group]).float()
-        Vt = torch.stack([m.sorsa_Vt for m in group]).float()
-        A, B = _deviations(U, Vt)
-        na, nb = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
-        sums.append(na.sum() + nb.sum())
-        worsts.append(torch.maximum(na, nb).max())
-        if scale == 0:
-            continue
-
-        def coef(norm: torch.Tensor) -> torch.Tensor:  # 2 / ||.||, and 0 where the norm is 0
-            c = torch.where(
-                norm > 0, 2.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm)
-            )
-            return (c * scale / n)[:, None, None]
-
-        gU = ((U @ A) * coef(na)).to(group[0].sorsa_U.dtype)
-        gV = ((B @ Vt) * coef(nb)).to(group[0].sorsa_Vt.dtype)
-        params = [p for m in group for p in (m.sorsa_U, m.sorsa_Vt)]
-        grads = [g for pair in zip(gU, gV, strict=True) for g in pair]
-        have = [i for i, p in enumerate(params) if p.grad is not None]
-        if have:  # one batched add for the lot, not two kernel launches per layer
-            torch._foreach_add_([params[i].grad for i in have], [grads[i] for i in have])
-        for i, p in enumerate(params):
-            if p.grad is None:  # a factor the task loss did not reach (e.g. a skipped layer)
-                p.grad = grads[i].clone()
+        per_layer = 4 * (group[0].sorsa_U.numel() + group[0].sorsa_Vt.numel())
+        k = max(1, chunk_bytes // per_layer)
+        for part in (group[i : i + k] for i in range(0, len(group), k)):
+            U = torch.stack([m.sorsa_U for m in part]).float()
+            Vt = torch.stack([m.sorsa_Vt for m in part]).float()
+            A, B = _deviations(U, Vt)
+            na, nb = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
+            sums.append(na.sum() + nb.sum())
+            worsts.append(torch.maximum(na, nb).max())
+            if scale == 0:
+                continue
+            # the (r, r) deviations take the per-matrix coefficient: U (A c), not (U A) c
+            gU = (U @ A.mul_(coef(na))).to(part[0].sorsa_U.dtype)
+            gV = (B.mul_(coef(nb)) @ Vt).to(part[0].sorsa_Vt.dtype)
+            del U, Vt
+            params = [p for m in part for p in (m.sorsa_U, m.sorsa_Vt)]
+            grads = [g for pair in zip(gU, gV, strict=True) for g in pair]
+            have = [i for i, p in enumerate(params) if p.grad is not None]
+            if have:  # one batched add for the lot, not two kernel launches per layer
+                torch._foreach_add_([params[i].grad for i in have], [grads[i] for i in have])
+            for i, p in enumerate(params):
+                if p.grad is None:  # a factor the task loss did not reach (e.g. a skipped layer)
+                    p.grad = grads[i].clone()
+            del gU, gV, grads  # before the next chunk's stacks: one chunk's transient at a time
     return torch.stack([torch.stack(sums).sum() / n, torch.stack(worsts).max()])

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from sorsa_tools.layer import SORSALinear, add_regularizer_grad_, orthonormality_errors, regularizer_loss
+from sorsa_tools import layer as layer_mod
+from sorsa_tools.layer import (
+    REG_CHUNK_BYTES,
+    SORSALinear,
+    add_regularizer_grad_,
+    orthonormality_errors,
+    regularizer_grad_,
+    regularizer_loss,
+)
 from sorsa_tools.svd import exact_svd, residual
 
 
@@ -35,7 +44,10 @@ def test_only_factors_train():
     assert trainable == {"sorsa_U", "sorsa_S", "sorsa_Vt"}
 
 
-def test_regularizer_value_and_gradient_match_autograd():
+# 4 * (24 * 4 + 4 * 16) bytes: one 24x16 rank-4 layer's float32 U and Vt
+@pytest.mark.parametrize("chunk_bytes", [REG_CHUNK_BYTES, 1, 2 * 4 * (24 * 4 + 4 * 16)])
+def test_regularizer_value_and_gradient_match_autograd(chunk_bytes):
+    """Also when a shape group is stacked in chunks (one layer, two layers at a time)."""
     layers = [make_layer(seed=s)[1] for s in range(3)] + [make_layer(out_f=8, in_f=12, r=3, seed=9)[1]]
     with torch.no_grad():  # move the factors off orthonormality
         for i, m in enumerate(layers):
@@ -48,7 +60,7 @@ def test_regularizer_value_and_gradient_match_autograd():
     for m in layers:
         m.sorsa_U.grad = None
         m.sorsa_Vt.grad = None
-    value, worst = add_regularizer_grad_(layers, scale=1.0)
+    value, worst = add_regularizer_grad_(layers, scale=1.0, chunk_bytes=chunk_bytes)
     assert abs(value - ref.item()) < 1e-5
     per_matrix = [float(x) for m in layers for x in orthonormality_errors(m.sorsa_U, m.sorsa_Vt)]
     assert abs(worst - max(per_matrix)) < 1e-5
@@ -77,3 +89,33 @@ def test_regularizer_gradient_accumulates_and_is_zero_when_exactly_orthonormal()
     add_regularizer_grad_([layer], scale=2.0)
     assert torch.allclose(layer.sorsa_U.grad, 3 * g1, atol=1e-6)
     assert float((g1 - 2 * 1.1 * 0.21 / (0.21 * 2) * layer.sorsa_U / 1.1).abs().max()) < 1e-4
+
+
+def test_regularizer_stacks_at_most_chunk_bytes_at_a_time(monkeypatch):
+    """The transient memory of the regularizer is its stacked copies and their gradients: with a
+    budget of two layers, no stack holds more, and the result is the one-stack result."""
+    layers = [make_layer(seed=s)[1] for s in range(7)]
+    with torch.no_grad():
+        for m in layers:
+            m.sorsa_U.mul_(1.05)
+    one_stack = regularizer_grad_(layers, 1.0)
+    grads = [m.sorsa_U.grad.clone() for m in layers]
+    for m in layers:
+        m.sorsa_U.grad = m.sorsa_Vt.grad = None
+    stacked = []
+    real_stack = torch.stack
+
+    def spy(tensors, *a, **kw):
+        out = real_stack(tensors, *a, **kw)
+        stacked.append(out.numel() * 4)
+        return out
+
+    monkeypatch.setattr(layer_mod.torch, "stack", spy)
+    budget = 2 * 4 * (24 * 4 + 4 * 16)
+    chunked = regularizer_grad_(layers, 1.0, chunk_bytes=budget)
+    factor_stacks = stacked[:-3]  # the last three stack the scalars for the log
+    assert len(factor_stacks) == 2 * 4  # U and Vt of chunks of 2, 2, 2, 1 layers
+    assert max(factor_stacks) <= budget
+    assert torch.allclose(chunked, one_stack, atol=1e-6)
+    for m, g in zip(layers, grads, strict=True):
+        assert torch.allclose(m.sorsa_U.grad, g, atol=1e-6)
