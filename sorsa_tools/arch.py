@@ -170,6 +170,30 @@ def check_linear_targets(config: dict, targets: list[str]) -> None:
             )
 
 
+def _refuse_unmatched(config: dict, labels: list[str], modules_2d: list[str]) -> None:
+    """--targets names (or a regex) that select no weight. A tied output layer has no weight of its
+    own in the checkpoint: it gets its own reason; anything else, what the module names look like."""
+    try:
+        model = meta_model(config)
+        out = model.get_output_embeddings()
+        tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None
+        heads = [n for n, mod in model.named_modules() if tied and mod is out]
+    except Exception:  # unknown to this transformers: no tie to explain
+        heads = []
+    for label in labels:
+        if any(h == label or h.endswith("." + label) for h in heads):
+            raise TargetError(
+                f"--targets names {label}, which this model ties to its input embeddings "
+                "(tie_word_embeddings): it has no weight of its own to adapt; leave it out of --targets"
+            )
+    in_blocks = [m for m in modules_2d if re.search(r"\.\d+\.", m)]
+    example = (in_blocks or modules_2d or ["model.layers.0.self_attn.q_proj"])[0]
+    raise TargetError(
+        f"--targets {', '.join(map(repr, labels))} matches no 2-D weight of this checkpoint; module names "
+        f"look like {example} (use names such as q_proj,v_proj or a regex)"
+    )
+
+
 def generic_targets(config: dict, modules_2d: list[str]) -> list[str]:
     """Linear layers inside repeated blocks, found by building the model on the meta device."""
     try:
@@ -213,19 +237,18 @@ def select_targets(
     if spec:
         how, what = parse_target_spec(spec)
         targets = [m for m in modules_2d if _matches(m, how, what)]
-        if not targets:
-            bad = [n for n in weights if _matches(n.removesuffix(".weight"), how, what)]
+        # a list of names: each must select a weight (a typo is not silently dropped); a regex: itself
+        parts = [(n, [n]) for n in what] if how == "names" else [(spec, what)]
+        unmatched = [(label, w) for label, w in parts if not any(_matches(m, how, w) for m in modules_2d)]
+        for label, w in unmatched:
+            bad = [n for n in weights if _matches(n.removesuffix(".weight"), how, w)]
             if bad:
                 raise TargetError(
-                    f"--targets {spec!r} matches only tensors that are not 2-D weights (e.g. {bad[0]}); "
+                    f"--targets {label!r} matches only tensors that are not 2-D weights (e.g. {bad[0]}); "
                     "name linear layers such as q_proj,v_proj"
                 )
-            in_blocks = [m for m in modules_2d if re.search(r"\.\d+\.", m)]
-            example = (in_blocks or modules_2d or ["model.layers.0.self_attn.q_proj"])[0]
-            raise TargetError(
-                f"--targets {spec!r} matches no 2-D weight of this checkpoint; module names look like "
-                f"{example} (use names such as q_proj,v_proj or a regex)"
-            )
+        if unmatched:
+            _refuse_unmatched(config, [label for label, _ in unmatched], modules_2d)
         check_linear_targets(config, targets)
         return targets, warnings
     mt = model_type_of(config)

@@ -389,6 +389,23 @@ def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings, 
                 f"{len(bad)} module(s) did not reach --svd-tol {tol:g} within --max-niter iterations "
                 f"(worst estimated S error {worst}); raise --max-niter or use --svd exact"
             )
+        # the estimate extrapolates; the sampled modules' exact SVD says whether it held here
+        under = [
+            s
+            for s in iterative
+            if s.get("s_max_rel_error") is not None
+            and s["s_max_rel_error"] > tol
+            and s.get("s_est_error") is not None
+            and s["s_est_error"] <= tol
+        ]
+        if under:
+            w = max(under, key=lambda s: s["s_max_rel_error"])
+            warnings.append(
+                f"{len(under)} of the modules checked against an exact SVD missed --svd-tol {tol:g} although "
+                f"their estimate met it (worst true S error {w['s_max_rel_error']:.1e}, estimated "
+                f"{w['s_est_error']:.1e}): the estimate undershoots on this checkpoint; pass a lower "
+                "--svd-tol or --svd exact"
+            )
     all_exact = all(s.get("method") == "exact" for s in stats.values())
     return DecomposeResult(
         out_dir=out,

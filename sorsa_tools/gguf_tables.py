@@ -47,7 +47,8 @@ _GEMMA3 = ArchSpec(
     norm_shift=1.0,
     fold_query_scale=True,
     sliding_window=True,
-    requires={"attn_logit_softcapping": (None,)},
+    # llama.cpp's gemma3 loader takes no attention biases (released Gemma 3 has none)
+    requires={"attn_logit_softcapping": (None,), "attention_bias": (None, False)},
     prefix_rewrites=(
         ("model.language_model.", "model."),
         ("language_model.model.", "model."),
@@ -69,9 +70,13 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": ArchSpec(
         gguf.MODEL_ARCH.LLAMA, permute_qk=True, family_tokenizer="llama", ignored_window_key="sliding_window"
     ),
-    # llama.cpp's qwen2/qwen3 graphs have no sliding window (released Qwen configs leave it off)
+    # llama.cpp's qwen2/qwen3 graphs have no sliding window (released Qwen configs leave it off);
+    # its qwen3 loader takes no attention biases (released Qwen3 has none): a file with them
+    # would fail to load ("wrong number of tensors")
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, requires={"use_sliding_window": (None, False)}),
-    "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, requires={"use_sliding_window": (None, False)}),
+    "qwen3": ArchSpec(
+        gguf.MODEL_ARCH.QWEN3, requires={"use_sliding_window": (None, False), "attention_bias": (None, False)}
+    ),
     "gemma3_text": _GEMMA3,
     "gemma3": _GEMMA3,  # Gemma3ForConditionalGeneration: its text_config, vision tower left out
 }

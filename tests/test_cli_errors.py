@@ -111,6 +111,41 @@ def test_targets_that_are_not_adaptable_linears(src, tiny_factory, tmp_path):
     res = run("decompose", str(tied), "--rank", "4", "-o", str(tmp_path / "o"), "--targets", "lm_head")
     assert_clean_error(res, "selects lm_head, which this model ties to its input embeddings")
     assert not (tmp_path / "o").exists()
+    # the usual tied checkpoint stores no lm_head.weight at all: the tie is still the reason given
+    res = run(
+        "decompose",
+        str(tiny_factory("gemma3")),
+        "--rank",
+        "4",
+        "-o",
+        str(tmp_path / "o"),
+        "--targets",
+        "q_proj,lm_head",
+    )
+    assert_clean_error(
+        res, "--targets names lm_head, which this model ties to its input embeddings", "leave it out"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_targets_name_that_matches_nothing_is_not_dropped(src, tmp_path):
+    """A typo in a list of names used to be ignored when the other names matched."""
+    res = run("decompose", str(src), "--rank", "4", "-o", str(tmp_path / "o"), "--targets", "q_proj,v_prj")
+    assert_clean_error(res, "--targets 'v_prj' matches no 2-D weight of this checkpoint", "model.layers.0")
+    res = run(
+        "decompose",
+        str(src),
+        "--rank",
+        "4",
+        "-o",
+        str(tmp_path / "o"),
+        "--targets",
+        "q_proj,post_attention_layernorm",
+    )
+    assert_clean_error(
+        res, "--targets 'post_attention_layernorm' matches only tensors that are not 2-D weights"
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_truncated_shard(src, tmp_path):

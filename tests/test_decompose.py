@@ -157,6 +157,32 @@ def test_auto_svd_is_exact_on_small_matrices(tiny_factory, tmp_path):
     assert len(sampled) == 2 and r.max_s_rel_error == max(s["s_max_rel_error"] for s in sampled)
 
 
+def test_sampled_true_error_above_tol_is_a_warning_where_the_estimate_met_it(
+    tiny_factory, tmp_path, monkeypatch
+):
+    """The estimate extrapolates; the modules checked against an exact SVD tell whether it held.
+    An SVD that stops after one step but claims to have met tol must be reported."""
+    from sorsa_tools import decompose as dec_mod
+    from sorsa_tools.svd import krylov_svd
+
+    def overconfident(W, rank, oversample, niter, g, tol=None, max_niter=16):
+        f = krylov_svd(W, rank, oversample, 1, g)  # one step: S off by far more than tol
+        f.est_error = 1e-9
+        return f
+
+    monkeypatch.setitem(dec_mod.ITERATIVE, "krylov", overconfident)
+    src = tiny_factory("llama", torch.float32)
+    r = decompose(str(src), 2, tmp_path / "d", check_sample=99)
+    cfg = json.loads((tmp_path / "d" / CONFIG_FILE).read_text())
+    checked = [s for s in cfg["modules"].values() if s["s_max_rel_error"] is not None]
+    missed = [s for s in checked if s["s_max_rel_error"] > 5e-4]
+    assert missed and r.max_s_rel_error > 5e-4
+    [w] = [w for w in r.warnings if "exact SVD missed --svd-tol" in w]
+    assert w.startswith(f"{len(missed)} of the modules checked against an exact SVD missed --svd-tol 0.0005")
+    assert "estimated 1.0e-09" in w and "pass a lower --svd-tol or --svd exact" in w
+    assert not any("did not reach" in x for x in r.warnings)  # the estimates did meet tol
+
+
 def test_factor_and_residual_dtypes(tiny_factory, tmp_path):
     src = tiny_factory("llama", torch.bfloat16)
     out = tmp_path / "dec"

@@ -47,3 +47,21 @@ def test_gemma3_270m_decompose_and_logits(gemma_270m, tmp_path):
         got = resid(ids).logits
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert float((got - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+
+
+def test_gemma3_270m_krylov_meets_tol_where_a_single_rate_estimate_stopped_short(gemma_270m):
+    """Real weights whose Ritz values converge irregularly: at rank 16, extrapolating only the last
+    rate stopped this matrix at a true S error of 2.2e-3 (estimated 4.6e-4) with tol 5e-4."""
+    from safetensors import safe_open
+
+    from sorsa_tools.svd import krylov_svd
+
+    name = "model.layers.10.mlp.gate_proj.weight"
+    index = json.loads((gemma_270m / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(gemma_270m / index[name], "pt") as f:
+        W = f.get_tensor(name).float()
+    f = krylov_svd(W, 16, 0, 4, torch.Generator().manual_seed(0), tol=5e-4, max_niter=24)
+    exact = torch.linalg.svdvals(W.double())[:16]
+    err = float(((f.S.double() - exact).abs() / exact).max())
+    assert f.method is None and f.est_error <= 5e-4
+    assert err <= 5e-4, (err, f.est_error, f.niter)

@@ -550,6 +550,20 @@ def test_bad_inputs(tiny, tiny_factory, tmp_path):
         "it cannot be exported to GGUF"
     )
 
+    for kind, model_type in (("qwen3", "qwen3"), ("gemma3", "gemma3_text")):
+        # llama.cpp loads no attention biases for these: refused, not a file it cannot load
+        biased = tmp_path / f"biased-{kind}"
+        shutil.copytree(tiny(kind)[0], biased)
+        cfg = json.loads((biased / "config.json").read_text())
+        (biased / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
+        with pytest.raises(ExportError) as e:
+            export_gguf(MergedSource.plain(biased), tmp_path / "b.gguf")
+        assert str(e.value) == (
+            f"{model_type} with attention_bias=True has no llama.cpp equivalent (needs None or False); "
+            "it cannot be exported to GGUF"
+        )
+        assert not (tmp_path / "b.gguf").exists()
+
     bare = tmp_path / "bare"
     shutil.copytree(src, bare)
     for p in bare.glob("tokenizer*"):

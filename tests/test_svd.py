@@ -8,6 +8,7 @@ import torch
 from sorsa_tools.errors import CheckpointError
 from sorsa_tools.svd import (
     Factors,
+    _RitzConvergence,
     energy_captured,
     exact_svd,
     krylov_svd,
@@ -108,6 +109,27 @@ def test_krylov_adaptive_steps_reach_tolerance_on_flat_spectrum():
     assert err_fixed > 1e-3, err_fixed
     assert adaptive.niter > 2 and err < 1e-4, (adaptive.niter, err)
     assert adaptive.est_error is not None and err <= adaptive.est_error <= 1e-4
+
+
+def test_convergence_estimate_extrapolates_at_the_slower_of_the_last_two_rates():
+    """Golden values: Ritz values 1 - e_k with errors e = 0.1, 0.01, 0.005, 0.0049, 0.0049 - 1e-5.
+    Changes 0.09, 0.005, 1e-4, 1e-5 (relative to the newer value): rates 0.056, 0.02, 0.1. After a
+    fast step that follows a slow one, the slow rate is extrapolated: a single-rate estimate said
+    1e-5 * 0.1 / 0.9 at the last step too, but after the second it said 1e-4 * 0.02 / 0.98 = 2e-6
+    where 4.9e-3 was still to go."""
+    conv = _RitzConvergence()
+    errs = [0.1, 0.01, 0.005, 0.0049, 0.0049 - 1e-5]
+    ests = [conv.update(torch.tensor([1.0 - e], dtype=torch.float64)) for e in errs]
+    d = [abs(a - b) / (1 - b) for a, b in zip(errs[:-1], errs[1:], strict=True)]
+    assert ests[0] == ests[1] == float("inf")  # no rate yet
+    r1, r2, r3 = d[1] / d[0], d[2] / d[1], d[3] / d[2]
+    assert r2 < r1 < r3
+    assert ests[2] == pytest.approx(d[1] * r1 / (1 - r1))  # the first rate: nothing to compare with
+    assert ests[3] == pytest.approx(d[2] * r1 / (1 - r1))  # r1 > r2: the slower one
+    assert ests[4] == pytest.approx(d[3] * r3 / (1 - r3))
+    assert conv.update(torch.tensor([1.0 - errs[-1]], dtype=torch.float64)) == 0.0  # converged
+    rising = _RitzConvergence()  # changes that grow: no rate to extrapolate
+    assert [rising.update(torch.tensor([v])) for v in (1.0, 1.1, 1.3)][-1] == float("inf")
 
 
 def test_krylov_rank_deficient_and_narrow_matrices():
