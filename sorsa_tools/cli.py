@@ -996,7 +996,18 @@ def inspect(
                 f"lr {tr['lr']:g}, gamma {tr['gamma']:g}, batch {tr['batch_size']}x{tr['grad_accum']}",
             )
         )
-        rows.append(("data", f"{tr['data']['path']} ({tr['data']['examples']} examples)"))
+        data = tr["data"]
+        left_out = [  # what train reported at the start: the run learnt from the examples only
+            f"{data[k]} {what}"
+            for k, what in (("truncated", "truncated"), ("skipped_too_long", "skipped: prompt too long"))
+            if data.get(k)
+        ]
+        rows.append(
+            (
+                "data",
+                f"{data['path']} ({data['examples']} examples" + "".join(f", {x}" for x in left_out) + ")",
+            )
+        )
     rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))
     out.print(_kv_table(title, rows))
 

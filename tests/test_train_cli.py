@@ -44,6 +44,22 @@ def test_train_cli_runs_and_reports(dec, tmp_path):
     assert res.exit_code == 0 and "trained" in res.stdout
 
 
+def test_inspect_run_says_what_the_data_left_out(dec, tmp_path):
+    """train reports skipped and truncated examples at the start; inspect keeps saying it."""
+    args = train_args(dec, GSM8K_SLICE, tmp_path / "r", "--max-steps", "1", "--batch-size", "2")
+    args[args.index("--max-length") + 1] = "250"  # long prompts skipped, long answers truncated
+    res = run(*args)
+    assert res.exit_code == 0, res.stderr
+    data = json.loads((tmp_path / "r" / "sorsa_config.json").read_text())["training"]["data"]
+    assert data["skipped_too_long"] > 0 and data["truncated"] > 0
+    res = run("inspect", str(tmp_path / "r"))
+    line = " ".join(res.stdout.replace("│", " ").split())  # the table wraps the cell: unwrap it
+    assert (
+        f"({data['examples']} examples, {data['truncated']} truncated, "
+        f"{data['skipped_too_long']} skipped: prompt too long)" in line
+    ), res.stdout
+
+
 @pytest.mark.parametrize(
     "content, needles",
     [
