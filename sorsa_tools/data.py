@@ -219,9 +219,22 @@ class Dataset:
             return out
         prompts = [render_prompt(r[f.prompt], self.template, tok) for r in records]
         # a chat template writes its own BOS; the others get the tokenizer's special tokens
-        p_ids = tok(prompts, add_special_tokens=self.template != "chat")["input_ids"]
+        special = self.template != "chat"
+        p_ids = tok(prompts, add_special_tokens=special)["input_ids"]
         sep = response_prefix(self.template)
-        r_ids = tok([sep + r[f.response] for r in records], add_special_tokens=False)["input_ids"]
+        responses = [sep + r[f.response] for r in records]
+        # the whole text in one piece, as the model reads it: encoded apart, the response's leading
+        # space becomes a token of its own in SentencePiece-style tokenizers (Llama 2, Mistral:
+        # "▁▁" + "N" where the text has "▁N"), a seam the model would learn and never see
+        whole = tok([p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=special)[
+            "input_ids"
+        ]
+        r_ids = [w[len(p) :] if w[: len(p)] == p else None for p, w in zip(p_ids, whole, strict=True)]
+        apart = [i for i, r in enumerate(r_ids) if r is None]  # a token spans the seam: split there
+        if apart:
+            enc = tok([responses[i] for i in apart], add_special_tokens=False)["input_ids"]
+            for i, r in zip(apart, enc, strict=True):
+                r_ids[i] = r
         out = []
         for p, r in zip(p_ids, r_ids, strict=True):
             ids = p + r + eos

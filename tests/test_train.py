@@ -97,6 +97,50 @@ def test_dataset_fields_template_masking_and_determinism(tiny_lm_decomposed, tmp
     assert plain.fields == parse_fields("text") and ids == labels
 
 
+def _sentencepiece_style_tokenizer(dst: Path):
+    """A Llama-2-style tokenizer.json: "▁" prepended and for spaces (legacy SentencePiece), pieces
+    that start at a word ("▁N", never "p▁"), byte fallback; trained on GSM-8K lines."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # training only
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    lines = [json.loads(x) for x in GSM8K_SLICE.read_text().splitlines()]
+    tk.train_from_iterator(
+        [r["question"] + " " + r["answer"] for r in lines],
+        trainers.BpeTrainer(vocab_size=600, special_tokens=special),
+    )
+    tk.pre_tokenizer = None  # as in Llama 2's tokenizer.json: the merges alone keep words apart
+    tk.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(dst)
+    return fast
+
+
+def test_examples_are_tokenized_as_one_text_with_sentencepiece_tokenizers(tmp_path):
+    """Prompt and response encoded apart gave every example a token the text does not hold: the
+    response's leading space became "▁" + "▁N..." where the whole text reads "▁N..." (Llama 2,
+    Mistral). The ids must be the whole text's, and the loss must start where the response does."""
+    from sorsa_tools.prompts import render_prompt, response_prefix
+
+    tok = _sentencepiece_style_tokenizer(tmp_path / "tok")
+    assert tok(" Natalia", add_special_tokens=False)["input_ids"][0] == tok.convert_tokens_to_ids("▁")
+    ds = Dataset(GSM8K_SLICE, tok, max_length=4096)
+    records = [json.loads(x) for x in GSM8K_SLICE.read_text().splitlines()]
+    for (ids, labels), r in zip(ds.read(list(range(len(ds)))), records, strict=True):
+        prompt = render_prompt(r["question"], "paper", tok)
+        whole = tok(prompt + response_prefix("paper") + r["answer"])["input_ids"] + [tok.eos_token_id]
+        assert ids == whole
+        n_prompt = len(tok(prompt)["input_ids"])
+        assert labels == [IGNORE] * n_prompt + ids[n_prompt:]
+
+
 def test_training_lowers_loss_and_changes_only_the_factors(tiny_lm_decomposed, tmp_path):
     src, dec = tiny_lm_decomposed("llama")
     before = _tree_digest(dec)
