@@ -339,7 +339,7 @@ def train(
     fields: Annotated[
         str,
         typer.Option(
-            help="PROMPT,RESPONSE fields, or one TEXT field \\[default: question,answer / query,response / ...]."
+            help="PROMPT,RESPONSE or PROMPT,INPUT,RESPONSE fields, or one TEXT field \\[default: question,answer / query,response / instruction,input,output / ...]."
         ),
     ] = None,
     template: Annotated[

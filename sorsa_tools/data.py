@@ -41,13 +41,24 @@ PACKED_KEY = "segment_ids"  # present in a batch of packed rows
 class Fields:
     prompt: str | None  # None: plain-text mode, loss on every token of `response`
     response: str
+    context: str | None = None  # Alpaca's "input": the instruction's material, part of the prompt
 
     def describe(self) -> str:
-        return self.response if self.prompt is None else f"{self.prompt},{self.response}"
+        if self.prompt is None:
+            return self.response
+        return ",".join(x for x in (self.prompt, self.context, self.response) if x)
+
+    def question(self, record: dict) -> str:
+        """The prompt field, with the context field (where the record has one) after it, set out
+        as Alpaca's template does."""
+        text = record[self.prompt]
+        ctx = record.get(self.context) if self.context else None
+        return f"{text}\n\n### Input:\n{ctx}" if ctx else text
 
 
 def parse_fields(spec: str | None) -> Fields | None:
-    """`--fields question,answer` (prompt, response) or `--fields text` (plain text)."""
+    """`--fields question,answer` (prompt, response), `--fields instruction,input,output` (prompt,
+    context, response) or `--fields text` (plain text)."""
     if spec is None:
         return None
     parts = [p.strip() for p in spec.split(",")]
@@ -55,7 +66,12 @@ def parse_fields(spec: str | None) -> Fields | None:
         return Fields(None, parts[0])
     if len(parts) == 2 and all(parts):
         return Fields(parts[0], parts[1])
-    raise DataError(f"--fields {spec!r}: give PROMPT,RESPONSE (e.g. question,answer) or one TEXT field")
+    if len(parts) == 3 and all(parts):
+        return Fields(parts[0], parts[2], context=parts[1])
+    raise DataError(
+        f"--fields {spec!r}: give PROMPT,RESPONSE (e.g. question,answer), PROMPT,INPUT,RESPONSE "
+        "(e.g. instruction,input,output) or one TEXT field"
+    )
 
 
 FIELDS_HINT = "pass --fields PROMPT,RESPONSE or --fields TEXT"
@@ -72,7 +88,8 @@ def check_data_file(path: Path, wanted: str = "an existing JSONL file") -> None:
 def _detect_fields(record: dict, lineno: int, path: Path, hint: str = FIELDS_HINT) -> Fields:
     for p, r in FIELD_PAIRS:
         if p in record and r in record:
-            return Fields(p, r)
+            # Alpaca: an "input" beside instruction and output is part of the prompt, not dropped
+            return Fields(p, r, "input" if p == "instruction" and "input" in record else None)
     if "text" in record:
         return Fields(None, "text")
     keys = ", ".join(sorted(record)[:8]) or "none"
@@ -163,9 +180,9 @@ class Dataset:
         return rec
 
     def _check_fields(self, rec: dict, lineno: int) -> None:
-        for name in (self.fields.prompt, self.fields.response):
-            if name is None:
-                continue
+        for name in (self.fields.prompt, self.fields.context, self.fields.response):
+            if name is None or (name == self.fields.context and rec.get(name) is None):
+                continue  # a record without the context field (or null there) has none
             if name not in rec:
                 raise DataError(
                     f"{self.path}:{lineno}: field {name!r} is missing (keys: {', '.join(sorted(rec)[:8])}); "
@@ -217,7 +234,7 @@ class Dataset:
                 ids = ids + eos
                 out.append((ids[: self.max_length], ids[: self.max_length], len(ids) > self.max_length))
             return out
-        prompts = [render_prompt(r[f.prompt], self.template, tok) for r in records]
+        prompts = [render_prompt(f.question(r), self.template, tok) for r in records]
         # a chat template writes its own BOS; the others get the tokenizer's special tokens
         special = self.template != "chat"
         p_ids = tok(prompts, add_special_tokens=special)["input_ids"]

@@ -671,7 +671,7 @@ def evaluate_gsm8k(
     if metric in ("accuracy", "both"):
         if isinstance(backend, GGUFBackend):
             backend.prepare(max(prompt_len) + max_new_tokens + 8, logits_all=False)
-        prompts = [render_prompt(r[ds.fields.prompt], template, tok) for r in records]
+        prompts = [render_prompt(ds.fields.question(r), template, tok) for r in records]
         order = sorted(idx, key=lambda i: -prompt_len[i])
         progress.start("generate", n)
         t0 = time.perf_counter()
@@ -695,7 +695,7 @@ def evaluate_gsm8k(
     for i in idx:
         rec = records[i]
         gold = gold_answer(rec[ds.fields.response])
-        row = {"index": i, "question": rec[ds.fields.prompt], "answer": rec[ds.fields.response]}
+        row = {"index": i, "question": ds.fields.question(rec), "answer": rec[ds.fields.response]}
         if outputs[i] is not None:
             pred = extract_answer(outputs[i][0])
             row |= {

@@ -141,6 +141,31 @@ def test_examples_are_tokenized_as_one_text_with_sentencepiece_tokenizers(tmp_pa
         assert labels == [IGNORE] * n_prompt + ids[n_prompt:]
 
 
+def test_alpaca_input_is_part_of_the_prompt(tiny_lm_decomposed, tmp_path):
+    """Alpaca records: a non-empty "input" follows the instruction under "### Input:" (it was
+    dropped), an empty one adds nothing; --fields PROMPT,INPUT,RESPONSE names them explicitly."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_decomposed("llama")[1])
+    f = tmp_path / "alpaca.jsonl"
+    rows = [
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for fields in (None, parse_fields("instruction,input,output")):
+        ds = Dataset(f, tok, fields=fields, max_length=512)
+        assert ds.fields.describe() == "instruction,input,output"
+        (ids0, lab0), (ids1, _) = ds.read([0, 1])
+        text0, text1 = tok.decode(ids0), tok.decode(ids1)
+        assert "### Instruction:\nTranslate to French.\n\n### Input:\nGood morning\n\n### Response:" in text0
+        assert "### Input:" not in text1 and "### Instruction:\nAdd 2 and 3.\n\n### Response:" in text1
+        assert tok.decode([t for t in lab0 if t != IGNORE][:-1]).strip() == "Bonjour"
+    assert parse_fields("instruction,output").context is None  # two names: no input field
+    ds = Dataset(f, tok, fields=parse_fields("instruction,output"), max_length=512)
+    assert "Good morning" not in tok.decode(ds.read([0])[0][0])  # named fields are taken as named
+
+
 def test_training_lowers_loss_and_changes_only_the_factors(tiny_lm_decomposed, tmp_path):
     src, dec = tiny_lm_decomposed("llama")
     before = _tree_digest(dec)
