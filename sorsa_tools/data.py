@@ -10,6 +10,7 @@ a run is deterministic and resumes from (epoch, position) exactly.
 from __future__ import annotations
 
 import json
+import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,12 @@ def check_data_file(path: Path, wanted: str = "an existing JSONL file") -> None:
         raise DataError(f"data file not found: {path}; pass {wanted} to --data")
 
 
+def _stamp(f) -> tuple[int, int]:
+    """(size, modification time) of an open file: whether it is still the file that was scanned."""
+    st = os.fstat(f.fileno())
+    return st.st_size, st.st_mtime_ns
+
+
 def _detect_fields(record: dict, lineno: int, path: Path, hint: str = FIELDS_HINT) -> Fields:
     for p, r in FIELD_PAIRS:
         if p in record and r in record:
@@ -140,6 +147,7 @@ class Dataset:
     def _scan(self) -> None:
         pending: list[tuple[int, dict]] = []
         with open(self.path, "rb") as f:
+            self._stamp = _stamp(f)
             lineno = 0
             while True:
                 off = f.tell()
@@ -263,9 +271,19 @@ class Dataset:
         """Tokenized examples by index (into the usable examples), read from disk by offset."""
         recs = []
         with open(self.path, "rb") as fh:
-            for i in indices:
-                fh.seek(self.offsets[i])
-                recs.append(json.loads(fh.readline()))
+            changed = _stamp(fh) != self._stamp
+            try:
+                for i in indices:
+                    fh.seek(self.offsets[i])
+                    recs.append(json.loads(fh.readline()))
+                    self._check_fields(recs[-1], 0)
+            except (ValueError, DataError):  # JSON, Unicode or fields: not the line that was scanned
+                changed = True
+        if changed:  # the offsets point into the file as it was: what they read now is not the data
+            raise DataError(
+                f"{self.path} changed after it was read (size or time differ); restore it and rerun with "
+                "--resume, or start a new run on the new file"
+            )
         return [(ids, labels) for ids, labels, _ in self._encode(recs)]
 
     # -- epochs and batches ---------------------------------------------------------------------

@@ -166,6 +166,34 @@ def test_alpaca_input_is_part_of_the_prompt(tiny_lm_decomposed, tmp_path):
     assert "Good morning" not in tok.decode(ds.read([0])[0][0])  # named fields are taken as named
 
 
+def test_data_file_changed_after_the_scan_is_a_clear_error(tiny_lm_decomposed, tmp_path):
+    """Examples are read back by byte offset: a file rewritten during training used to give a
+    JSONDecodeError traceback, or silently other data where it stayed valid JSON."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_decomposed("llama")[1])
+    f = tmp_path / "d.jsonl"
+    lines = GSM8K_SLICE.read_text().splitlines(keepends=True)[:4]
+    f.write_text("".join(lines))
+    ds = Dataset(f, tok, max_length=512)
+    before = ds.read([1, 2])
+    expected = f"{f} changed after it was read (size or time differ); restore it and rerun with --resume"
+    f.write_text('{"foo": 1}\n' * 40)  # not the data, and no longer the fields
+    with pytest.raises(DataError) as e:
+        ds.read([1, 2])
+    assert str(e.value).startswith(expected)
+    f.write_text("".join(lines[::-1]))  # valid, same size, other examples at the offsets
+    with pytest.raises(DataError) as e:
+        ds.read([1, 2])
+    assert str(e.value).startswith(expected)
+    f.write_text("".join(lines))
+    st = ds._stamp
+    os.utime(f, ns=(st[1], st[1]))  # put back as it was: reads again
+    assert ds.read([1, 2]) == before
+
+
 def test_training_lowers_loss_and_changes_only_the_factors(tiny_lm_decomposed, tmp_path):
     src, dec = tiny_lm_decomposed("llama")
     before = _tree_digest(dec)
