@@ -79,11 +79,39 @@ FIELDS_HINT = "pass --fields PROMPT,RESPONSE or --fields TEXT"
 
 
 def check_data_file(path: Path, wanted: str = "an existing JSONL file") -> None:
-    """--data must name a file: say so apart for a directory and for nothing there."""
+    """--data must name a file: say so apart for a directory, for something that is not a regular
+    file (a device, a pipe: read twice, by offset) and for nothing there."""
     if path.is_dir():
         raise DataError(f"--data {path} is a directory; pass {wanted}")
+    if path.exists() and not path.is_file():
+        raise DataError(
+            f"--data {path} is not a regular file (the data is read twice, by offset); pass {wanted}"
+        )
     if not path.is_file():
         raise DataError(f"data file not found: {path}; pass {wanted} to --data")
+
+
+def _json_type(value) -> str:
+    """A JSON value's type as JSON names it (the user wrote JSON, not Python)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    names = {int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_format(path: Path, head: bytes) -> None:
+    """Formats that are not JSONL, named by their first bytes (each line's error would mislead)."""
+    if head.startswith(b"\x1f\x8b"):
+        raise DataError(f"{path} is gzip-compressed; decompress it first (gunzip), sorsa reads plain JSONL")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text; re-save it as UTF-8 JSONL")
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+        raise DataError(
+            f"{path} holds a JSON array, not JSONL; write one JSON object per line "
+            f"(e.g. jq -c '.[]' {path.name} > {path.stem}.jsonl)"
+        )
 
 
 def _stamp(f) -> tuple[int, int]:
@@ -148,6 +176,8 @@ class Dataset:
         pending: list[tuple[int, dict]] = []
         with open(self.path, "rb") as f:
             self._stamp = _stamp(f)
+            _check_format(self.path, f.read(4096))
+            f.seek(0)
             lineno = 0
             while True:
                 off = f.tell()
@@ -178,13 +208,23 @@ class Dataset:
 
     def _parse(self, raw: bytes, lineno: int) -> dict:
         try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
             raise DataError(
-                f"{self.path}:{lineno}: not valid JSON ({e.__class__.__name__}: {e}); fix or remove the line"
+                f"{self.path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                "re-save the file as UTF-8"
+            ) from None
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{self.path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
             ) from None
         if not isinstance(rec, dict):
-            raise DataError(f"{self.path}:{lineno}: a JSON object is needed, got {type(rec).__name__}")
+            raise DataError(
+                f"{self.path}:{lineno}: each line must be a JSON object, got {_json_type(rec)}; "
+                "fix or remove the line"
+            )
         return rec
 
     def _check_fields(self, rec: dict, lineno: int) -> None:
@@ -198,7 +238,8 @@ class Dataset:
                 )
             if not isinstance(rec[name], str):
                 raise DataError(
-                    f"{self.path}:{lineno}: field {name!r} must be a string, got {type(rec[name]).__name__}"
+                    f"{self.path}:{lineno}: field {name!r} must be a string, got {_json_type(rec[name])}; "
+                    "fix or remove the line"
                 )
             try:
                 rec[name].encode("utf-8")

@@ -719,6 +719,11 @@ def _train(
         resumed_from = step
         distributed.on_main(d, lambda: (_trim_log(log_file, step), _trim_snapshots(out, step)))
         progress.note(f"resuming at step {step} of {total_steps}")
+    if ds.n_too_long:  # said before the run, not only in the table at its end
+        progress.note(
+            f"{ds.n_too_long} of {ds.n_records} examples skipped: the prompt alone fills --max-length "
+            f"{cfg.max_length}; raise --max-length to train on them"
+        )
     loss_model = wrap_ddp(model, d) if d.enabled else model
     if d.enabled:
         progress.note(

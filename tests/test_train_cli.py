@@ -65,21 +65,48 @@ def test_inspect_run_says_what_the_data_left_out(dec, tmp_path):
     [
         (None, ["data file not found", "--data"]),
         ("", ["no examples", "empty"]),
-        ('{"question": "a", "answer": "b"}\n{oops\n', ["bad.jsonl:2: not valid JSON"]),
+        (
+            '{"question": "a", "answer": "b"}\n{oops\n',
+            ["bad.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"],
+        ),
         (
             '{"question": "a", "answer": "b"}\n{"question": "c"}\n',
             ["bad.jsonl:2: field 'answer' is missing", "--fields"],
         ),
         ('{"title": "a"}\n', ["bad.jsonl:1: no known fields", "--fields"]),
-        ('["a", "b"]\n', ["bad.jsonl:1: a JSON object is needed"]),
+        (
+            '{"question": "a", "answer": "b"}\n42\n',
+            ["bad.jsonl:2: each line must be a JSON object, got a number"],
+        ),
+        ('{"question": null, "answer": "b"}\n', ["bad.jsonl:1: field 'question' must be a string, got null"]),
+        (
+            '{"question": "a", "answer": ["b"]}\n',
+            ["field 'answer' must be a string, got an array", "fix or remove"],
+        ),
+        # formats that are not JSONL: named as such, not as a bad first line
+        ('[{"question": "a",\n  "answer": "b"}]\n', ["bad.jsonl holds a JSON array, not JSONL", "jq -c"]),
+        (b"\x1f\x8b\x08\x00rest", ["bad.jsonl is gzip-compressed", "gunzip"]),
+        ('{"question": "a", "answer": "b"}\n'.encode("utf-16"), ["bad.jsonl is UTF-16 text", "UTF-8"]),
+        (
+            b'{"question": "a", "answer": "b"}\n{"question": "caf\xe9", "answer": "b"}\n',
+            ["bad.jsonl:2: not UTF-8 (byte 0xe9 at column 18)", "re-save"],
+        ),
     ],
 )
 def test_bad_data(dec, tmp_path, content, needles):
     data = tmp_path / "bad.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        data.write_bytes(content)
+    elif content is not None:
         data.write_text(content)
     res = run(*train_args(dec, data, tmp_path / "r"))
     assert_clean_error(res, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_that_is_not_a_regular_file(dec, tmp_path):
+    res = run(*train_args(dec, Path("/dev/null"), tmp_path / "r"))
+    assert_clean_error(res, "--data /dev/null is not a regular file")
     assert not (tmp_path / "r").exists()
 
 
