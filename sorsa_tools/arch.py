@@ -141,6 +141,13 @@ def _module_of(model, live: dict, name: str):
     return None
 
 
+def _tied_head(model):
+    """The model's output layer where it is tied to the input embeddings (no weight of its own to
+    adapt), else None."""
+    out = model.get_output_embeddings()
+    return out if out is not None and getattr(model.config, "tie_word_embeddings", False) else None
+
+
 def check_linear_targets(config: dict, targets: list[str]) -> None:
     """Refuse a --targets choice that the trainer and exporters cannot adapt: a module that is not
     an nn.Linear (an embedding), or an output layer tied to the input embeddings (its W_r would be
@@ -151,8 +158,7 @@ def check_linear_targets(config: dict, targets: list[str]) -> None:
         model = meta_model(config)
     except Exception:  # unknown to this transformers: nothing to check against
         return
-    out = model.get_output_embeddings()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None
+    tied_head = _tied_head(model)
     live = dict(model.named_modules())
     for m in targets:
         mod = _module_of(model, live, m)
@@ -163,7 +169,7 @@ def check_linear_targets(config: dict, targets: list[str]) -> None:
                 f"--targets selects {m} ({type(mod).__name__}), not a linear layer: SORSA adapts nn.Linear "
                 "weights only; leave it out of --targets"
             )
-        if tied and mod is out:
+        if mod is tied_head:
             raise TargetError(
                 f"--targets selects {m}, which this model ties to its input embeddings "
                 "(tie_word_embeddings): its residual would be ignored on load; leave it out of --targets"
@@ -175,9 +181,8 @@ def _refuse_unmatched(config: dict, labels: list[str], modules_2d: list[str]) ->
     own in the checkpoint: it gets its own reason; anything else, what the module names look like."""
     try:
         model = meta_model(config)
-        out = model.get_output_embeddings()
-        tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None
-        heads = [n for n, mod in model.named_modules() if tied and mod is out]
+        head = _tied_head(model)
+        heads = [n for n, mod in model.named_modules() if mod is head]  # none where untied
     except Exception:  # unknown to this transformers: no tie to explain
         heads = []
     for label in labels:

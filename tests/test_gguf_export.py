@@ -539,30 +539,24 @@ def test_bad_inputs(tiny, tiny_factory, tmp_path):
     r = export_gguf(plain, tmp_path / "x.gguf", force=True)
     assert r.bytes > 100_000 and r.outtype == "f16"
 
-    swa = tmp_path / "swa"
-    shutil.copytree(tiny("qwen2")[0], swa)
-    cfg = json.loads((swa / "config.json").read_text())
-    (swa / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True}))
-    with pytest.raises(ExportError) as e:
-        export_gguf(MergedSource.plain(swa), tmp_path / "s.gguf")
-    assert str(e.value) == (
-        "qwen2 with use_sliding_window=True has no llama.cpp equivalent (needs None or False); "
-        "it cannot be exported to GGUF"
-    )
-
-    for kind, model_type in (("qwen3", "qwen3"), ("gemma3", "gemma3_text")):
-        # llama.cpp loads no attention biases for these: refused, not a file it cannot load
-        biased = tmp_path / f"biased-{kind}"
-        shutil.copytree(tiny(kind)[0], biased)
-        cfg = json.loads((biased / "config.json").read_text())
-        (biased / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
+    # configs llama.cpp has no graph for (a sliding window; attention biases its qwen3 and gemma3
+    # loaders do not take): refused, not a file it cannot load
+    for kind, model_type, key in (
+        ("qwen2", "qwen2", "use_sliding_window"),
+        ("qwen3", "qwen3", "attention_bias"),
+        ("gemma3", "gemma3_text", "attention_bias"),
+    ):
+        changed = tmp_path / f"{kind}-{key}"
+        shutil.copytree(tiny(kind)[0], changed)
+        cfg = json.loads((changed / "config.json").read_text())
+        (changed / "config.json").write_text(json.dumps({**cfg, key: True}))
         with pytest.raises(ExportError) as e:
-            export_gguf(MergedSource.plain(biased), tmp_path / "b.gguf")
+            export_gguf(MergedSource.plain(changed), tmp_path / "s.gguf")
         assert str(e.value) == (
-            f"{model_type} with attention_bias=True has no llama.cpp equivalent (needs None or False); "
+            f"{model_type} with {key}=True has no llama.cpp equivalent (needs None or False); "
             "it cannot be exported to GGUF"
         )
-        assert not (tmp_path / "b.gguf").exists()
+        assert not (tmp_path / "s.gguf").exists()
 
     bare = tmp_path / "bare"
     shutil.copytree(src, bare)
