@@ -86,6 +86,7 @@ class StudyConfig:
     lrs_lora: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
     lrs_pissa: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     gamma: float = 4e-4
+    sorsa_scalings: list[str] = field(default_factory=lambda: ["none"])  # sorsa train --lr-scaling values
     gamma0: bool = True  # also SORSA with gamma 0 at its best lr
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     eval_limit: int | None = None  # NLL questions (None: the whole test file)
@@ -98,6 +99,9 @@ class StudyConfig:
     device: str = "auto"
     smoke: bool = False
     val_size: int = 200  # the train file's last lines, held out: the lr (and gamma-0) choice is made on them
+    train_rows: int | None = None  # train on the train file's first N lines only (None: all but the held-out)
+    preset: str = ""  # "smoke" or "cpu" when one was chosen (names the RESULTS.md section and PNGs)
+    acc_runs: str = "all"  # accuracy for "all" runs or only the "best" of each method (generation is slow)
 
 
 SMOKE = dict(
@@ -116,11 +120,40 @@ SMOKE = dict(
     workdir="out/gsm8k-study-smoke",
 )
 
+# sized for a 2-core CPU (about 50-100 training tokens/s per core on Gemma 3 270M): about one pass
+# over the train file's first 1,000 lines, validation on 100 lines from its end, test NLL on 300
+# questions, accuracy on 100 for the best run of each method; about an hour per run on one core
+CPU = dict(
+    steps=120,
+    batch_size=8,
+    train_rows=1000,
+    val_size=100,
+    eval_limit=300,
+    acc_limit=100,
+    acc_runs="best",
+    eval_batch=16,
+    workdir="out/gsm8k-study-cpu",
+)
+
+# issue 17's short setup (where a new user saw SORSA's early loss spike): 40 steps x 4 on the
+# first 160 train lines, NLL on the first 100 test questions; about 12 minutes a run on one core
+SHORT = dict(
+    steps=40,
+    batch_size=4,
+    train_rows=160,
+    val_size=100,
+    eval_limit=100,
+    acc_limit=0,
+    eval_batch=16,
+    workdir="out/gsm8k-study-short",
+)
+
 # the settings that shape a run's numbers: a kept result counts only when they are the same
 RUN_SETTINGS = (
     "model", "train", "test", "rank", "steps", "batch_size", "max_length", "warmup_ratio", "clip", "seed",
-    "eval_limit", "acc_limit", "eval_batch", "max_new_tokens", "device", "smoke", "val_size",
+    "eval_limit", "eval_batch", "device", "smoke", "val_size", "train_rows",
 )  # fmt: skip
+ACC_SETTINGS = ("acc_limit", "max_new_tokens")  # the accuracy phase's own (kept apart from the run's)
 EVAL_DTYPE = "float32"  # every method is evaluated the same way: frozen weights in float32
 
 
@@ -131,9 +164,15 @@ def split_train(cfg: StudyConfig) -> None:
     lines = [x for x in Path(cfg.train).read_text(encoding="utf-8").splitlines(keepends=True) if x.strip()]
     if not 0 < cfg.val_size < len(lines):
         raise SystemExit(f"--val-size must be between 1 and {len(lines) - 1} (the train file's lines - 1)")
+    n_train = len(lines) - cfg.val_size if cfg.train_rows is None else cfg.train_rows
+    if not 0 < n_train <= len(lines) - cfg.val_size:
+        raise SystemExit(
+            f"--train-rows must be between 1 and {len(lines) - cfg.val_size} (the train file's lines less "
+            f"--val-size {cfg.val_size}, which are held out)"
+        )
     d = Path(cfg.workdir) / "data"
     d.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.jsonl", lines[: -cfg.val_size]), ("val.jsonl", lines[-cfg.val_size :])):
+    for name, part in (("train.jsonl", lines[:n_train]), ("val.jsonl", lines[-cfg.val_size :])):
         text = "".join(part)
         if not (d / name).is_file() or (d / name).read_text(encoding="utf-8") != text:
             (d / name).write_text(text, encoding="utf-8")
@@ -302,8 +341,11 @@ def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: lis
 
 
 # -- the SORSA flow ------------------------------------------------------------------------------
-def train_sorsa(cfg: StudyConfig, decomp: Path, lr: float, gamma: float, out: Path) -> dict:
+def train_sorsa(
+    cfg: StudyConfig, decomp: Path, lr: float, gamma: float, out: Path, scaling: str = "none"
+) -> dict:
     tc = T.TrainConfig(
+        lr_scaling=scaling,
         max_length=cfg.max_length,
         lr=lr,
         gamma=gamma,
@@ -337,40 +379,52 @@ def train_sorsa(cfg: StudyConfig, decomp: Path, lr: float, gamma: float, out: Pa
 
 # -- evaluation ----------------------------------------------------------------------------------
 def evaluate(cfg: StudyConfig, model: Path, adapter: Path | None, out: Path) -> dict:
-    """Test NLL (first --eval-limit questions, default all) and accuracy (first --acc-limit)."""
+    """Test NLL (first --eval-limit questions, default all) and validation NLL (the held-out lines)."""
     from sorsa_tools.evaluate import evaluate_gsm8k
 
-    kw = dict(adapter=adapter, batch_size=cfg.eval_batch, device=cfg.device, dtype=EVAL_DTYPE)
+    kw = dict(adapter=adapter, batch_size=cfg.eval_batch, device=cfg.device, dtype=EVAL_DTYPE, force=True)
     r = evaluate_gsm8k(
         model, cfg.test, metric="nll", limit=cfg.eval_limit, output=out / "eval_nll.jsonl", **kw
     )
     res = {"nll": r.nll, "nll_n": r.n, "nll_tokens": r.nll_tokens, "nll_seconds": r.nll_seconds}
     v = evaluate_gsm8k(model, val_file(cfg), metric="nll", output=out / "eval_val_nll.jsonl", **kw)
     res |= {"val_nll": v.nll, "val_n": v.n}
-    if cfg.acc_limit > 0:
-        a = evaluate_gsm8k(
-            model,
-            cfg.test,
-            metric="accuracy",
-            limit=cfg.acc_limit,
-            max_new_tokens=cfg.max_new_tokens,
-            output=out / "eval_acc.jsonl",
-            **kw,
-        )
-        res |= {
-            "accuracy": a.accuracy,
-            "correct": a.correct,
-            "acc_n": a.n,
-            "ci95": list(a.ci95),
-            "generate_seconds": a.generate_seconds,
-        }
     _free(torch.device(cfg.device))
     return res
 
 
+def evaluate_accuracy(cfg: StudyConfig, model: Path, adapter: Path | None, out: Path) -> dict:
+    """Greedy accuracy on the first --acc-limit test questions (a phase of its own: the slow part)."""
+    from sorsa_tools.evaluate import evaluate_gsm8k
+
+    a = evaluate_gsm8k(
+        model,
+        cfg.test,
+        adapter=adapter,
+        batch_size=cfg.eval_batch,
+        device=cfg.device,
+        dtype=EVAL_DTYPE,
+        metric="accuracy",
+        limit=cfg.acc_limit,
+        max_new_tokens=cfg.max_new_tokens,
+        output=out / "eval_acc.jsonl",
+        force=True,  # a run redone (other settings) replaces its own results
+    )
+    _free(torch.device(cfg.device))
+    return {
+        "accuracy": a.accuracy,
+        "correct": a.correct,
+        "acc_n": a.n,
+        "ci95": list(a.ci95),
+        "generate_seconds": a.generate_seconds,
+    }
+
+
 # -- the study -----------------------------------------------------------------------------------
-def tag(method: str, lr: float, gamma: float | None = None) -> str:
-    return f"{method}-lr{lr:.0e}" + (f"-g{gamma:.0e}" if gamma is not None else "")
+def tag(method: str, lr: float, gamma: float | None = None, scaling: str = "none") -> str:
+    """A run's name; SORSA's names its lr scaling unless it is the paper's (one lr)."""
+    s = "" if scaling == "none" else f"-{scaling}"
+    return f"{method}{s}-lr{lr:.0e}" + (f"-g{gamma:.0e}" if gamma is not None else "")
 
 
 def summarize(method: str, lr: float | None, gamma: float | None, trained: dict | None, ev: dict) -> dict:
@@ -418,32 +472,44 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     cfg.steps = cfg.steps or math.ceil(n_examples / cfg.batch_size)  # every flow gets it explicitly
     results: dict[str, dict] = {}
     settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
+    acc_settings = {**settings, **{k: getattr(cfg, k) for k in ACC_SETTINGS}}
+    where: dict[str, tuple[Path, Path | None]] = {"base": (model, None)}  # run -> (model, adapter)
+
+    def kept(f: Path, want: dict, key: str) -> dict | None:
+        if f.is_file():
+            k = json.loads(f.read_text())
+            if k.get("settings") == want:
+                log(f"{key}: done before (kept)")
+                return k
+            log(f"{key}: kept result is of other settings: running again")
+        return None
 
     def once(key: str, fn) -> dict:
         f = work / "results" / f"{key}.json"
-        if f.is_file():
-            kept = json.loads(f.read_text())
-            if kept.get("settings") == settings:
-                results[key] = kept
-                log(f"{key}: done before (kept)")
-                return kept
-            log(f"{key}: kept result is of other settings: running again")
-        log(f"{key}: running ...")
-        t = time.perf_counter()
-        r = fn()
-        r["wall_seconds"] = time.perf_counter() - t
-        r["settings"] = settings
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(r))
+        r = kept(f, settings, key)
+        if r is None:
+            log(f"{key}: running ...")
+            t = time.perf_counter()
+            r = fn()
+            r["wall_seconds"] = time.perf_counter() - t
+            r["settings"] = settings
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(r))
+            log(f"{key}: test NLL {r['nll']:.4f}, val NLL {r['val_nll']:.4f} ({r['wall_seconds']:.1f} s)")
         results[key] = r
-        nll = r.get("nll")
-        acc = r.get("accuracy")
-        log(
-            f"{key}: test NLL {nll:.4f}"
-            + (f", accuracy {acc:.1%}" if acc is not None else "")
-            + f" ({r['wall_seconds']:.1f} s)"
-        )
         return r
+
+    def accuracy(key: str) -> None:
+        f = work / "results" / "accuracy" / f"{key}.json"
+        r = kept(f, acc_settings, f"{key} accuracy")
+        if r is None:
+            log(f"{key} accuracy: running ...")
+            r = evaluate_accuracy(cfg, *where[key], work / "evals" / key)
+            r["settings"] = acc_settings
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(r))
+            log(f"{key}: accuracy {r['accuracy']:.1%} ({r['generate_seconds']:.0f} s)")
+        results[key] |= {k: v for k, v in r.items() if k != "settings"}
 
     once(
         "base",
@@ -455,11 +521,12 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     decompose_s = 0.0 if dres.already_done else time.perf_counter() - t
     targets = read_decomposition(decomp)["target_modules"]
 
-    def sorsa_run(lr: float, gamma: float) -> dict:
-        k = tag("sorsa", lr, gamma)
+    def sorsa_run(lr: float, gamma: float, scaling: str) -> dict:
+        k = tag("sorsa", lr, gamma, scaling)
         out = work / "runs" / k
-        tr = train_sorsa(cfg, decomp, lr, gamma, out)
-        return summarize("sorsa", lr, gamma, tr, evaluate(cfg, decomp, out, work / "evals" / k))
+        tr = train_sorsa(cfg, decomp, lr, gamma, out, scaling)
+        row = summarize("sorsa", lr, gamma, tr, evaluate(cfg, decomp, out, work / "evals" / k))
+        return row | {"lr_scaling": scaling}
 
     def peft_run(method: str, lr: float) -> dict:
         k = tag(method, lr)
@@ -468,16 +535,30 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         return summarize(method, lr, None, tr, evaluate(cfg, out, None, work / "evals" / k))
 
     if "sorsa" in cfg.methods:
-        for lr in cfg.lrs_sorsa:
-            once(tag("sorsa", lr, cfg.gamma), lambda lr=lr: sorsa_run(lr, cfg.gamma))
+        for sc in cfg.sorsa_scalings:
+            for lr in cfg.lrs_sorsa:
+                k = tag("sorsa", lr, cfg.gamma, sc)
+                where[k] = (decomp, work / "runs" / k)
+                once(k, lambda lr=lr, sc=sc: sorsa_run(lr, cfg.gamma, sc))
     for method in ("lora", "pissa"):
         if method in cfg.methods:
             for lr in getattr(cfg, f"lrs_{method}"):
-                once(tag(method, lr), lambda m=method, lr=lr: peft_run(m, lr))
+                k = tag(method, lr)
+                where[k] = (work / "runs" / k, None)
+                once(k, lambda m=method, lr=lr: peft_run(m, lr))
     best = best_runs(results, cfg)
     if "sorsa" in best and cfg.gamma0 and cfg.gamma != 0:
-        lr = results[best["sorsa"]]["lr"]
-        once(tag("sorsa", lr, 0.0), lambda: sorsa_run(lr, 0.0))
+        lr, sc = results[best["sorsa"]]["lr"], scaling_of(results[best["sorsa"]])
+        k = tag("sorsa", lr, 0.0, sc)
+        where[k] = (decomp, work / "runs" / k)
+        once(k, lambda: sorsa_run(lr, 0.0, sc))
+    if cfg.acc_limit > 0:
+        chosen = list(results) if cfg.acc_runs == "all" else ["base", *best.values()]
+        if cfg.acc_runs != "all" and "sorsa" in best:
+            g0 = gamma0_tag(results, best)
+            chosen += [g0] if g0 in results else []
+        for k in chosen:
+            accuracy(k)
     ana = analyze_best(cfg, best, results, work) if cfg.analyze else None
     return {
         "config": asdict(cfg),
@@ -511,6 +592,16 @@ def check_tokenizer(cfg: StudyConfig, min_chars_per_token: float = 1.5) -> float
     return ratio
 
 
+def scaling_of(r: dict) -> str:
+    return r.get("lr_scaling", "none")
+
+
+def gamma0_tag(results: dict, best: dict) -> str:
+    """The gamma-0 twin of the best SORSA run (same lr and lr scaling)."""
+    r = results[best["sorsa"]]
+    return tag("sorsa", r["lr"], 0.0, scaling_of(r))
+
+
 def best_runs(results: dict, cfg: StudyConfig) -> dict[str, str]:
     """Per method, the run with the lowest validation NLL (SORSA: among gamma = --gamma runs); the
     test set is never used to choose."""
@@ -534,7 +625,7 @@ def analyze_best(cfg: StudyConfig, best: dict, results: dict, work: Path) -> dic
     tuned = []
     if "sorsa" in best:
         tuned.append(work / "runs" / best["sorsa"])
-        g0 = tag("sorsa", results[best["sorsa"]]["lr"], 0.0)
+        g0 = gamma0_tag(results, best)
         if g0 in results:
             tuned.append(work / "runs" / g0)
     tuned += [work / "runs" / best[m] for m in ("lora", "pissa") if m in best]
@@ -578,6 +669,34 @@ def _summary(res) -> list[dict]:
 
 
 # -- the report ----------------------------------------------------------------------------------
+def smooth(xs: list[float], w: int | None = None) -> list[float]:
+    """Trailing moving average over w steps (default: a 40th of the run, at least 1)."""
+    w = w or max(1, len(xs) // 40)
+    return [sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))]
+
+
+def convergence(study: dict) -> tuple[int, list[float], dict[str, list[int | None]]] | None:
+    """The paper's other claim, "faster convergence": for the best run of each method, the first step
+    at which the training loss (trailing mean over a 10th of the run, as every run saw the same
+    batches) reaches each of three levels: the level every best run reaches at the end, and the
+    points a quarter and half way up from it towards the loss at the start."""
+    res, best = study["results"], study["best"]
+    runs = {m: res[k]["losses"] for m, k in best.items() if "losses" in res[k]}
+    if len(runs) < 2:
+        return None
+    n = min(len(x) for x in runs.values())
+    w = max(1, n // 10)
+    sm = {m: smooth(x[:n], w) for m, x in runs.items()}
+    lo = max(min(x[w - 1 :]) for x in sm.values())
+    hi = sum(x[w - 1] for x in sm.values()) / len(sm)
+    levels = [lo + f * (hi - lo) for f in (0.5, 0.25, 0.0)]
+    first = {
+        m: [next((i + 1 for i in range(w - 1, n) if x[i] <= lv), None) for lv in levels]
+        for m, x in sm.items()
+    }
+    return w, levels, first
+
+
 def plot_losses(study: dict, png: Path) -> Path | None:
     """Training-loss curves: every run (thin), and the best of each method (thick, smoothed)."""
     try:
@@ -590,12 +709,6 @@ def plot_losses(study: dict, png: Path) -> Path | None:
     res, best = study["results"], study["best"]
     colors = {"sorsa": "tab:red", "lora": "tab:blue", "pissa": "tab:green"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
-
-    def smooth(xs: list[float]) -> list[float]:
-        w = max(1, len(xs) // 40)
-        return [
-            sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))
-        ]
 
     for k, r in res.items():
         if "losses" not in r:
@@ -621,7 +734,7 @@ def plot_losses(study: dict, png: Path) -> Path | None:
             label=f"{LABELS[m]}: {k}",
         )
     if "sorsa" in best:
-        g0 = tag("sorsa", res[best["sorsa"]]["lr"], 0.0)
+        g0 = gamma0_tag(res, best)
         if g0 in res:
             r = res[g0]
             b.plot(
@@ -747,6 +860,24 @@ def report(
             )
     if loss_png:
         lines += ["", f"![training loss]({loss_png.relative_to(doc_dir)})"]
+    conv = convergence(study)
+    if conv:
+        w, levels, first = conv
+        lines += [
+            "",
+            f"Convergence: the first step at which each best run's training loss (trailing mean over {w} steps; "
+            "every run saw the same batches in the same order) reaches a level; the last level is the lowest "
+            "that every best run reaches.",
+            "",
+            "| method | run | " + " | ".join(f"loss <= {lv:.3f}" for lv in levels) + " |",
+            "|---|---|" + "---|" * len(levels),
+        ]
+        for m, steps_ in first.items():
+            lines.append(
+                f"| {LABELS[m]} | {best[m]} | "
+                + " | ".join("-" if x is None else str(x) for x in steps_)
+                + " |"
+            )
     ana = study.get("analyze")
     if ana:
         lines += [
@@ -795,7 +926,8 @@ def write_report(study: dict, doc: Path | None, section: str) -> str:
     """Draw the PNGs beside `doc` and record the section (or only return the text when doc is None)."""
     work = Path(study["config"]["workdir"])
     doc_dir = (doc or work / "RESULTS.md").parent
-    prefix = "results_smoke" if study["config"]["smoke"] else "results"
+    preset = study["config"].get("preset") or ("smoke" if study["config"]["smoke"] else "")
+    prefix = "results" + (f"_{preset}" if preset else "")
     loss_png = plot_losses(study, doc_dir / f"{prefix}_loss.png")
     apng = tpng = None
     if study.get("analyze") and study["analyze"].get("png"):
@@ -819,7 +951,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     )
     ap.add_argument("--train", default=d.train, help=f"GSM-8K train JSONL (default {d.train})")
     ap.add_argument("--test", default=d.test, help=f"GSM-8K test JSONL (default {d.test})")
-    ap.add_argument("--workdir", default=None, help=f"default {d.workdir} ({SMOKE['workdir']} with --smoke)")
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help=f"default {d.workdir} ({SMOKE['workdir']} with --smoke, {CPU['workdir']} with --cpu)",
+    )
     ap.add_argument("--rank", type=int, default=d.rank)
     ap.add_argument(
         "--steps", type=int, default=None, help=f"optimizer steps (default {d.steps}; 0: one epoch)"
@@ -828,6 +964,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--lrs-sorsa", type=lrs, default=None)
+    ap.add_argument(
+        "--sorsa-scalings",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=None,
+        help="sorsa train --lr-scaling values, each run over the SORSA lr grid (default none)",
+    )
     ap.add_argument("--lrs-lora", type=lrs, default=None)
     ap.add_argument("--lrs-pissa", type=lrs, default=None)
     ap.add_argument("--gamma", type=float, default=d.gamma)
@@ -859,11 +1001,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     ap.add_argument(
         "--smoke", action="store_true", help="tiny steps and limits: checks the pipeline, measures nothing"
     )
+    ap.add_argument(
+        "--cpu",
+        action="store_true",
+        help="the study sized for a 2-core CPU: 120 steps x 8 on the first 1,000 train lines, NLL on 300 "
+        "questions, accuracy on 100 for the best runs (run with OMP_NUM_THREADS=1, one study per core)",
+    )
+    ap.add_argument(
+        "--short",
+        action="store_true",
+        help="issue 17's short setup: 40 steps x 4 on the first 160 train lines, NLL on 100 questions",
+    )
+    ap.add_argument(
+        "--train-rows", type=int, default=None, help="train on the train file's first N lines (default: all)"
+    )
+    ap.add_argument(
+        "--acc-runs",
+        choices=("all", "best"),
+        default=None,
+        help="accuracy for all runs or the best per method",
+    )
     ap.add_argument("--record", action="store_true", help="write the report into docs/RESULTS.md (--doc)")
     ap.add_argument("--doc", default=str(DOC))
     a = ap.parse_args(argv)
-    cfg = StudyConfig(**(SMOKE if a.smoke else {}))
+    if a.smoke + a.cpu + a.short > 1:
+        ap.error("--smoke, --cpu and --short are presets: choose one")
+    cfg = StudyConfig(**(SMOKE if a.smoke else CPU if a.cpu else SHORT if a.short else {}))
     cfg.smoke = a.smoke
+    cfg.preset = "smoke" if a.smoke else "cpu" if a.cpu else "short" if a.short else ""
     for k in ("model", "train", "test", "rank", "seed", "gamma", "device"):
         setattr(cfg, k, getattr(a, k))
     if a.steps is not None:
@@ -872,6 +1037,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
         "batch_size",
         "max_length",
         "lrs_sorsa",
+        "sorsa_scalings",
         "lrs_lora",
         "lrs_pissa",
         "eval_limit",
@@ -882,6 +1048,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
         "trajectory_points",
         "workdir",
         "val_size",
+        "train_rows",
+        "acc_runs",
     ):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
@@ -904,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     except SorsaError as e:  # a bad input or setting: one line, as the sorsa command gives it
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    section = "gsm8k_study_smoke" if cfg.smoke else "gsm8k_study"
+    section = "gsm8k_study" + (f"_{cfg.preset}" if cfg.preset else "")
     body = write_report(study, Path(a.doc) if a.record else None, section)
     Path(cfg.workdir, "study.json").write_text(json.dumps(study, default=str))
     print(body)

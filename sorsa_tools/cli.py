@@ -349,6 +349,13 @@ def train(
     pack: Annotated[bool, typer.Option("--pack", help="Pack several examples into each sequence.")] = False,
     lr: Annotated[float, typer.Option(help="Peak learning rate (eta_max).")] = 3e-5,
     gamma: Annotated[float, typer.Option(help="Orthonormal regularizer weight (0: off).")] = 4e-4,
+    lr_scaling: Annotated[
+        str,
+        typer.Option(
+            help="How --lr is spread over U, S, Vt: none (the paper: one lr for all), sv (U's columns and "
+            "Vt's rows at lr / s_i), pissa (lr / sqrt(s_i)), srel (S_i at lr * s_i), pissa+srel."
+        ),
+    ] = "none",
     batch_size: Annotated[
         int, typer.Option(help="Sequences per micro-batch, per process (GPU) under torchrun.")
     ] = 4,
@@ -419,6 +426,7 @@ def train(
         shuffle=not no_shuffle,
         lr=lr,
         gamma=gamma,
+        lr_scaling=lr_scaling,
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_steps=max_steps,
@@ -681,6 +689,9 @@ def eval_gsm8k(
         Path, typer.Option("--output", "-o", help="Per-item JSONL; the summary goes beside it as .json.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
+    ] = False,
 ) -> None:
     """GSM-8K: greedy-answer accuracy (95 % Wilson interval) and the NLL of the reference answers."""
     import json
@@ -706,8 +717,10 @@ def eval_gsm8k(
             dtype=dtype,
             output=output,
             progress=_EvalBar(p),
+            force=force,
         )
     _wrote(r.items_file, r.summary_file)
+    err.print(f"wrote {r.items_file} and {r.summary_file}", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps(r.summary))
         return
@@ -880,22 +893,25 @@ def analyze(
         ),
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Write no PNG.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing --json / --plot files.")] = False,
 ) -> None:
     """How far tuning moved each matrix's singular values and vectors (paper eq. 1-4: ΔΣ, ΔD)."""
     import json
 
     from sorsa_tools.analyze import analyze as run
     from sorsa_tools.analyze import plot, write_json
-    from sorsa_tools.io.safetensors_file import check_output_file
+    from sorsa_tools.io.safetensors_file import check_new_files, check_output_file
 
     to_stdout = json_out == "-"
     json_path = Path(json_out) if json_out and not to_stdout else None
     png = None
     if not no_plot:
         png = plot_out or (json_path.with_suffix(".png") if json_path else Path("analyze.png"))
+    png_named = "--plot" if plot_out else ("--plot from --json" if json_path else "--plot's default")
     for path, flag, example in ((json_path, "--json", "analyze.json"), (png, "--plot", "analyze.png")):
         if path is not None:  # before hours of SVDs, not after
             check_output_file(path, flag, example)
+    check_new_files([(p, n) for p, n in ((json_path, "--json"), (png, png_named)) if p is not None], force)
     with _live("{task.description:<40.40}", "{task.fields[count]}") as p:
         r = run(
             base,
@@ -910,6 +926,9 @@ def analyze(
         _wrote(write_json(r, json_path))
     png_written = plot(r, png) if png else None
     _wrote(png_written)
+    for p in (json_path, png_written):
+        if p is not None:
+            err.print(f"wrote {p}", highlight=False, soft_wrap=True)
     if to_stdout:
         out.print_json(json.dumps(r.to_json()))
         return

@@ -67,12 +67,33 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # torchrun sets all three in every process
+
+
+def _torchrun_env() -> dict[str, str]:
+    """The torchrun variables that are set: none (one process) or all three. A script that sets RANK
+    for a purpose of its own would otherwise send `sorsa train` down the distributed path."""
+    present = {k: os.environ[k] for k in TORCHRUN_VARS if os.environ.get(k, "") != ""}
+    missing = [k for k in TORCHRUN_VARS if k not in present]
+    if present and missing:
+        have = ", ".join(f"{k}={v}" for k, v in present.items())
+        raise InputError(
+            f"{have} {'is' if len(present) == 1 else 'are'} set but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: a torchrun environment sets all three; launch "
+            f"with torchrun, or unset {' '.join(present)} for one process (env -u {' -u '.join(present)} sorsa ...)"
+        )
+    return present
+
+
 def launch_rank() -> int:
-    """RANK as torchrun set it (0 without torchrun): the CLI keeps every rank but 0 silent."""
+    """RANK as torchrun set it: the CLI keeps every rank but 0 silent. 0 without a whole, valid
+    torchrun environment, so that the error saying what is wrong with it is shown."""
     try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
+        env = _torchrun_env()
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    except (InputError, ValueError):
         return 0
+    return rank if 0 <= rank < world else 0
 
 
 def from_env(device: str = "auto") -> Dist:
@@ -81,6 +102,7 @@ def from_env(device: str = "auto") -> Dist:
     Under torchrun with more than one process, `--device auto` or `cuda` means cuda:LOCAL_RANK
     (GPUs are chosen with CUDA_VISIBLE_DEVICES, not cuda:N), and `cpu` trains on CPUs over gloo.
     """
+    _torchrun_env()
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank)

@@ -40,8 +40,15 @@ from sorsa_tools.errors import (
     ModelNotFoundError,
 )
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config
+from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.placement import temp_path
-from sorsa_tools.io.safetensors_file import atomic_write_json, check_output_file, disk_errors, file_sha256
+from sorsa_tools.io.safetensors_file import (
+    atomic_write_json,
+    check_new_files,
+    check_output_file,
+    disk_errors,
+    file_sha256,
+)
 from sorsa_tools.prompts import TEMPLATES, render_prompt
 from sorsa_tools.train import head_cross_entropy, label_positions
 
@@ -203,6 +210,7 @@ def resolve_model(model: str | Path, adapter: str | Path | None = None) -> Model
         dcfg = read_decomposition(p)
         if a is not None:
             check_adapter(dcfg, a)
+        open_checkpoint(p)  # a truncated or corrupt shard is one line here, not a loader traceback
         return ModelSpec("sorsa", p, a)
     if (p / "config.json").is_file():
         if not any(p.glob("*.safetensors")):
@@ -215,6 +223,7 @@ def resolve_model(model: str | Path, adapter: str | Path | None = None) -> Model
                 f"--adapter applies to a decomposed DIR; {p} is a plain checkpoint without "
                 f"{ADAPTER_FILE}: pass the DIR the adapter was trained on"
             )
+        open_checkpoint(p)
         return ModelSpec("hf", p)
     raise ModelKindError(f"{p} is none of the kinds sorsa eval reads; pass {ACCEPTED}")
 
@@ -605,6 +614,7 @@ def evaluate_gsm8k(
     output: str | Path | None = None,
     stop_strings: tuple[str, ...] = STOP_STRINGS,
     progress: EvalProgress | None = None,
+    force: bool = False,
 ) -> EvalResult:
     """Evaluate MODEL on a GSM-8K-style JSONL file; write per-item results and a summary JSON."""
     t_start = time.perf_counter()
@@ -623,6 +633,8 @@ def evaluate_gsm8k(
             raise InputError(
                 f"--output {items_file} would overwrite {hit}, an input of this run; choose another file"
             )
+    named = "--output" if output is not None else "the default output"
+    check_new_files([(items_file, named), (summary_path(items_file), f"the summary beside {named}")], force)
 
     backend = GGUFBackend(spec, dev) if spec.kind == "gguf" else HFBackend(spec, dev, dtype)
     tok = backend.tokenizer

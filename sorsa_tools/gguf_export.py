@@ -34,6 +34,7 @@ import gguf
 import numpy as np
 import torch
 
+from sorsa_tools import __version__
 from sorsa_tools.errors import ExportError, OutputExistsError, TokenizerMissingError
 from sorsa_tools.gguf_tables import (
     ARCHS,
@@ -54,6 +55,7 @@ from sorsa_tools.source import MergedSource
 T = gguf.GGMLQuantizationType
 TT = gguf.TokenType
 PROVENANCE_KEY = "sorsa.provenance"
+WRITER_KEY = "sorsa.writer"
 # tests flip this to show the q/k reorder is what makes LLM_ARCH_LLAMA right
 _PERMUTE_QK = True
 
@@ -669,6 +671,25 @@ def _check_out(out: Path, force: bool, candidates: list[Path]) -> None:
             raise OutputExistsError(
                 f"{p} already exists; pass --force to overwrite it or pick another -o path"
             )
+        if p.exists() and not _is_own_gguf(p):
+            raise OutputExistsError(
+                f"{p} is not a GGUF that `sorsa merge --to gguf` wrote; --force only replaces one of "
+                "those: pick another -o path"
+            )
+
+
+def _is_own_gguf(p: Path) -> bool:
+    """A regular GGUF file that sorsa-tools wrote (what --force may replace)."""
+    if p.is_symlink() or not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        fields = gguf.GGUFReader(p).fields
+        return WRITER_KEY in fields or PROVENANCE_KEY in fields
+    except Exception:  # the reader raises ValueError, struct.error, IndexError on bad bytes
+        return False
 
 
 def _write(
@@ -687,6 +708,7 @@ def _write(
     name = (source.config.get("_name_or_path") or source.root.name) or "model"
     _add_hparams(w, m, ot, n_vocab, str(name))
     _add_vocab(w, vocab, source.root, n_vocab)
+    w.add_string(WRITER_KEY, f"sorsa-tools {__version__}")  # marks a file --force may replace
     if provenance is not None:
         w.add_string(PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
     for p in plans:

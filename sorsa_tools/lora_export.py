@@ -28,7 +28,13 @@ from sorsa_tools.arch import live_module_name, meta_model
 from sorsa_tools.errors import InputError, NotDecomposedError, OutputDirError, VerificationError
 from sorsa_tools.format import ADAPTER_FILE, factor_names
 from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
-from sorsa_tools.io.safetensors_file import DTYPE_CODES, SafetensorsFile, StreamWriter, atomic_write_json
+from sorsa_tools.io.safetensors_file import (
+    DTYPE_CODES,
+    SafetensorsFile,
+    StreamWriter,
+    atomic_write_json,
+    check_own_output,
+)
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 
 LORA_CONFIG_FILE = "adapter_config.json"
@@ -122,12 +128,7 @@ def _check_paths(out: Path, force: bool, protected: list[Path]) -> None:
         raise OutputDirError(f"{out} is a file; -o must name a directory")
     if not force:
         raise OutputDirError(f"{out} already exists; choose a new -o, or pass --force to replace it")
-    names = sorted(p.name for p in out.iterdir())
-    if names and LORA_CONFIG_FILE not in names:
-        raise OutputDirError(
-            f"{out} holds files that are not a LoRA export (e.g. {names[0]}); --force only replaces an "
-            "export: choose another -o"
-        )
+    check_own_output(out, PROVENANCE_FILE, "a LoRA export")
 
 
 def export_lora(
@@ -244,6 +245,7 @@ def export_lora(
             "decomposition": d.resolve().name,
             "max_check_error": max_err,
         }
+        prov["files"] = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE})
         atomic_write_json(tmp / PROVENANCE_FILE, prov)
         nbytes = weights.stat().st_size
         swap_dir_into_place(tmp, out)

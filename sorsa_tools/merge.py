@@ -33,6 +33,7 @@ from sorsa_tools.io.safetensors_file import (
     StreamWriter,
     atomic_copy,
     atomic_write_json,
+    check_own_output,
     check_read_back,
     check_replaceable,
 )
@@ -143,6 +144,7 @@ def _prepare_out(out: Path, source: MergedSource, force: bool) -> Path:
         if not force:
             raise OutputDirError(f"{out} already exists; choose a new -o, or pass --force to replace it")
         check_replaceable(out, [source.root] + ([source.adapter_dir] if source.adapter_dir else []))
+        check_own_output(out, PROVENANCE_FILE, "a merged checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent, out.name + ".")  # what a killed merge was writing or replacing
     return out.parent / f".{out.name}.merge-{os.getpid()}"
@@ -261,7 +263,8 @@ def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None) -> Non
             atomic_write_json(tmp / p.name, cfg)
         else:
             atomic_copy(p, tmp / p.name)
-    atomic_write_json(tmp / PROVENANCE_FILE, provenance(source))
+    files = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE})  # what --force may replace later
+    atomic_write_json(tmp / PROVENANCE_FILE, {**provenance(source), "files": files})
 
 
 def _check_output(source: MergedSource, tmp: Path, dtypes: dict[str, torch.dtype]) -> None:

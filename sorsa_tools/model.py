@@ -14,6 +14,7 @@ from torch import nn
 from sorsa_tools.arch import live_module_name
 from sorsa_tools.errors import AdapterMismatchError, NotDecomposedError
 from sorsa_tools.format import ADAPTER_FILE, factor_names, read_config
+from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.safetensors_file import SafetensorsFile
 from sorsa_tools.layer import SORSALinear
 from sorsa_tools.svd import require_finite
@@ -146,6 +147,7 @@ def load_sorsa_model(
     cfg = read_decomposition(d)
     acfg = check_adapter(cfg, adapter) if adapter is not None else cfg
     src = Path(adapter).expanduser() if adapter is not None else d
+    open_checkpoint(d)  # every shard's header and size checked: one line, not the loader's traceback
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     model.requires_grad_(False)
     layers = attach_sorsa(model, read_adapter(src, cfg["target_modules"]), factor_dtype)

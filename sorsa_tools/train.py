@@ -41,6 +41,7 @@ from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
+from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.placement import mark_complete, remove_path, remove_stale_temps
 from sorsa_tools.io.safetensors_file import (
     atomic_save_figure,
@@ -52,6 +53,7 @@ from sorsa_tools.io.safetensors_file import (
 )
 from sorsa_tools.layer import regularizer_grad_
 from sorsa_tools.model import adapter_tensors, load_sorsa_model, read_adapter, read_decomposition
+from sorsa_tools.optim import SCALINGS, sorsa_optimizer
 
 CKPT_DIR = "checkpoint"
 STEPS_DIR = "steps"  # --keep-adapters: RUN/steps/step-000200/, each a finished run of its own
@@ -74,6 +76,7 @@ class TrainConfig:
     shuffle: bool = True
     lr: float = 3e-5
     gamma: float = 4e-4
+    lr_scaling: str = "none"  # optim.SCALINGS: how lr is spread over U, S and Vt
     batch_size: int = 4
     grad_accum: int = 1
     max_steps: int | None = None
@@ -126,6 +129,10 @@ def _check(cfg: TrainConfig, save_every: int) -> None:
         (cfg.clip >= 0, f"--clip must be >= 0 (got {cfg.clip}); 0 turns clipping off"),
         (save_every >= 1, f"--save-every must be >= 1 (got {save_every})"),
         (cfg.dtype == "auto" or cfg.dtype in DTYPES, f"--dtype must be auto or one of {', '.join(DTYPES)}"),
+        (
+            cfg.lr_scaling in SCALINGS,
+            f"--lr-scaling must be one of {', '.join(SCALINGS)} (got {cfg.lr_scaling!r})",
+        ),
     ]
     for ok, msg in bad:
         if not ok:
@@ -270,6 +277,11 @@ def wrap_ddp(model: torch.nn.Module, d: Dist) -> DistributedDataParallel:
 
 def factor_params(layers) -> list[torch.nn.Parameter]:
     return [p for layer in layers for p in (layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt)]
+
+
+def make_optimizer(layers, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.999, eps 1e-8, no weight decay) over the factors, lr spread by cfg.lr_scaling."""
+    return sorsa_optimizer(layers, cfg.lr, cfg.lr_scaling, fused=torch.device(device).type == "cuda")
 
 
 @dataclass
@@ -550,8 +562,12 @@ def train(
     """
     t_start = time.perf_counter()
     cfg = config or TrainConfig()
-    _check(cfg, save_every)
-    d = distributed.from_env(device)
+    try:
+        _check(cfg, save_every)
+        d = distributed.from_env(device)
+    except InputError as e:  # before any process group: every rank says it (rank 0 may not be there)
+        e.rank_local = True
+        raise
     if progress is None or not d.is_main:
         progress = TrainProgress()
     with distributed.process_group(d):
@@ -587,6 +603,7 @@ def _train(
 ) -> TrainResult:
     dev = d.device
     dcfg = read_decomposition(decomp)
+    open_checkpoint(decomp)  # before run.json is written: a truncated shard leaves nothing behind
     fields = parse_fields(cfg.fields)
     from transformers import AutoTokenizer
 
@@ -684,14 +701,7 @@ def _train(
     model.train()
     if compile:  # in place: loss_sum calls the decoder directly, not the model's forward
         model.get_decoder().compile()
-    optimizer = torch.optim.AdamW(
-        factor_params(layers.values()),
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        fused=dev.type == "cuda",
-    )
+    optimizer = make_optimizer(layers.values(), cfg, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     layer_list = list(layers.values())
     reg_scale = cfg.gamma / cfg.lr  # eq. 10: gamma / eta_max

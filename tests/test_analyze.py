@@ -291,6 +291,23 @@ def test_cli_table_json_and_default_plot(trained, tmp_path, monkeypatch):
     assert "--no-plot" in res.stdout and "not written" in res.stdout
 
 
+def test_existing_results_are_not_overwritten_without_force(trained, tmp_path):
+    """--json mine.json used to overwrite mine.json and write mine.png unasked."""
+    _, dec, run_dir = trained
+    args = ["analyze", str(dec), "--adapter", str(run_dir), "--layers", "0", "--modules", "k_proj"]
+    mine, png = tmp_path / "mine.json", tmp_path / "mine.png"
+    mine.write_text("mine")
+    assert_clean_error(run(*args, "--json", str(mine)), f"{mine} already exists (--json)", "--force")
+    mine.unlink()
+    png.write_text("mine")
+    assert_clean_error(run(*args, "--json", str(mine)), f"{png} already exists (--plot from --json)")
+    assert png.read_text() == "mine" and not mine.exists()
+    res = run(*args, "--json", str(mine), "--force")
+    assert res.exit_code == 0, res.stderr
+    assert png.read_bytes()[:8] == PNG_MAGIC and json.loads(mine.read_text())["modules"]
+    assert f"wrote {mine}" in res.stderr and f"wrote {png}" in res.stderr
+
+
 # -- bad input ----------------------------------------------------------------------------------
 def _tiny_llama(path: Path, **over) -> Path:
     """A tiny llama of other dimensions (another architecture for the shape checks)."""

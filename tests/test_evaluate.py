@@ -381,6 +381,35 @@ def test_output_never_overwrites_an_input(tiny_lm_decomposed, tmp_path):
     assert data.read_bytes() == before
 
 
+def test_existing_results_are_not_overwritten_without_force(tiny_lm_decomposed, tmp_path):
+    src, _ = tiny_lm_decomposed("llama")
+    data = _write(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    mine = tmp_path / "precious.jsonl"
+    args = [
+        "eval",
+        "gsm8k",
+        str(src),
+        "--data",
+        str(data),
+        "--metric",
+        "nll",
+        "--device",
+        "cpu",
+        "-o",
+        str(mine),
+    ]
+    mine.write_text("mine")
+    assert_clean_error(run(*args), f"{mine} already exists (--output)", "--force")
+    mine.unlink()
+    (tmp_path / "precious.json").write_text("mine")
+    assert_clean_error(run(*args), "precious.json already exists (the summary beside --output)")
+    assert (tmp_path / "precious.json").read_text() == "mine" and not mine.exists()
+    res = run(*args, "--force")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "precious.json").read_text())["task"] == "gsm8k"
+    assert f"wrote {mine} and {tmp_path / 'precious.json'}" in res.stderr.replace("\n", "")
+
+
 def test_answers_without_a_number_are_refused_for_accuracy(tiny_lm_decomposed, tmp_path):
     src, _ = tiny_lm_decomposed("llama")
     rows = [{"question": "1+1?", "answer": "#### 2"}, {"question": "Why?", "answer": "Because."}]
@@ -420,7 +449,9 @@ def test_truncated_counts_only_examples_cut(tiny_lm_decomposed, tmp_path, monkey
     length = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(src), None, "paper", 100_000).lengths[0]
     for max_len, cut in ((length, 0), (length - 1, 1)):  # exactly fitting is not truncated
         monkeypatch.setattr(ev, "MAX_LENGTH", max_len)
-        r = evaluate_gsm8k(src, GSM8K_SLICE, limit=1, metric="nll", device="cpu", output=tmp_path / "t.jsonl")
+        r = evaluate_gsm8k(
+            src, GSM8K_SLICE, limit=1, metric="nll", device="cpu", output=tmp_path / "t.jsonl", force=True
+        )
         assert r.truncated == cut
 
 

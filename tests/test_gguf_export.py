@@ -536,7 +536,12 @@ def test_bad_inputs(tiny, tiny_factory, tmp_path):
         == f"{tmp_path / 'x.gguf'} already exists; pass --force to overwrite it or pick another -o path"
     )
     assert (tmp_path / "x.gguf").read_text() == "keep me"
-    r = export_gguf(plain, tmp_path / "x.gguf", force=True)
+    with pytest.raises(OutputExistsError) as e:  # --force replaces an earlier export, not this
+        export_gguf(plain, tmp_path / "x.gguf", force=True)
+    assert str(e.value).startswith(f"{tmp_path / 'x.gguf'} is not a GGUF that `sorsa merge --to gguf` wrote")
+    assert (tmp_path / "x.gguf").read_text() == "keep me"
+    export_gguf(plain, tmp_path / "y.gguf")
+    r = export_gguf(plain, tmp_path / "y.gguf", force=True)
     assert r.bytes > 100_000 and r.outtype == "f16"
 
     # configs llama.cpp has no graph for (a sliding window; attention biases its qwen3 and gemma3

@@ -195,6 +195,8 @@ def test_cli_exports_and_reports(trained, tmp_path):
 
 
 def test_cli_existing_output_and_force(trained, tmp_path):
+    """--force replaces an earlier export and nothing else: a user's file in OUT, beside an
+    export or alone, stays where it is."""
     _, dec, r = trained
     out = tmp_path / "lora"
     out.mkdir()
@@ -204,10 +206,14 @@ def test_cli_existing_output_and_force(trained, tmp_path):
     assert_clean_error(run(*args, "--force"), "not a LoRA export (e.g. keep.txt)", "another -o")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     (out / "keep.txt").unlink()
-    (out / "adapter_config.json").write_text("{}")  # an earlier export: --force replaces it
-    res = run(*args, "--force")
+    res = run(*args, "--force")  # an empty dir holds nothing to lose
     assert res.exit_code == 0, res.stderr
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+    (out / "eval_gsm8k.json").write_text("{}")  # eval's default output beside an export: replaced
+    assert run(*args, "--force").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    assert_clean_error(run(*args, "--force"), f"{out} holds notes.txt, which a LoRA export does not have")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "adapter_config.json").is_file()
     assert _leftovers(tmp_path) == []
 
 

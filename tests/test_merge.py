@@ -176,6 +176,35 @@ def test_force_never_replaces_an_input(trained, tmp_path, monkeypatch):
     assert (work / "run" / ADAPTER_FILE).is_file()
 
 
+def test_force_replaces_an_earlier_merge_and_nothing_else(trained, tmp_path):
+    _, dec, run_dir = trained
+    out = tmp_path / "m"
+    args = ["merge", str(dec), "--adapter", str(run_dir), "-o", str(out)]
+    assert run(*args).exit_code == 0
+    prov = json.loads((out / "sorsa_provenance.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == prov["files"]  # every file it wrote, listed
+    (out / "eval_gsm8k.jsonl").write_text("")  # eval's default output into a merged dir: replaced
+    res = run(*args, "--force")
+    assert res.exit_code == 0, res.stderr
+    assert not (out / "eval_gsm8k.jsonl").exists()
+    (out / "notes.txt").write_text("mine")
+    assert_clean_error(
+        run(*args, "--force"), f"{out} holds notes.txt, which a merged checkpoint does not have"
+    )
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(mine), "--force")
+    assert_clean_error(res, f"{mine} holds files that are not a merged checkpoint (e.g. notes.txt)")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    f = tmp_path / "file"
+    f.write_text("mine")
+    res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(f), "--force")
+    assert_clean_error(res, f"{f} is a file, not a merged checkpoint")
+    assert f.read_text() == "mine"
+
+
 def test_merge_cli(trained, tmp_path):
     _, dec, run_dir = trained
     res = run("merge", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "m"))

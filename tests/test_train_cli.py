@@ -165,6 +165,7 @@ def test_bad_options(dec, tmp_path):
         (["--template", "alpaca"], "--template 'alpaca'"),
         (["--fields", "a,b,c"], "--fields"),
         (["--dtype", "int8"], "--dtype"),
+        (["--lr-scaling", "log"], "--lr-scaling must be one of"),
     ]:
         assert_clean_error(run(*train_args(dec, GSM8K_SLICE, tmp_path / "r", *extra)), needle)
     assert not (tmp_path / "r").exists()
@@ -207,3 +208,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dec, tmp_path):
     assert res.exit_code == 0, res.stderr
     assert (r / "sorsa_adapter.safetensors").exists()
     shutil.rmtree(r)
+
+
+@pytest.mark.parametrize("keep", [20, -100])  # the header cut ("incomplete metadata"), the data cut
+def test_a_truncated_residual_shard_is_one_line_everywhere(tiny_lm_decomposed, tmp_path, keep):
+    """train and eval read the checkpoint through the same checked open as merge: a truncated shard
+    is named, nothing is traceback, and train leaves no run.json that asks for --resume."""
+    src, dec0 = tiny_lm_decomposed("llama")
+    dec, plain = tmp_path / "dec", tmp_path / "plain"
+    shutil.copytree(dec0, dec)
+    shutil.copytree(src, plain)
+    for d in (dec, plain):
+        shard = sorted(d.glob("model*.safetensors"))[0]
+        data = shard.read_bytes()
+        shard.write_bytes(data[:keep])
+    res = run(*train_args(dec, GSM8K_SLICE, tmp_path / "r", "--max-steps", "1"))
+    assert_clean_error(res, "truncated or corrupt", "re-download or re-create")
+    assert not (tmp_path / "r").exists()
+    for model in (dec, plain):
+        res = run(
+            "eval",
+            "gsm8k",
+            str(model),
+            "--data",
+            str(GSM8K_SLICE),
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / "e.jsonl"),
+        )
+        assert_clean_error(res, "truncated or corrupt")
+    assert not (tmp_path / "e.jsonl").exists()

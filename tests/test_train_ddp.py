@@ -216,6 +216,28 @@ def test_torchrun_environment_and_device(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(InputError, match="inconsistent torchrun environment"):
         from_env("cpu")
+    assert launch_rank() == 0  # not a valid rank: the error is shown
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("RANK", "3")  # a script's own RANK, no torchrun
+    with pytest.raises(InputError) as e:
+        from_env("cpu")
+    assert str(e.value).startswith("RANK=3 is set but WORLD_SIZE and LOCAL_RANK are not")
+    assert "env -u RANK sorsa" in str(e.value) and launch_rank() == 0
+
+
+def test_a_stray_rank_variable_is_one_line_on_the_terminal(tiny_lm_decomposed, tmp_path, monkeypatch):
+    """RANK=3 sorsa train ... used to exit 2 printing nothing (rank 3 kept quiet, rank 0 never came)."""
+    from conftest import GSM8K_SLICE
+    from test_cli_errors import assert_clean_error, run
+
+    _, dec = tiny_lm_decomposed("llama")
+    for k in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "3")
+    res = run("train", str(dec), "--data", str(GSM8K_SLICE), "-o", str(tmp_path / "r"), "--device", "cpu")
+    assert_clean_error(res, "RANK=3 is set but WORLD_SIZE and LOCAL_RANK are not", "torchrun")
+    assert not (tmp_path / "r").exists()
 
 
 def test_shards_cover_each_global_micro_batch_once():

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -245,6 +246,16 @@ def check_output_file(path: Path, flag: str, example: str) -> None:
         raise InputError(f"{flag} {path}: cannot write in {place} (permission denied); choose another path")
 
 
+def check_new_files(paths: list[tuple[Path, str]], force: bool) -> None:
+    """Refuse to overwrite result files without --force: (path, what names it), e.g. (mine.png,
+    "--plot (from --json)"). Checked before the run, so hours of work never end in a refusal."""
+    for path, named in paths:
+        if path.exists() and not force:
+            raise OutputDirError(
+                f"{path} already exists ({named}); pass --force to replace it, or choose another file"
+            )
+
+
 SORSA_OUTPUTS = {  # sorsa_config.json kind -> what it is, for the --force guard
     "decomposition": "a decomposed dir (`sorsa decompose` output)",
     "trained": "a trained run (`sorsa train` output)",
@@ -281,6 +292,41 @@ def check_replaceable(
                 f"refusing to replace {out} with {flag}: {where} {SORSA_OUTPUTS[kind]}; choose another -o, "
                 "or delete it yourself"
             )
+
+
+EVAL_OUTPUT = re.compile(r"eval_\w+\.jsonl?")  # what `sorsa eval` writes into a model dir by default
+TOOL_STATE = {".cache"}  # push's resume state (upload_large_folder) inside a pushed dir
+
+
+def check_own_output(out: Path, marker: str, what: str) -> None:
+    """--force may replace `out` only when it is an earlier output of the same command: a directory
+    that holds `marker` (its provenance file) and nothing the command did not write (the marker's
+    `files` list, eval's default outputs, push's state). Anything else is someone's file that the
+    replacement would delete; an empty directory holds nothing to lose."""
+    if out.is_symlink() or not out.is_dir():
+        raise OutputDirError(
+            f"{out} is a file, not {what}; --force only replaces an earlier one: choose another -o"
+        )
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    if marker not in names:
+        raise OutputDirError(
+            f"{out} holds files that are not {what} (e.g. {names[0]}); --force only replaces an earlier "
+            f"one: choose another -o"
+        )
+    try:
+        listed = json.loads((out / marker).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list):  # written before the files were listed: the marker is all we have
+        return
+    foreign = [n for n in names if n not in listed and n not in TOOL_STATE and not EVAL_OUTPUT.fullmatch(n)]
+    if foreign:
+        raise OutputDirError(
+            f"{out} holds {foreign[0]}, which {what} does not have; --force would delete it: move it out "
+            "of the way or choose another -o"
+        )
 
 
 class StreamWriter:
