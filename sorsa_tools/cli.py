@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -49,7 +51,7 @@ INTERRUPTED = {
 INTERRUPTED_DEFAULT = "interrupted; nothing was written: run the same command again"
 # interrupted: the Ctrl-C line was printed (typer turns a Ctrl-C outside a command into a silent
 # exit 130); sigint: a Ctrl-C arrived at all (a library may have swallowed it, e.g. inside an import)
-_said = {"interrupted": False, "sigint": False}
+_said = {"interrupted": False, "sigint": False, "train_out": None}
 
 
 def _wrote(*paths: Path | None) -> None:
@@ -69,7 +71,25 @@ def _interrupted_line(command: str) -> str:
     if done:
         verb = "is" if len(done) == 1 else "are"
         return f"interrupted after the work was done: {' and '.join(done)} {verb} complete"
+    if command == "train" and _said.get("train_out") is not None:
+        return _train_interrupted(Path(_said["train_out"]))
     return INTERRUPTED.get(command, INTERRUPTED_DEFAULT)
+
+
+def _train_interrupted(run_dir: Path) -> str:
+    """What --resume would keep: the step of the last checkpoint and when it was written."""
+    import json
+
+    state = run_dir / "checkpoint" / "state.json"
+    try:
+        step = json.loads(state.read_text())["step"]
+        when = time.strftime("%H:%M:%S", time.localtime(state.stat().st_mtime))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "interrupted before the first checkpoint: --resume (or the same command) starts from step 0"
+    return (
+        f"interrupted; the checkpoint of step {step} (written {when}) is kept: run the same command with "
+        "--resume to go on from there"
+    )
 
 
 def handle_errors(fn):
@@ -81,6 +101,7 @@ def handle_errors(fn):
 
         forget_completed()
         _said["sigint"] = False  # set by a Ctrl-C from here on
+        _said["train_out"] = None
         try:
             try:
                 result = fn(*args, **kwargs)
@@ -151,13 +172,38 @@ def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return t
 
 
+PLAIN_EVERY_S = 30.0  # a log (stdout not a terminal) gets a plain progress line this often
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class _Bars:
+    """The terminal gets rich bars on stderr; a log (nohup, a scheduler, CI) gets plain lines on
+    stdout instead, every PLAIN_EVERY_S seconds, so that a long job is never silent there. Errors stay
+    the one line on stderr in both."""
+
     def __init__(self, progress: Progress):
         self.p = progress
+        self.plain = progress.disable and not out.is_terminal
+        self._last_line = -math.inf
 
     def note(self, message: str) -> None:
-        if not self.p.disable:  # progress chatter only on a terminal; errors stay one line in logs
+        if not self.p.disable:
             self.p.console.print(f"[dim]{message}[/]", highlight=False)
+        elif self.plain:
+            out.print(message, highlight=False, soft_wrap=True)
+
+    def line(self, text: str, final: bool = False) -> None:
+        """A plain progress line for logs, at most every PLAIN_EVERY_S seconds (and the last one)."""
+        now = time.monotonic()
+        if self.plain and (final or now - self._last_line >= PLAIN_EVERY_S):
+            self._last_line = now
+            out.print(text, highlight=False, soft_wrap=True)
 
 
 class _RichProgress(_Bars):
@@ -301,12 +347,21 @@ class _TrainBar(_Bars):
 
     def start(self, total_steps: int, done_steps: int) -> None:
         self.task = self.p.add_task("train", total=total_steps, completed=done_steps, stats="")
+        self.t0, self.first = time.monotonic(), done_steps
 
     def step(self, r: dict) -> None:
         tps = f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
         stats = f"loss {r['loss']:.4f}  reg {r['reg_loss']:.2e}  {tps}  {r['memory_gib']:.1f} GiB"
         self.p.update(
             self.task, completed=r["step"], stats=stats, description=f"step {r['step']}/{r['total_steps']}"
+        )
+        elapsed = time.monotonic() - self.t0
+        done = r["step"] - self.first
+        eta = elapsed / done * (r["total_steps"] - r["step"]) if done > 0 else None
+        self.line(
+            f"step {r['step']}/{r['total_steps']}  loss {r['loss']:.4f}  {tps}  elapsed {_clock(elapsed)}  "
+            f"ETA {_clock(eta)}",
+            final=r["step"] in (self.first + 1, r["total_steps"]),
         )
 
 
@@ -385,6 +440,9 @@ def train(
     ] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.")] = 200,
+    save_minutes: Annotated[
+        float, typer.Option(help="Also checkpoint when this many minutes have passed (0: by steps only).")
+    ] = 10.0,
     keep_adapters: Annotated[
         bool,
         typer.Option(
@@ -407,6 +465,7 @@ def train(
     from sorsa_tools.train import train as run
 
     hf_logging.disable_progress_bar()
+    _said["train_out"] = output
     quiet = launch_rank() != 0  # under torchrun only rank 0 reports; the library raises on every rank
     if quiet:
         hf_logging.set_verbosity_error()
@@ -453,6 +512,7 @@ def train(
                 compile=compile,
                 progress=_TrainBar(p) if not quiet else None,
                 keep_adapters=keep_adapters,
+                save_minutes=save_minutes,
             )
     except (SorsaError, KeyboardInterrupt) as e:
         if quiet and not getattr(e, "rank_local", False):  # rank 0 says it

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import threading
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from sorsa_tools import __version__
-from sorsa_tools.errors import ExportError, OutputExistsError, TokenizerMissingError
+from sorsa_tools.errors import DiskFullError, ExportError, OutputExistsError, TokenizerMissingError
 from sorsa_tools.gguf_tables import (
     ARCHS,
     DROP_SUFFIXES,
@@ -911,7 +912,8 @@ def _deferred_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _llama_quantize(src: Path, dst: Path, ot: OutType) -> None:
+def _require_llama_cpp(ot: OutType):
+    """llama-cpp-python, which k-quants need: checked before minutes of writing the float GGUF."""
     try:
         import llama_cpp
     except ImportError:
@@ -919,6 +921,23 @@ def _llama_quantize(src: Path, dst: Path, ot: OutType) -> None:
             f"--outtype {ot.name} uses llama.cpp's quantizer; install llama-cpp-python "
             "(pip install llama-cpp-python) or pick one of f32, f16, bf16, q8_0, q5_0, q4_0"
         ) from None
+    return llama_cpp
+
+
+def _check_space(out: Path, plans: list[_Planned], quantized: bool) -> None:
+    """Enough free space for what will be written there (the float GGUF, and for a k-quant also its
+    quantized copy, at most half the size), said up front as merge --to hf does."""
+    need = sum(p.nbytes for p in plans) * (1.5 if quantized else 1.0)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise DiskFullError(
+            f"{out} needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free there; "
+            "free space or choose another -o"
+        )
+
+
+def _llama_quantize(src: Path, dst: Path, ot: OutType) -> None:
+    llama_cpp = _require_llama_cpp(ot)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ot.file_type)
     params.nthread = max(1, os.cpu_count() or 1)
@@ -1021,6 +1040,8 @@ def _export(
         raise ExportError(f"{out} is a directory; give a file path ending in .gguf")
     remove_stale_temps(out.parent, out.stem)  # what a killed export of this name was writing
     _check_out(out, force, _existing_outputs(out))
+    if ot.llama_quantize:
+        _require_llama_cpp(ot)
     m = _model(source)
     window = m.hp.get(m.spec.ignored_window_key) if m.spec.ignored_window_key else None
     if window:
@@ -1037,6 +1058,7 @@ def _export(
     if ot.llama_quantize:
         base = OUTTYPES[_float_base(source)]
         plans = _plan(source, m, base, n_vocab, warnings)
+        _check_space(out, plans, quantized=True)
         tmp_float = out.with_name(f".{out.stem}.{base.name}.tmp-{os.getpid()}.gguf")
         tmp_quant = out.with_name(f".{out.stem}.{ot.name}.tmp-{os.getpid()}.gguf")
         try:
@@ -1057,6 +1079,7 @@ def _export(
         check_against = None  # llama.cpp's quantizer: types and shapes, not values
     else:
         plans = _plan(source, m, ot, n_vocab, warnings)
+        _check_space(out, plans, quantized=False)
         temps = _write(source, out, m, ot, plans, vocab, n_vocab, split_max_size, provenance, progress)
         check_against = source
     finals = _split_names(out, len(temps))

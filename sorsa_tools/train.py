@@ -553,17 +553,22 @@ def train(
     compile: bool = False,
     progress: TrainProgress | None = None,
     keep_adapters: bool = False,
+    save_minutes: float = 10.0,
 ) -> TrainResult:
     """Train the SORSA factors of a decomposed dir on a JSONL file; write the adapter to output_dir.
 
     Under torchrun every process calls this: they train data-parallel (`batch_size` rows per
     process), and only rank 0 writes output_dir and reports to `progress`. `keep_adapters` also
-    keeps the adapter of every checkpoint in RUN/steps/step-N (not part of the run's identity).
+    keeps the adapter of every step-based checkpoint in RUN/steps/step-N (not part of the run's
+    identity). Besides every `save_every` steps, a checkpoint is written whenever `save_minutes`
+    have passed since the last one (0: by steps only), so that a killed run keeps most of its work.
     """
     t_start = time.perf_counter()
     cfg = config or TrainConfig()
     try:
         _check(cfg, save_every)
+        if not (math.isfinite(save_minutes) and save_minutes >= 0):
+            raise InputError(f"--save-minutes must be >= 0 (got {save_minutes}); 0 saves by steps only")
         d = distributed.from_env(device)
     except InputError as e:  # before any process group: every rank says it (rank 0 may not be there)
         e.rank_local = True
@@ -584,6 +589,7 @@ def train(
             progress,
             t_start,
             keep_adapters,
+            save_minutes,
         )
 
 
@@ -600,6 +606,7 @@ def _train(
     progress: TrainProgress,
     t_start: float,
     keep_adapters: bool = False,
+    save_minutes: float = 10.0,
 ) -> TrainResult:
     dev = d.device
     dcfg = read_decomposition(decomp)
@@ -786,7 +793,7 @@ def _train(
         else ds.micro_batches(epoch, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
     )
     last_loss: float | None = None
-    last_saved = step
+    last_saved, saved_at = step, time.monotonic()
     log = distributed.on_main(d, lambda: open(log_file, "a", encoding="utf-8"))
     try:
         while step < total_steps:
@@ -836,13 +843,15 @@ def _train(
                 "memory_gib": _peak_memory(dev),  # rank 0's
             }
             last_loss = o.loss
-            save = step % save_every == 0 and step < total_steps
+            by_steps = step % save_every == 0
+            by_time = save_minutes > 0 and time.monotonic() - saved_at >= 60 * save_minutes
+            save = (by_steps or by_time) and step < total_steps  # only rank 0 writes: its clock decides
             state = {"step": step, "epoch": epoch, "pos": pos, "tokens": tokens_seen}
 
-            def book(rec=rec, save=save, state=state) -> None:
+            def book(rec=rec, save=save, state=state, snap=by_steps) -> None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                if save and keep_adapters:  # before the checkpoint: a resume from it finds it there
+                if save and snap and keep_adapters:  # before the checkpoint: a resume from it finds it there
                     _save_snapshot(out, layers, run_config(state["step"], state["tokens"], rec["loss"]))
                 if save:
                     _save_checkpoint(out, layers, optimizer, scheduler, {**state, "world_size": d.world_size})
@@ -850,7 +859,7 @@ def _train(
 
             distributed.on_main(d, book)  # a failed write (or an interrupt) there stops every rank
             if save:
-                last_saved = step
+                last_saved, saved_at = step, time.monotonic()
     finally:
         if log is not None:
             log.close()

@@ -332,15 +332,37 @@ def test_ctrl_c_during_the_quantizer_stops_the_export(tiny, tmp_path, monkeypatc
 def test_k_quant_without_llama_cpp(tiny, tmp_path, monkeypatch):
     import sys
 
+    import sorsa_tools.gguf_export as ge
+
     src, _ = tiny("llama")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    wrote = []
+    monkeypatch.setattr(ge, "_write", lambda *a, **k: wrote.append(a))  # checked before any writing
     with pytest.raises(ExportError) as e:
         export_gguf(MergedSource.plain(src), tmp_path / "k.gguf", "q4_k_m")
     assert str(e.value) == (
         "--outtype q4_k_m uses llama.cpp's quantizer; install llama-cpp-python (pip install "
         "llama-cpp-python) or pick one of f32, f16, bf16, q8_0, q5_0, q4_0"
     )
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and wrote == []
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q4_k_m"])
+def test_a_full_disk_is_said_up_front(tiny, tmp_path, monkeypatch, outtype):
+    import shutil
+
+    import sorsa_tools.gguf_export as ge
+
+    src, _ = tiny("llama")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ge.shutil, "disk_usage", lambda p: usage._replace(free=10_000))
+    wrote = []
+    monkeypatch.setattr(ge, "_write", lambda *a, **k: wrote.append(a))
+    with pytest.raises(ge.DiskFullError) as e:
+        export_gguf(MergedSource.plain(src), tmp_path / "k.gguf", outtype)
+    assert str(e.value).startswith(f"{tmp_path / 'k.gguf'} needs about ")
+    assert "GB is free there; free space or choose another -o" in str(e.value)
+    assert list(tmp_path.iterdir()) == [] and wrote == []
 
 
 def test_split_files_load_as_one(tiny, tmp_path):

@@ -594,3 +594,28 @@ def test_one_step_applies_eq_10_clip_then_regularizer(tiny_lm_decomposed):
     assert abs(out.reg_loss - float(reg)) < 1e-5 * float(reg)
     for got, exp in zip(seen, want, strict=True):
         assert torch.allclose(got, exp, rtol=1e-4, atol=1e-7), (got - exp).abs().max()
+
+
+def test_checkpoints_by_time_keep_a_killed_runs_work(tiny_lm_decomposed, tmp_path, monkeypatch):
+    """--save-every 200 alone made a killed run shorter than 200 steps restart from zero: a
+    checkpoint also lands when --save-minutes have passed, and resuming from it changes nothing."""
+    import sorsa_tools.train as T
+
+    _, dec = tiny_lm_decomposed("llama")
+    clock = iter(range(0, 10**6, 400))  # each reading of the clock: 400 s later
+    monkeypatch.setattr(T.time, "monotonic", lambda: float(next(clock)))
+    cfg = TrainConfig(**FAST, max_steps=5)
+    kw = dict(save_every=1000, save_minutes=10, device="cpu")
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(dec, GSM8K_SLICE, cut, config=cfg, progress=_StopAt(4), **kw)
+    step = json.loads((cut / "checkpoint" / "state.json").read_text())["step"]
+    assert step == 4  # by time (every second 400-s step passes 10 min), not by --save-every 1000
+    r = train(dec, GSM8K_SLICE, cut, config=cfg, resume=True, **kw)
+    assert r.resumed_from == step
+    full = tmp_path / "full"
+    train(dec, GSM8K_SLICE, full, config=cfg, save_every=1000, save_minutes=0, device="cpu")
+    a, b = (load_file(d / "sorsa_adapter.safetensors") for d in (full, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="--save-minutes must be >= 0"):
+        train(dec, GSM8K_SLICE, tmp_path / "x", config=cfg, save_minutes=-1, device="cpu")

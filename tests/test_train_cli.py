@@ -239,3 +239,33 @@ def test_a_truncated_residual_shard_is_one_line_everywhere(tiny_lm_decomposed, t
         )
         assert_clean_error(res, "truncated or corrupt")
     assert not (tmp_path / "e.jsonl").exists()
+
+
+def test_a_log_gets_plain_progress_lines(dec, tmp_path):
+    """`sorsa train ... > log` printed nothing until the end: stdout that is not a terminal gets plain
+    step lines (the first, every 30 s, the last) and the notes; stderr stays empty."""
+    res = run(*train_args(dec, GSM8K_SLICE, tmp_path / "r", "--max-steps", "3", "--batch-size", "2"))
+    assert res.exit_code == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("step ")]
+    assert lines[0].startswith("step 1/3  loss ") and lines[-1].startswith("step 3/3  loss ")
+    assert "ETA 0:00:00" in lines[-1] and "elapsed " in lines[0]
+    assert res.stderr.strip() == ""
+
+
+def test_the_interrupt_line_says_what_resume_keeps(dec, tmp_path, monkeypatch):
+    import sorsa_tools.train as T
+
+    real = T._save_checkpoint
+
+    def save_then_stop(out, *a, **k):
+        real(out, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_checkpoint", save_then_stop)
+    res = run(
+        *train_args(
+            dec, GSM8K_SLICE, tmp_path / "r", "--max-steps", "5", "--batch-size", "2", "--save-every", "2"
+        )
+    )
+    line = assert_clean_error(res, "the checkpoint of step 2 (written ", code=130)
+    assert "--resume to go on from there" in line
