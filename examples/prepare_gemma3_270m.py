@@ -10,6 +10,7 @@ several shards, so that `sorsa decompose` has a real multi-shard checkpoint to s
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -35,6 +36,11 @@ def prepare(out_dir: str | Path, max_shard_size: str = "300MB") -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
+    tc = tmp / "tokenizer_config.json"  # transformers records how it was loaded here: not the model's
+    cfg = json.loads(tc.read_text())
+    tc.write_text(
+        json.dumps({k: v for k, v in cfg.items() if k not in ("is_local", "local_files_only")}, indent=2)
+    )
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

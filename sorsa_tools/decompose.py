@@ -57,10 +57,10 @@ from sorsa_tools.io.safetensors_file import (
     DTYPES,
     SafetensorsFile,
     StreamWriter,
-    atomic_copy,
     atomic_write_json,
     check_read_back,
     check_replaceable,
+    copy_side_file,
     iter_file_chunks,
     write_tensors,
 )
@@ -688,7 +688,7 @@ def _finalize(
         index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
         atomic_write_json(out / INDEX_NAME, index)
     for p in ckpt.side_files():
-        atomic_copy(p, out / p.name)
+        copy_side_file(p, out / p.name)
     res_dtypes = sorted(
         {
             _dtype_name(

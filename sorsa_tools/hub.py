@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 from sorsa_tools.errors import ArtifactError, HubAuthError, HubError, InputError, SorsaError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config
+from sorsa_tools.io.placement import temp_path
 
 PROVENANCE_FILE = "sorsa_provenance.json"  # = sorsa_tools.source.PROVENANCE_FILE (no torch import here)
 GGUF_PROVENANCE_KEY = "sorsa.provenance"
@@ -225,6 +228,41 @@ def detect_artifact(path: str | Path) -> Artifact:
     raise ArtifactError(f"{p} is not an artifact sorsa push knows; pass one of: {accepted_kinds()}")
 
 
+CARD_MARK = "<!-- sorsa-tools card sha256:{} (sorsa push sends a fresh one for the repository unless this file is edited) -->"
+
+
+def _marked(text: str) -> str:
+    return (
+        text.rstrip("\n") + "\n\n" + CARD_MARK.format(hashlib.sha256(text.encode()).hexdigest()[:16]) + "\n"
+    )
+
+
+def is_generated_card(path: Path) -> bool:
+    """A README.md that merge or export-lora wrote and nobody edited since (its digest still holds)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    body, sep, _ = text.rstrip("\n").rpartition("\n\n<!-- sorsa-tools card sha256:")
+    return bool(sep) and _marked(body + "\n") == text
+
+
+def write_card(path: str | Path, name: str) -> Path:
+    """README.md in PATH (a merged dir or LoRA export, before it is put in place): the card push
+    would send, used from the local directory NAME. push replaces it with the repository's own
+    while it is unedited; an edited one is the user's and is sent as it is."""
+    p = Path(path)
+    text = _marked(str(build_card(detect_artifact(p), f"./{name}")))
+    dst = p / CARD_FILE
+    tmp = temp_path(dst)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
 def _dir_artifact(p: Path, kind: ArtifactKind) -> Artifact:
     base_dirs: list[Path] = []
     if kind.config_kind is not None:
@@ -250,7 +288,7 @@ def _dir_artifact(p: Path, kind: ArtifactKind) -> Artifact:
         p,
         _listing(p, kind.upload),
         prov,
-        user_card=readme if readme.is_file() else None,
+        user_card=readme if readme.is_file() and not is_generated_card(readme) else None,
         base_dirs=base_dirs,
     )
 
@@ -407,6 +445,41 @@ def _facts(art: Artifact) -> list[tuple[str, str]]:
     return rows
 
 
+EXAMPLE_QUESTION = "A baker makes 12 trays of 7 rolls. How many rolls is that?"
+
+
+def _trained_template(prov: dict) -> str | None:
+    return (prov.get("training") or {}).get("template")
+
+
+def _prompt_py(prov: dict) -> str:
+    """The example's Python lines up to `inputs`, in the prompt format the model was trained with."""
+    from sorsa_tools.prompts import render_prompt
+
+    template = _trained_template(prov)
+    if template == "chat":
+        return (
+            f'messages = [{{"role": "user", "content": {EXAMPLE_QUESTION!r}}}]\n'
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, "
+            'return_tensors="pt", return_dict=True)\n'
+        )
+    prompt = render_prompt(EXAMPLE_QUESTION, template) if template == "paper" else EXAMPLE_QUESTION
+    note = "  # the prompt format it was trained with (--template paper)" if template == "paper" else ""
+    return f"prompt = {prompt!r}{note}\n" + 'inputs = tokenizer(prompt, return_tensors="pt")\n'
+
+
+def _prompt_cli(prov: dict, model: str) -> str:
+    """llama-cli lines in the trained prompt format (-e turns the \\n into new lines)."""
+    from sorsa_tools.prompts import render_prompt
+
+    template = _trained_template(prov)
+    if template == "chat":
+        return f"llama-cli -m {model} -cnv    # a conversation, in the model's own chat template\n"
+    prompt = render_prompt(EXAMPLE_QUESTION, template) if template == "paper" else EXAMPLE_QUESTION
+    quoted = "'" + prompt.replace("\n", "\\n").replace("'", "'\\''") + "'"
+    return f"llama-cli -m {model} -e -n 256 -p {quoted}\n"
+
+
 def _usage(art: Artifact, repo_id: str, revision: str | None) -> str:
     kind = art.kind.name
     rev_py = f', revision="{revision}"' if revision else ""
@@ -419,8 +492,8 @@ def _usage(art: Artifact, repo_id: str, revision: str | None) -> str:
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev_py})\n'
             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev_py}, dtype="auto")\n'
-            'inputs = tokenizer("Question: what is 12 * 7?\\nAnswer:", return_tensors="pt")\n'
-            "out = model.generate(**inputs, max_new_tokens=64)\n"
+            + _prompt_py(prov)
+            + "out = model.generate(**inputs, max_new_tokens=256)\n"
             "print(tokenizer.decode(out[0], skip_special_tokens=True))\n```\n"
         )
     if kind == "gguf":
@@ -434,8 +507,8 @@ def _usage(art: Artifact, repo_id: str, revision: str | None) -> str:
         return (
             f"With [llama.cpp](https://github.com/ggml-org/llama.cpp){split}:\n\n"
             f"```bash\nhf download {repo_id} {names} --local-dir .{rev_sh}\n"
-            f'llama-cli -m {first} -p "Question: what is 12 * 7?\\nAnswer:" -n 64\n'
-            f"llama-server -m {first}    # OpenAI-compatible server on :8080\n```\n"
+            + _prompt_cli(prov, first)
+            + f"llama-server -m {first}    # OpenAI-compatible server on :8080\n```\n"
         )
     if kind == "lora":  # the base as provenance records it: adapter_config's name may be a local path
         return (

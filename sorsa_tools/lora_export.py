@@ -27,6 +27,7 @@ import torch
 from sorsa_tools.arch import live_module_name, meta_model
 from sorsa_tools.errors import InputError, NotDecomposedError, OutputDirError, VerificationError
 from sorsa_tools.format import ADAPTER_FILE, factor_names
+from sorsa_tools.hub import CARD_FILE, write_card
 from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
 from sorsa_tools.io.safetensors_file import (
     DTYPE_CODES,
@@ -245,8 +246,9 @@ def export_lora(
             "decomposition": d.resolve().name,
             "max_check_error": max_err,
         }
-        prov["files"] = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE})
+        prov["files"] = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE, CARD_FILE})
         atomic_write_json(tmp / PROVENANCE_FILE, prov)
+        write_card(tmp, out.name)
         nbytes = weights.stat().st_size
         swap_dir_into_place(tmp, out)
     except BaseException:

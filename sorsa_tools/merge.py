@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sorsa_tools.errors import DiskFullError, InputError, OutputDirError, VerificationError
+from sorsa_tools.hub import CARD_FILE, write_card
 from sorsa_tools.io.checkpoint import INDEX_NAME, open_checkpoint
 from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
 from sorsa_tools.io.safetensors_file import (
@@ -31,11 +32,11 @@ from sorsa_tools.io.safetensors_file import (
     ITEMSIZE,
     SafetensorsFile,
     StreamWriter,
-    atomic_copy,
     atomic_write_json,
     check_own_output,
     check_read_back,
     check_replaceable,
+    copy_side_file,
 )
 from sorsa_tools.source import PROVENANCE_FILE, MergedSource, provenance
 from sorsa_tools.svd import Factors, reconstruction_probe
@@ -202,7 +203,7 @@ def merge_to_hf(
                     c.result()
                 w.commit()
         stream.close()
-        _write_side_files(source, tmp, dtype)
+        _write_side_files(source, tmp, dtype, out.name)
         _check_output(source, tmp, dtypes)
         swap_dir_into_place(tmp, out)
     except BaseException:
@@ -242,7 +243,7 @@ def _check_fold(name: str, W: torch.Tensor, raw) -> float:
     return err
 
 
-def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None) -> None:
+def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None, out_name: str) -> None:
     ckpt = source.checkpoint
     if ckpt.index is not None:
         written = [SafetensorsFile(tmp / s.path.name) for s in ckpt.shards]
@@ -253,7 +254,7 @@ def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None) -> Non
         }
         atomic_write_json(tmp / INDEX_NAME, index)
     for p in ckpt.side_files():
-        if p.name == PROVENANCE_FILE:
+        if p.name in (PROVENANCE_FILE, CARD_FILE):  # the base model's card does not describe this one
             continue
         if p.name == "config.json" and dtype is not None:
             cfg = json.loads(p.read_text())
@@ -262,9 +263,10 @@ def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None) -> Non
                     cfg[key] = dtype
             atomic_write_json(tmp / p.name, cfg)
         else:
-            atomic_copy(p, tmp / p.name)
-    files = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE})  # what --force may replace later
+            copy_side_file(p, tmp / p.name)
+    files = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE, CARD_FILE})  # what --force may replace
     atomic_write_json(tmp / PROVENANCE_FILE, {**provenance(source), "files": files})
+    write_card(tmp, out_name)
 
 
 def _check_output(source: MergedSource, tmp: Path, dtypes: dict[str, torch.dtype]) -> None:

@@ -282,9 +282,8 @@ def test_exports_and_merges_remove_what_killed_ones_left(
             (tmp_path / f".{n}.{kind}-{dead_pid}").mkdir()
     live = tmp_path / f".lora.export-tmp-{os.getppid()}"  # a concurrent export's: kept
     live.mkdir()
-    (tmp_path / "lora").mkdir()  # an earlier export, replaced with --force
-    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
-    export_lora(dec, run_dir, tmp_path / "lora", force=True)
+    export_lora(dec, run_dir, tmp_path / "lora")
+    export_lora(dec, run_dir, tmp_path / "lora", force=True)  # an earlier export, replaced
     merge(dec, tmp_path / "merged", adapter=run_dir)
     assert _names(tmp_path) == sorted(["lora", "merged", live.name])
     # interrupted between moving the earlier merge aside and renaming the new one in: it comes back

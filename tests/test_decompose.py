@@ -107,6 +107,28 @@ def test_invariants(tiny_factory, tmp_path, kind, dtype):
     assert not list(out.glob(".*")), "temp or partial files left behind"
 
 
+def test_machine_local_config_keys_are_not_carried(tiny_factory, tmp_path):
+    """transformers writes how a tokenizer was loaded ("is_local", "local_files_only") into
+    tokenizer_config.json; merge and push published it. decompose and merge drop those keys and
+    copy every other byte of the side files."""
+    import shutil
+
+    from sorsa_tools import decompose
+    from sorsa_tools.merge import merge
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_factory("llama"), src)
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**tc, "is_local": True, "local_files_only": True}))
+    out = tmp_path / "dec"
+    decompose(str(src), 4, out, check_sample=0)
+    merged = tmp_path / "m"
+    merge(out, merged)
+    for d in (out, merged):
+        assert json.loads((d / "tokenizer_config.json").read_text()) == tc
+        assert (d / "config.json").read_bytes() == (src / "config.json").read_bytes()
+
+
 def test_exact_svd_matches_lapack(tiny_factory, tmp_path):
     src = tiny_factory("llama", torch.float32)
     out = tmp_path / "dec"

@@ -107,6 +107,7 @@ def test_adapter_files_and_config(trained, exported):
     src, dec, r = trained
     out = exported.out_dir
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",  # the model card push would send, written with the export
         "adapter_config.json",
         "adapter_model.safetensors",
         "sorsa_provenance.json",

@@ -106,8 +106,8 @@ def test_output_is_atomic(tiny_lm_decomposed, tmp_path, monkeypatch):
 
     _, dec = tiny_lm_decomposed("llama")
     keep = tmp_path / "m"
-    keep.mkdir()
-    (keep / "mine.txt").write_text("precious")
+    merge(dec, keep)  # an earlier merge: --force may replace it, and keeps it when the new one fails
+    before = {p.name: p.read_bytes() for p in keep.iterdir()}
     with pytest.raises(OutputDirError, match="already exists; choose a new -o, or pass --force"):
         merge(dec, keep)
     calls = {"n": 0}
@@ -125,7 +125,7 @@ def test_output_is_atomic(tiny_lm_decomposed, tmp_path, monkeypatch):
     calls["n"] = 0
     with pytest.raises(OSError):
         merge(dec, tmp_path / "new")
-    assert (keep / "mine.txt").read_text() == "precious" and not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in keep.iterdir()} == before and not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

@@ -463,6 +463,35 @@ def test_user_readme_policy(tmp_path):
     assert r.card_source == "none" and "README.md" not in sent(api)
 
 
+def test_the_card_merge_writes_is_replaced_unless_edited(tmp_path):
+    """merge and export-lora write README.md (the card, named after the local dir); push sends a
+    fresh card for the repository in its place, unless the user has edited it."""
+    d = make_merged(tmp_path / "gemma-gsm8k")
+    card = hub.write_card(d, d.name)
+    text = card.read_text()
+    assert hub.is_generated_card(card) and 'from_pretrained("./gemma-gsm8k"' in text
+    api = FakeApi()
+    r = hub.push(d, REPO, token=TOKEN, api=api)
+    assert r.card_source == "generated" and f'from_pretrained("{REPO}"'.encode() in sent(api)["README.md"]
+    card.write_text(text.replace("## How to use", "## How to use (my notes)"))
+    assert not hub.is_generated_card(card)
+    api = FakeApi()
+    r = hub.push(d, REPO, token=TOKEN, api=api)
+    assert r.card_source == "user" and sent(api)["README.md"] == str(card)
+
+
+@pytest.mark.parametrize(
+    "template, needle", [("paper", "### Instruction:\\n"), ("chat", "apply_chat_template")]
+)
+def test_the_usage_snippet_prompts_as_the_model_was_trained(tmp_path, template, needle):
+    prov = provenance()
+    prov["training"]["template"] = template
+    card = str(hub.build_card(hub.detect_artifact(make_merged(tmp_path / "m", prov)), REPO))
+    assert needle in card and "Question: what is" not in card
+    gguf_card = str(hub.build_card(hub.detect_artifact(make_gguf(tmp_path / "m.gguf", prov)), REPO))
+    assert ("-cnv" if template == "chat" else "-e -n 256 -p 'Below is an instruction") in gguf_card
+
+
 @pytest.mark.parametrize(
     "api_cls, upload", [(FakeApiWithLargeFolder, "upload_large_folder"), (FakeApi, "upload_folder")]
 )

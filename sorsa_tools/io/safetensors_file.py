@@ -497,6 +497,25 @@ def atomic_save_figure(fig, png: Path) -> Path:
     return png
 
 
+# keys transformers writes into a saved config that describe the machine it was saved on, not the
+# model (a local load, a cache path, a token): published with a checkpoint, they say nothing true
+MACHINE_LOCAL_KEYS = ("is_local", "local_files_only", "cache_dir", "token", "use_auth_token")
+
+
+def copy_side_file(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint's non-weight file; a *config.json loses its MACHINE_LOCAL_KEYS on the way
+    (everything else is copied byte for byte)."""
+    src = Path(src)
+    if src.name.endswith("config.json"):
+        try:
+            cfg = json.loads(src.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            cfg = None
+        if isinstance(cfg, dict) and any(k in cfg for k in MACHINE_LOCAL_KEYS):
+            return atomic_write_json(dst, {k: v for k, v in cfg.items() if k not in MACHINE_LOCAL_KEYS})
+    return atomic_copy(src, dst)
+
+
 def atomic_copy(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     tmp = temp_path(dst)
