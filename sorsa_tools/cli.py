@@ -85,7 +85,7 @@ def _train_interrupted(run_dir: Path) -> str:
         step = json.loads(state.read_text())["step"]
         when = time.strftime("%H:%M:%S", time.localtime(state.stat().st_mtime))
     except (OSError, ValueError, KeyError, TypeError):
-        return "interrupted before the first checkpoint: --resume (or the same command) starts from step 0"
+        return "interrupted before the first checkpoint was saved: run the same command with --resume (it starts from step 0)"
     return (
         f"interrupted; the checkpoint of step {step} (written {when}) is kept: run the same command with "
         "--resume to go on from there"
@@ -1050,6 +1050,7 @@ def inspect(
         ("svd", ", ".join(f"{k}={v}" for k, v in d["svd"].items() if v is not None)),
         ("dtypes", ", ".join(f"{k}={v}" for k, v in d["dtypes"].items())),
         ("adapter", f"{d['adapter_bytes'] / 2**20:.1f} MiB ({', '.join(d['adapter_dtypes'])})"),
+        ("adapter sha256", d["adapter_checksum"]),
         ("residual weights", f"{d['residual_bytes'] / 2**20:.1f} MiB"),
     ]
     if d["mean_energy_captured"] is not None:

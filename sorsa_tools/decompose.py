@@ -44,9 +44,11 @@ from sorsa_tools.errors import (
 )
 from sorsa_tools.format import (
     ADAPTER_FILE,
+    CHECKSUMS,
     CONFIG_FILE,
     FORMAT_VERSION,
     adapter_tensor_specs,
+    checksums,
     factor_names,
 )
 from sorsa_tools.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
@@ -728,6 +730,7 @@ def _finalize(
         "tool": {"name": "sorsa-tools", "version": __version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "modules": stats,
+        CHECKSUMS: checksums(out, [ADAPTER_FILE, *ckpt.shard_names]),  # verified where they are read
     }
     try:
         atomic_write_json(out / CONFIG_FILE, config)

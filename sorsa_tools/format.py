@@ -7,15 +7,17 @@ user-facing contract: change it only with a new FORMAT_VERSION.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from sorsa_tools.errors import NotDecomposedError
+from sorsa_tools.errors import CheckpointError, NotDecomposedError
 
 FORMAT_VERSION = 1
 ADAPTER_FILE = "sorsa_adapter.safetensors"
 CONFIG_FILE = "sorsa_config.json"
 SUFFIXES = ("sorsa_U", "sorsa_S", "sorsa_Vt")
+CHECKSUMS = "checksums"  # sorsa_config.json (and merge's provenance): {file name: sha256} of what was written
 
 
 def factor_names(module: str) -> tuple[str, str, str]:
@@ -67,3 +69,39 @@ def read_config(directory: str | Path, expect: str = "the output of `sorsa decom
             f"{path} lacks a positive integer rank or a list of target_modules; re-create the directory"
         )
     return cfg
+
+
+def sha256_of(path: str | Path) -> str:
+    """The sha256 of a whole file, read in 1 MiB blocks (a file can be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksums(directory: str | Path, names: list[str]) -> dict[str, str]:
+    """{name: sha256} of files a command has just written into directory."""
+    d = Path(directory)
+    return {n: sha256_of(d / n) for n in names}
+
+
+def verify_checksums(directory: str | Path, record: dict, names: list[str] | None = None) -> list[str]:
+    """Check the files of directory against the sha256 the command that wrote them recorded in
+    `record` (a sorsa_config.json or provenance), all of them or only `names`; returns the names
+    checked. A file changed since (a bit flip, a partial copy, an edit) is refused by name: its
+    numbers would otherwise flow on silently. Records written before checksums existed check nothing."""
+    d = Path(directory)
+    sums = record.get(CHECKSUMS)
+    if not isinstance(sums, dict):
+        return []
+    todo = [n for n in (names if names is not None else list(sums)) if n in sums]
+    for n in todo:
+        if not (d / n).is_file():
+            raise CheckpointError(f"{d / n} is missing; it was written with {d}: restore it or re-create {d}")
+        if sha256_of(d / n) != sums[n]:
+            raise CheckpointError(
+                f"{d / n} differs from the sha256 recorded when it was written: the file was changed or is "
+                f"corrupt; restore it from a copy or re-create {d}"
+            )
+    return todo

@@ -1042,6 +1042,7 @@ def _export(
     _check_out(out, force, _existing_outputs(out))
     if ot.llama_quantize:
         _require_llama_cpp(ot)
+    source.verify_residual()
     m = _model(source)
     window = m.hp.get(m.spec.ignored_window_key) if m.spec.ignored_window_key else None
     if window:

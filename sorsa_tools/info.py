@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sorsa_tools.errors import NotDecomposedError
-from sorsa_tools.format import ADAPTER_FILE, factor_names, read_config
+from sorsa_tools.format import ADAPTER_FILE, factor_names, read_config, verify_checksums
 from sorsa_tools.io.safetensors_file import SafetensorsFile
 
 
@@ -20,6 +20,7 @@ def describe(directory: str | Path) -> dict:
     missing = [m for m in cfg["target_modules"] for n in factor_names(m) if n not in adapter]
     if missing:
         raise NotDecomposedError(f"{d / ADAPTER_FILE} lacks the factors of {missing[0]}; re-create it")
+    verified = verify_checksums(d, cfg, [ADAPTER_FILE])  # inspect is where a user looks for damage
     modules = cfg.get("modules", {})
     energies = [s["energy_captured"] for s in modules.values() if "energy_captured" in s]
     recon = [s["reconstruction_error"] for s in modules.values() if "reconstruction_error" in s]
@@ -39,6 +40,9 @@ def describe(directory: str | Path) -> dict:
         "svd": cfg.get("svd", {}),
         "dtypes": cfg.get("dtypes", {}),
         "adapter_bytes": adapter.size,
+        "adapter_checksum": "verified"
+        if verified
+        else "not recorded (made before sorsa-tools recorded checksums)",
         "adapter_dtypes": sorted({t.dtype for t in adapter.tensors.values()}),
         "residual_bytes": residual_bytes,
         "mean_energy_captured": sum(energies) / len(energies) if energies else None,

@@ -26,7 +26,7 @@ import torch
 
 from sorsa_tools.arch import live_module_name, meta_model
 from sorsa_tools.errors import InputError, NotDecomposedError, OutputDirError, VerificationError
-from sorsa_tools.format import ADAPTER_FILE, factor_names
+from sorsa_tools.format import ADAPTER_FILE, CHECKSUMS, checksums, factor_names, verify_checksums
 from sorsa_tools.hub import CARD_FILE, write_card
 from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
 from sorsa_tools.io.safetensors_file import (
@@ -160,6 +160,7 @@ def export_lora(
             f"zero; pass the output of `sorsa train {d} --data FILE -o RUN`"
         )
     _check_paths(out, force, [d, run])
+    verify_checksums(d, src.decomposition, [ADAPTER_FILE])  # the init factors: Delta W's other half
     init = SafetensorsFile(d / ADAPTER_FILE)
     targets = src.targets
     r = int(src.decomposition["rank"])
@@ -247,6 +248,7 @@ def export_lora(
             "max_check_error": max_err,
         }
         prov["files"] = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE, CARD_FILE})
+        prov[CHECKSUMS] = checksums(tmp, [LORA_WEIGHTS_FILE])
         atomic_write_json(tmp / PROVENANCE_FILE, prov)
         write_card(tmp, out.name)
         nbytes = weights.stat().st_size

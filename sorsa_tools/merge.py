@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sorsa_tools.errors import DiskFullError, InputError, OutputDirError, VerificationError
+from sorsa_tools.format import CHECKSUMS, checksums
 from sorsa_tools.hub import CARD_FILE, write_card
 from sorsa_tools.io.checkpoint import INDEX_NAME, open_checkpoint
 from sorsa_tools.io.placement import remove_stale_temps, swap_dir_into_place
@@ -172,6 +173,7 @@ def merge_to_hf(
             "free space or choose another -o"
         )
     tmp = _prepare_out(out, source, force)
+    source.verify_residual()
     ckpt = source.checkpoint
     max_err = 0.0
     done = 0
@@ -265,7 +267,8 @@ def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None, out_na
         else:
             copy_side_file(p, tmp / p.name)
     files = sorted({p.name for p in tmp.iterdir()} | {PROVENANCE_FILE, CARD_FILE})  # what --force may replace
-    atomic_write_json(tmp / PROVENANCE_FILE, {**provenance(source), "files": files})
+    sums = checksums(tmp, [s.path.name for s in ckpt.shards])
+    atomic_write_json(tmp / PROVENANCE_FILE, {**provenance(source), "files": files, CHECKSUMS: sums})
     write_card(tmp, out_name)
 
 

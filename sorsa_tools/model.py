@@ -13,7 +13,7 @@ from torch import nn
 
 from sorsa_tools.arch import live_module_name
 from sorsa_tools.errors import AdapterMismatchError, NotDecomposedError
-from sorsa_tools.format import ADAPTER_FILE, factor_names, read_config
+from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, factor_names, read_config, verify_checksums
 from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.safetensors_file import SafetensorsFile
 from sorsa_tools.layer import SORSALinear
@@ -76,7 +76,10 @@ def read_adapter(
     directory: str | Path, modules: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """{module: (U, S, Vt)} from directory/sorsa_adapter.safetensors, one tensor at a time."""
-    f = SafetensorsFile(Path(directory).expanduser() / ADAPTER_FILE)
+    d = Path(directory).expanduser()
+    if (d / CONFIG_FILE).is_file():  # a run or decomposition (a checkpoint/ has no config)
+        verify_checksums(d, read_config(d), [ADAPTER_FILE])
+    f = SafetensorsFile(d / ADAPTER_FILE)
     out = {}
     for m in modules:
         names = factor_names(m)

@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from sorsa_tools.errors import AdapterMismatchError
-from sorsa_tools.format import ADAPTER_FILE, factor_names
+from sorsa_tools.format import ADAPTER_FILE, factor_names, verify_checksums
 from sorsa_tools.io.checkpoint import Checkpoint, open_checkpoint
 from sorsa_tools.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
 from sorsa_tools.model import check_adapter, read_decomposition, read_factors
@@ -39,6 +39,7 @@ class MergedSource:
         )
         self.adapter_dir = Path(adapter).expanduser() if adapter is not None else d
         self._init(open_checkpoint(d), self.decomposition["target_modules"])
+        verify_checksums(self.adapter_dir, self.adapter_config, [ADAPTER_FILE])
         self._adapter = SafetensorsFile(self.adapter_dir / ADAPTER_FILE)
         for m in self.targets:
             missing = [n for n in factor_names(m) if n not in self._adapter]
@@ -64,6 +65,12 @@ class MergedSource:
         self.config: dict = ckpt.config
         self.targets: list[str] = list(targets)
         self._target_weights = {m + ".weight" for m in self.targets}
+
+    def verify_residual(self) -> None:
+        """The residual shards against the sha256 decompose recorded (a plain checkpoint has none):
+        merge and the exports read every byte of them, and publish what they read."""
+        if self.decomposition is not None:
+            verify_checksums(self.root, self.decomposition, [s.path.name for s in self.checkpoint.shards])
 
     def infos(self) -> Iterator[TensorInfo]:
         """Every tensor, shard by shard, in file order (the order that reads the disk once)."""

@@ -40,7 +40,7 @@ from sorsa_tools import __version__, distributed
 from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
-from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION
+from sorsa_tools.format import ADAPTER_FILE, CHECKSUMS, CONFIG_FILE, FORMAT_VERSION, checksums
 from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.placement import mark_complete, remove_path, remove_stale_temps
 from sorsa_tools.io.safetensors_file import (
@@ -473,7 +473,7 @@ def _save_snapshot(out: Path, layers, config: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_tensors(tmp / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
-    atomic_write_json(tmp / CONFIG_FILE, config)
+    atomic_write_json(tmp / CONFIG_FILE, {**config, CHECKSUMS: checksums(tmp, [ADAPTER_FILE])})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -867,7 +867,7 @@ def _train(
 
     def finish() -> Path | None:
         write_tensors(out / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
-        config_out = run_config(step, tokens_seen, last_loss)
+        config_out = {**run_config(step, tokens_seen, last_loss), CHECKSUMS: checksums(out, [ADAPTER_FILE])}
         png = plot_losses(
             log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
         )

@@ -136,8 +136,8 @@ def test_merge_output_check_catches_a_missing_or_retyped_tensor(
     victim = "model.norm.weight"
     real = mod._write_side_files
 
-    def damage(source, tmp, dtype):
-        real(source, tmp, dtype)
+    def damage(source, tmp, dtype, out_name):
+        real(source, tmp, dtype, out_name)
 
         def change(ts):
             if victim in ts:

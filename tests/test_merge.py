@@ -275,3 +275,34 @@ def test_read_back_check_catches_a_changed_byte(tmp_path):
     t2[777] += 1
     with pytest.raises(VerificationError, match="w did not read back as written in f.bin"):
         check_read_back(p, 8, t.numel() * 4, t2, "w")
+
+
+def test_a_corrupted_adapter_or_residual_is_caught_on_read(trained, tmp_path):
+    """4 KiB of 0x41 in the middle of sorsa_adapter.safetensors (finite floats) merged without a word
+    and inspect said nothing: every command that reads it checks the sha256 its writer recorded."""
+    import shutil
+
+    _, dec0, run0 = trained
+    dec, run_dir = tmp_path / "dec", tmp_path / "run"
+    shutil.copytree(dec0, dec)
+    shutil.copytree(run0, run_dir)
+    res = run("inspect", str(run_dir))
+    assert res.exit_code == 0 and "verified" in res.stdout
+    f = run_dir / ADAPTER_FILE
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4096] = b"A" * 4096
+    f.write_bytes(bytes(data))
+    want = f"{f} differs from the sha256 recorded when it was written"
+    assert_clean_error(run("inspect", str(run_dir)), want)
+    assert_clean_error(run("merge", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "m")), want)
+    assert_clean_error(
+        run("export-lora", str(dec), "--adapter", str(run_dir), "-o", str(tmp_path / "l")), want
+    )
+    shard = sorted(dec.glob("model*.safetensors"))[0]  # a residual shard, same size, other bytes
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"A" * 8
+    shard.write_bytes(bytes(data))
+    res = run("merge", str(dec), "-o", str(tmp_path / "m"))
+    assert_clean_error(res, f"{shard} differs from the sha256 recorded")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "l").exists()

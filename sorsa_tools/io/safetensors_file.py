@@ -9,7 +9,6 @@ has to sit in memory whole, and renames it into place only once complete.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from sorsa_tools.errors import (
     OutputDirError,
     VerificationError,
 )
-from sorsa_tools.format import CONFIG_FILE
+from sorsa_tools.format import CONFIG_FILE, sha256_of
 from sorsa_tools.io.placement import temp_path
 
 # safetensors dtype code <-> torch dtype
@@ -182,11 +181,7 @@ def iter_file_chunks(path: Path, offset: int, nbytes: int, chunk: int = COPY_CHU
 
 def file_sha256(path: Path) -> str:
     """The sha256 of a whole file, read in 1 MiB blocks (a data file can be larger than memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_of(path)
 
 
 def check_read_back(path: Path, start: int, nbytes: int, t: torch.Tensor, name: str) -> None:
