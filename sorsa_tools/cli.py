@@ -1129,8 +1129,11 @@ def run(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     so Ctrl-C stays ignored from the moment the command is over (no gap where it could still land)."""
     # typer re-exports click's exceptions (and from 0.29 vendors click): find them through typer
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-    # only where Ctrl-C has Python's own handler (not ignored, not someone else's)
-    owns_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # only where Ctrl-C has Python's own handler (not someone else's). The console script also takes
+    # it when it arrives ignored (nohup, `cmd &`, CI runners): a SIGINT sent to a background run then
+    # stops it cleanly, with the line and the exit code a foreground Ctrl-C gives
+    handler = signal.getsignal(signal.SIGINT)
+    owns_sigint = handler is signal.default_int_handler or (exiting and handler == signal.SIG_IGN)
     global _previous_unraisablehook
     if owns_sigint:
         _previous_unraisablehook = sys.unraisablehook

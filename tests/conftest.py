@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def python_owns_ctrl_c():
+    """Every test starts with Python's own Ctrl-C handler, whatever the suite inherited: under
+    nohup, `&` or a CI runner SIGINT arrives ignored, and the Ctrl-C tests then saw nothing (exit 0
+    where 130 was due). A test that changes the handler cannot leak it into the next one."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
 
 
 def _config(kind: str):

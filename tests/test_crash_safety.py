@@ -485,3 +485,23 @@ def test_a_ctrl_c_lost_in_a_destructor_still_stops_the_command(monkeypatch, capf
     err = capfd.readouterr().err.strip()
     assert err == "error: interrupted; nothing was written: run the same command again", err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_console_script_stops_on_sigint_when_it_started_with_sigint_ignored(monkeypatch, capfd):
+    """nohup and `cmd &` start the process with SIGINT ignored: the console script takes Ctrl-C over
+    all the same, so that `kill -INT` stops a background train exactly as Ctrl-C stops one in the
+    foreground (exit 130, one line), instead of being ignored."""
+    import signal
+
+    from sorsa_tools import cli
+
+    def stage(*a, **k):
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("the SIGINT was ignored")
+
+    monkeypatch.setattr("sorsa_tools.merge.merge", stage)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as inherited
+    assert cli.run(["merge", "d", "-o", "o"], exiting=True) == 130
+    err = capfd.readouterr().err.strip()
+    assert err == "error: interrupted; nothing was written: run the same command again", err
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # exiting: ignored again from the end on
