@@ -18,11 +18,12 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from sorsa_tools import __version__
 from sorsa_tools.errors import SorsaError
@@ -36,6 +37,90 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+EXAMPLES_HEADER = "[bold]Examples[/]"
+
+
+def _examples(text: str):
+    """A command's Examples epilog as a shell would take it: each command is wrapped at spaces with
+    a ` \\` continuation (typer re-wrapped it into fragments that could not be pasted), every one
+    indented alike, and its remark a `#` comment below it; prose paragraphs wrap as usual."""
+    import re
+    import textwrap
+
+    from rich.console import Group
+    from rich.text import Text
+
+    width = max(40, Console().width - 8)
+    parts = []
+    for para in text.strip().split("\n\n"):
+        lines = [ln.strip() for ln in para.strip("\n").splitlines()]
+        if not (lines and lines[0].startswith(("sorsa ", "torchrun "))):
+            parts += [Text.from_markup(" ".join(lines)), Text("")]
+            continue
+        words, notes = [], []
+        for ln in lines:
+            if ln.startswith("(") or (notes and not notes[-1].endswith(")")):  # a remark, or its next line
+                notes.append(ln)
+                continue
+            m = re.match(r"(.*?)\s{2,}(\(.*\))\s*$", ln)  # "sorsa ...      (a remark)"
+            cmd, note = (m.group(1), m.group(2)) if m else (ln, "")
+            words.append(cmd.rstrip("\\ ").strip())
+            if note:
+                notes.append(note)
+        body = textwrap.wrap(" ".join(words), width, break_long_words=False, break_on_hyphens=False)
+        remark = " ".join(notes).strip()
+        if remark.startswith("(") and remark.endswith(")"):
+            remark = remark[1:-1]
+        shown = [
+            ("  " if i == 0 else "      ") + ln + (" \\" if i < len(body) - 1 else "")
+            for i, ln in enumerate(body)
+        ]
+        shown += [f"  # {ln}" for ln in textwrap.wrap(remark, width)] if remark else []
+        parts += [Text("\n".join(shown), no_wrap=True, overflow="fold"), Text("")]
+    return Group(*parts[:-1])
+
+
+def _render_examples_unwrapped() -> None:
+    """typer renders an epilog as one re-wrapped text; ours go through _examples instead."""
+    try:
+        from typer import rich_utils
+    except ImportError:  # pragma: no cover - another typer layout: its own rendering stays
+        return
+    real = getattr(rich_utils, "_make_rich_text", None)
+    if real is None or getattr(real, "sorsa", False):
+        return
+
+    def make(*, text: str, style: str = "", markup_mode):
+        if text.lstrip().startswith(EXAMPLES_HEADER):
+            return _examples(text)
+        return real(text=text, style=style, markup_mode=markup_mode)
+
+    make.sorsa = True
+    rich_utils._make_rich_text = make
+
+
+def _hide_flag_types() -> None:
+    """typer 0.29 shows a flag as `--force <bool>` (and then `--force=yes` is refused): a flag
+    takes no value, so its type column stays empty."""
+    try:
+        from typer import core
+    except ImportError:  # pragma: no cover
+        return
+    real = getattr(core.TyperOption, "display_type_rich", None)
+    if real is None or getattr(real, "sorsa", False):
+        return
+
+    def display(self, ctx):
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return real(self, ctx)
+
+    display.sorsa = True
+    core.TyperOption.display_type_rich = display
+
+
+_render_examples_unwrapped()
+_hide_flag_types()
 
 
 def _fail(message: str, code: int) -> None:
@@ -151,14 +236,34 @@ def main(
     """SORSA fine-tuning tools."""
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+class _AverageRemaining(ProgressColumn):
+    """Time left from the average rate since the task started. rich's own column estimates from
+    the last 30 s only: with steps slower than that it shows -:--:-- (a train bar at step 12 of 30),
+    and after one fast first item it promises hours (decompose said 10:28:36 for a 20 s job)."""
+
+    max_refresh = 1.0
+
+    def render(self, task) -> Text:
+        done, total, elapsed = task.completed, task.total, task.elapsed
+        if not total or not elapsed or done <= task.fields.get("start_at", 0):
+            return Text("ETA -:--:--", style="progress.remaining")
+        rate = (done - task.fields.get("start_at", 0)) / elapsed
+        return Text(f"ETA {_clock((total - done) / rate)}", style="progress.remaining")
+
+
 def _live(description: str, stats_field: str) -> Progress:
     """A progress display on stderr, shown only on a terminal (logs get the final table)."""
+    bar = (BarColumn(bar_width=16),) if err.width >= 100 else ()  # below, the times would be cut to "0:…"
     columns = (
         TextColumn(description),
-        BarColumn(),
+        *bar,
         TextColumn(stats_field),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        _AverageRemaining(),
     )
     return Progress(*columns, console=err, transient=False, disable=not err.is_terminal)
 
@@ -346,12 +451,14 @@ class _TrainBar(_Bars):
     task = None
 
     def start(self, total_steps: int, done_steps: int) -> None:
-        self.task = self.p.add_task("train", total=total_steps, completed=done_steps, stats="")
+        self.task = self.p.add_task(
+            "train", total=total_steps, completed=done_steps, stats="", start_at=done_steps
+        )
         self.t0, self.first = time.monotonic(), done_steps
 
     def step(self, r: dict) -> None:
         tps = f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
-        stats = f"loss {r['loss']:.4f}  reg {r['reg_loss']:.2e}  {tps}  {r['memory_gib']:.1f} GiB"
+        stats = f"loss {r['loss']:.4f} reg {r['reg_loss']:.2e} {tps} {r['memory_gib']:.1f} GiB"
         self.p.update(
             self.task, completed=r["step"], stats=stats, description=f"step {r['step']}/{r['total_steps']}"
         )
@@ -498,7 +605,7 @@ def train(
         offload_residual=offload_residual,
     )
     try:
-        live = _live("{task.description:<16}", "{task.fields[stats]}") if not quiet else nullcontext()
+        live = _live("{task.description:<12}", "{task.fields[stats]}") if not quiet else nullcontext()
         with live as p:
             r = run(
                 directory,
@@ -631,7 +738,7 @@ def merge(
         ("modules folded", str(r.modules)),
         ("tensors", str(r.tensors)),
         ("type", r.outtype if r.to == "gguf" else r.dtype),
-        ("written", f"{r.bytes_written / 1e9:.2f} GB in {len(r.files or [])} files"),
+        ("written", f"{r.bytes_written / 1e9:.2f} GB in {_count(len(r.files or []), 'file')}"),
         ("time", f"{r.seconds:.1f} s"),
     ]
     if r.max_fold_error is not None:
@@ -931,12 +1038,14 @@ def analyze(
     tuned: Annotated[
         list[Path],
         typer.Argument(
+            metavar="[TUNED]...",
             help="Tuned models: merged HF dirs, trained runs, or the decomposed DIR that --adapter runs "
-            "were trained on \\[default: BASE's DIR with --adapter]."
+            "were trained on \\[default: BASE's DIR with --adapter].",
         ),
     ] = None,
     adapter: Annotated[
-        list[Path], typer.Option("--adapter", help="A `sorsa train` run; repeat for several checkpoints.")
+        list[Path],
+        typer.Option("--adapter", metavar="RUN", help="A `sorsa train` run; repeat for several checkpoints."),
     ] = None,
     layers: Annotated[str, typer.Option(help="Only these layer indices, e.g. 0,3,10-12.")] = None,
     modules: Annotated[str, typer.Option(help="Only these modules: q_proj,v_proj or a regex.")] = None,
