@@ -114,8 +114,10 @@ def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
         "lora-lr2e-03",
         "pissa-lr2e-03",
     }
+    acc = {p.stem: json.loads(p.read_text()) for p in (work / "results" / "accuracy").glob("*.json")}
+    assert set(acc) == set(res)  # the accuracy phase: kept apart, keyed by its own settings
     for k, r in res.items():
-        assert r["nll_n"] == 4 and r["acc_n"] == 1 and 0 <= r["correct"] <= 1, k
+        assert r["nll_n"] == 4 and acc[k]["acc_n"] == 1 and 0 <= acc[k]["correct"] <= 1, k
         assert r["val_n"] == 4 and r["val_nll"] > 0 and r["settings"]["steps"] == 2, k
         if k != "base":
             assert r["steps"] == 2 and r["first_loss"] == pytest.approx(base_loss, rel=1e-5), k
@@ -128,6 +130,7 @@ def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
     text = doc.read_text()
     assert text.startswith("# Results")
     assert "<!-- BEGIN gsm8k_study_smoke -->" in text and "SMOKE RUN" in text
+    assert "Convergence: the first step at which each best run's training loss" in text
     for k in res:
         assert f"| {k} |" in text or f"| **{k}** |" in text, k
     assert (doc.parent / "results_smoke_loss.png").stat().st_size > 1000
@@ -175,3 +178,35 @@ def test_study_refuses_a_character_level_tokenizer(monkeypatch):
         study, "_tokenizer", lambda c: lambda text, **k: {"input_ids": list(range(len(text) // 4))}
     )
     assert study.check_tokenizer(cfg) == pytest.approx(4.0, rel=0.05)
+
+
+def test_presets_and_the_train_rows_split(tmp_path):
+    """--cpu is the issue's CPU-sized study; --train-rows trains on the first lines and validates on
+    the last ones, never the same."""
+    cfg, _ = study.parse_args(["--cpu"])
+    assert (cfg.steps, cfg.batch_size, cfg.train_rows, cfg.val_size, cfg.eval_limit) == (
+        120,
+        8,
+        1000,
+        100,
+        300,
+    )
+    assert cfg.acc_runs == "best" and cfg.preset == "cpu" and cfg.workdir == "out/gsm8k-study-cpu"
+    cfg, _ = study.parse_args(["--short", "--sorsa-scalings", "none,sv"])
+    assert (cfg.steps, cfg.batch_size, cfg.train_rows) == (40, 4, 160) and cfg.sorsa_scalings == [
+        "none",
+        "sv",
+    ]
+    with pytest.raises(SystemExit):
+        study.parse_args(["--cpu", "--smoke"])
+    lines = [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(10)]
+    (tmp_path / "t.jsonl").write_text("".join(lines))
+    cfg = study.StudyConfig(
+        train=str(tmp_path / "t.jsonl"), workdir=str(tmp_path / "w"), train_rows=4, val_size=3
+    )
+    study.split_train(cfg)
+    assert study.train_file(cfg).read_text() == "".join(lines[:4])
+    assert study.val_file(cfg).read_text() == "".join(lines[-3:])
+    cfg.train_rows = 8
+    with pytest.raises(SystemExit, match="--train-rows must be between 1 and 7"):
+        study.split_train(cfg)
