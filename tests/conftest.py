@@ -163,3 +163,17 @@ def tiny_lm_decomposed(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+def restamp(directory: Path) -> None:
+    """After a test changed files of a SORSA output on purpose (as training or a fault would), record
+    their new sha256 where the tool keeps them, as if the tool itself had written them."""
+    from sorsa_tools.format import CHECKSUMS, checksums
+
+    for name in ("sorsa_config.json", "sorsa_provenance.json"):
+        f = Path(directory) / name
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            if isinstance(cfg.get(CHECKSUMS), dict):
+                cfg[CHECKSUMS] = checksums(directory, list(cfg[CHECKSUMS]))
+                f.write_text(json.dumps(cfg))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import restamp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_cli_errors import assert_clean_error, run
@@ -60,6 +61,7 @@ def _rewrite(d: Path, change) -> None:
                 del index["weight_map"][k]
     if index:
         index_path.write_text(json.dumps(index))
+    restamp(d)  # the fault is the check's to find, not the checksums'
 
 
 def _set_tensors(d: Path, new: dict[str, torch.Tensor]) -> None:

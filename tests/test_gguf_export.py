@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GSM8K_SLICE, _config, make_tokenizer
+from conftest import GSM8K_SLICE, _config, make_tokenizer, restamp
 
 from sorsa_tools import decompose
 from sorsa_tools.errors import (
@@ -96,6 +96,7 @@ def perturb_adapter(d: Path, seed: int = 1) -> None:
         elif name.endswith(".sorsa_U"):
             tensors[name] = t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype)
     save_file(tensors, f)
+    restamp(d)
 
 
 class GgmlGelu(torch.nn.Module):
@@ -562,9 +563,10 @@ def test_bad_inputs(tiny, tiny_factory, tmp_path):
         export_gguf(plain, tmp_path / "x.gguf", force=True)
     assert str(e.value).startswith(f"{tmp_path / 'x.gguf'} is not a GGUF that `sorsa merge --to gguf` wrote")
     assert (tmp_path / "x.gguf").read_text() == "keep me"
-    export_gguf(plain, tmp_path / "y.gguf")
-    r = export_gguf(plain, tmp_path / "y.gguf", force=True)
+    export_gguf(plain, tmp_path / "earlier.gguf")
+    r = export_gguf(plain, tmp_path / "earlier.gguf", force=True)  # an earlier export: replaced
     assert r.bytes > 100_000 and r.outtype == "f16"
+    (tmp_path / "earlier.gguf").unlink()
 
     # configs llama.cpp has no graph for (a sliding window; attention biases its qwen3 and gemma3
     # loaders do not take): refused, not a file it cannot load
