@@ -14,18 +14,22 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
 from sorsa_tools import __version__
+from sorsa_tools.cli_display import (
+    AnalyzeBar,
+    DecomposeBars,
+    EvalBar,
+    MergeBar,
+    TrainBar,
+    err,
+    human_bytes,
+    kv_table,
+    live,
+    out,
+    plural,
+)
 from sorsa_tools.errors import SorsaError
 
 app = typer.Typer(
@@ -35,92 +39,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out = Console()
-err = Console(stderr=True)
-EXAMPLES_HEADER = "[bold]Examples[/]"
-
-
-def _examples(text: str):
-    """A command's Examples epilog as a shell would take it: each command is wrapped at spaces with
-    a ` \\` continuation (typer re-wrapped it into fragments that could not be pasted), every one
-    indented alike, and its remark a `#` comment below it; prose paragraphs wrap as usual."""
-    import re
-    import textwrap
-
-    from rich.console import Group
-    from rich.text import Text
-
-    width = max(40, Console().width - 8)
-    parts = []
-    for para in text.strip().split("\n\n"):
-        lines = [ln.strip() for ln in para.strip("\n").splitlines()]
-        if not (lines and lines[0].startswith(("sorsa ", "torchrun "))):
-            parts += [Text.from_markup(" ".join(lines)), Text("")]
-            continue
-        words, notes = [], []
-        for ln in lines:
-            if ln.startswith("(") or (notes and not notes[-1].endswith(")")):  # a remark, or its next line
-                notes.append(ln)
-                continue
-            m = re.match(r"(.*?)\s{2,}(\(.*\))\s*$", ln)  # "sorsa ...      (a remark)"
-            cmd, note = (m.group(1), m.group(2)) if m else (ln, "")
-            words.append(cmd.rstrip("\\ ").strip())
-            if note:
-                notes.append(note)
-        body = textwrap.wrap(" ".join(words), width, break_long_words=False, break_on_hyphens=False)
-        remark = " ".join(notes).strip()
-        if remark.startswith("(") and remark.endswith(")"):
-            remark = remark[1:-1]
-        shown = [
-            ("  " if i == 0 else "      ") + ln + (" \\" if i < len(body) - 1 else "")
-            for i, ln in enumerate(body)
-        ]
-        shown += [f"  # {ln}" for ln in textwrap.wrap(remark, width)] if remark else []
-        parts += [Text("\n".join(shown), no_wrap=True, overflow="fold"), Text("")]
-    return Group(*parts[:-1])
-
-
-def _render_examples_unwrapped() -> None:
-    """typer renders an epilog as one re-wrapped text; ours go through _examples instead."""
-    try:
-        from typer import rich_utils
-    except ImportError:  # pragma: no cover - another typer layout: its own rendering stays
-        return
-    real = getattr(rich_utils, "_make_rich_text", None)
-    if real is None or getattr(real, "sorsa", False):
-        return
-
-    def make(*, text: str, style: str = "", markup_mode):
-        if text.lstrip().startswith(EXAMPLES_HEADER):
-            return _examples(text)
-        return real(text=text, style=style, markup_mode=markup_mode)
-
-    make.sorsa = True
-    rich_utils._make_rich_text = make
-
-
-def _hide_flag_types() -> None:
-    """typer 0.29 shows a flag as `--force <bool>` (and then `--force=yes` is refused): a flag
-    takes no value, so its type column stays empty."""
-    try:
-        from typer import core
-    except ImportError:  # pragma: no cover
-        return
-    real = getattr(core.TyperOption, "display_type_rich", None)
-    if real is None or getattr(real, "sorsa", False):
-        return
-
-    def display(self, ctx):
-        if getattr(self, "is_flag", False) and self.metavar is None:
-            return None
-        return real(self, ctx)
-
-    display.sorsa = True
-    core.TyperOption.display_type_rich = display
-
-
-_render_examples_unwrapped()
-_hide_flag_types()
 
 
 def _fail(message: str, code: int) -> None:
@@ -236,111 +154,6 @@ def main(
     """SORSA fine-tuning tools."""
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-class _AverageRemaining(ProgressColumn):
-    """Time left from the average rate since the task started. rich's own column estimates from
-    the last 30 s only: with steps slower than that it shows -:--:-- (a train bar at step 12 of 30),
-    and after one fast first item it promises hours (decompose said 10:28:36 for a 20 s job)."""
-
-    max_refresh = 1.0
-
-    def render(self, task) -> Text:
-        done, total, elapsed = task.completed, task.total, task.elapsed
-        if not total or not elapsed or done <= task.fields.get("start_at", 0):
-            return Text("ETA -:--:--", style="progress.remaining")
-        rate = (done - task.fields.get("start_at", 0)) / elapsed
-        return Text(f"ETA {_clock((total - done) / rate)}", style="progress.remaining")
-
-
-def _live(description: str, stats_field: str) -> Progress:
-    """A progress display on stderr, shown only on a terminal (logs get the final table)."""
-    bar = (BarColumn(bar_width=16),) if err.width >= 100 else ()  # below, the times would be cut to "0:…"
-    columns = (
-        TextColumn(description),
-        *bar,
-        TextColumn(stats_field),
-        TimeElapsedColumn(),
-        _AverageRemaining(),
-    )
-    return Progress(*columns, console=err, transient=False, disable=not err.is_terminal)
-
-
-def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    t = Table(title=title, show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    for k, v in rows:
-        t.add_row(k, v)
-    return t
-
-
-PLAIN_EVERY_S = 30.0  # a log (stdout not a terminal) gets a plain progress line this often
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-class _Bars:
-    """The terminal gets rich bars on stderr; a log (nohup, a scheduler, CI) gets plain lines on
-    stdout instead, every PLAIN_EVERY_S seconds, so that a long job is never silent there. Errors stay
-    the one line on stderr in both."""
-
-    def __init__(self, progress: Progress):
-        self.p = progress
-        self.plain = progress.disable and not out.is_terminal
-        self._last_line = -math.inf
-
-    def note(self, message: str) -> None:
-        if not self.p.disable:
-            self.p.console.print(f"[dim]{message}[/]", highlight=False)
-        elif self.plain:
-            out.print(message, highlight=False, soft_wrap=True)
-
-    def line(self, text: str, final: bool = False) -> None:
-        """A plain progress line for logs, at most every PLAIN_EVERY_S seconds (and the last one)."""
-        now = time.monotonic()
-        if self.plain and (final or now - self._last_line >= PLAIN_EVERY_S):
-            self._last_line = now
-            out.print(text, highlight=False, soft_wrap=True)
-
-
-class _RichProgress(_Bars):
-    """Two bars: target modules done, and bytes of the output checkpoint written."""
-
-    def __init__(self, progress: Progress):
-        super().__init__(progress)
-        self.tasks: dict[str, int] = {}
-        self.done = {"modules": 0, "bytes": 0}
-        self.total = {"modules": 0, "bytes": 0}
-
-    def _count(self, key: str) -> str:
-        if key == "bytes":
-            return f"{self.done['bytes'] / 1e9:.2f}/{self.total['bytes'] / 1e9:.2f} GB"
-        return f"{self.done['modules']}/{self.total['modules']} modules"
-
-    def start(self, total_modules: int, total_bytes: int, done_modules: int, done_bytes: int) -> None:
-        self.total = {"modules": total_modules, "bytes": total_bytes}
-        self.done = {"modules": done_modules, "bytes": done_bytes}
-        for key, label in (("modules", "SVD"), ("bytes", "written")):
-            self.tasks[key] = self.p.add_task(
-                label, total=self.total[key], completed=self.done[key], count=self._count(key)
-            )
-
-    def advance(self, modules: int, nbytes: int, label: str) -> None:
-        self.done["modules"] += modules
-        self.done["bytes"] += nbytes
-        desc = {"description": label} if modules else {}
-        self.p.update(self.tasks["modules"], advance=modules, count=self._count("modules"), **desc)
-        self.p.update(self.tasks["bytes"], advance=nbytes, count=self._count("bytes"))
-
-
 DECOMPOSE_EPILOG = """[bold]Examples[/]
 
   sorsa decompose meta-llama/Llama-2-7b-hf --rank 128 -o llama2-7b-sorsa-r128
@@ -389,7 +202,7 @@ def decompose(
     """Split every target weight W into a residual W_r (an HF checkpoint) and factors U, S, Vt."""
     from sorsa_tools.decompose import decompose as run
 
-    with _live("{task.description:<36.36}", "{task.fields[count]}") as p:
+    with live("{task.description:<36.36}", "{task.fields[count]}") as p:
         r = run(
             model,
             rank,
@@ -408,7 +221,7 @@ def decompose(
             residual_dtype=residual_dtype,
             check_sample=check_sample,
             force=force,
-            progress=_RichProgress(p),
+            progress=DecomposeBars(p),
         )
     _wrote(r.out_dir)
     for w in r.warnings:
@@ -440,36 +253,9 @@ def decompose(
         ),
         ("max reconstruction error", f"{r.max_reconstruction_error:.1e}"),
     ]
-    out.print(_kv_table(title, rows))
+    out.print(kv_table(title, rows))
     if r.resumed_shards:
         out.print(f"resumed: {r.resumed_shards} of {r.shards} shards were already done")
-
-
-class _TrainBar(_Bars):
-    """One bar over optimizer steps, with loss, tokens/s and ETA."""
-
-    task = None
-
-    def start(self, total_steps: int, done_steps: int) -> None:
-        self.task = self.p.add_task(
-            "train", total=total_steps, completed=done_steps, stats="", start_at=done_steps
-        )
-        self.t0, self.first = time.monotonic(), done_steps
-
-    def step(self, r: dict) -> None:
-        tps = f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
-        stats = f"loss {r['loss']:.4f} reg {r['reg_loss']:.2e} {tps} {r['memory_gib']:.1f} GiB"
-        self.p.update(
-            self.task, completed=r["step"], stats=stats, description=f"step {r['step']}/{r['total_steps']}"
-        )
-        elapsed = time.monotonic() - self.t0
-        done = r["step"] - self.first
-        eta = elapsed / done * (r["total_steps"] - r["step"]) if done > 0 else None
-        self.line(
-            f"step {r['step']}/{r['total_steps']}  loss {r['loss']:.4f}  {tps}  elapsed {_clock(elapsed)}  "
-            f"ETA {_clock(eta)}",
-            final=r["step"] in (self.first + 1, r["total_steps"]),
-        )
 
 
 TRAIN_EPILOG = """[bold]Examples[/]
@@ -605,8 +391,8 @@ def train(
         offload_residual=offload_residual,
     )
     try:
-        live = _live("{task.description:<12}", "{task.fields[stats]}") if not quiet else nullcontext()
-        with live as p:
+        display = live("{task.description:<12}", "{task.fields[stats]}") if not quiet else nullcontext()
+        with display as p:
             r = run(
                 directory,
                 data,
@@ -617,7 +403,7 @@ def train(
                 resume=resume,
                 force=force,
                 compile=compile,
-                progress=_TrainBar(p) if not quiet else None,
+                progress=TrainBar(p) if not quiet else None,
                 keep_adapters=keep_adapters,
                 save_minutes=save_minutes,
             )
@@ -645,7 +431,7 @@ def train(
         ),
         ("log / plot", f"{r.log_file.name} / {r.plot_file.name if r.plot_file else 'no matplotlib'}"),
     ]
-    out.print(_kv_table(title, rows))
+    out.print(kv_table(title, rows))
 
 
 MERGE_EPILOG = """[bold]Examples[/]
@@ -677,21 +463,6 @@ def _size(text: str | None) -> int | None:
     return int(n)
 
 
-class _MergeBar(_Bars):
-    def __init__(self, progress: Progress):
-        super().__init__(progress)
-        self.task = progress.add_task("merge", total=None, count="")
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        self.p.update(
-            self.task,
-            total=total,
-            completed=done,
-            description=name,
-            count=f"{done / 1e9:.2f}/{total / 1e9:.2f} GB",
-        )
-
-
 @app.command(epilog=MERGE_EPILOG)
 @handle_errors
 def merge(
@@ -718,7 +489,7 @@ def merge(
     """Fold W = W_r + U diag(S) Vt into dense weights: an HF checkpoint or a GGUF file."""
     from sorsa_tools.merge import merge as run
 
-    with _live("{task.description:<40.40}", "{task.fields[count]}") as p:
+    with live("{task.description:<40.40}", "{task.fields[count]}") as p:
         r = run(
             directory,
             output,
@@ -728,7 +499,7 @@ def merge(
             outtype=outtype,
             split_max_size=_size(split_max_size),
             force=force,
-            progress=_MergeBar(p),
+            progress=MergeBar(p),
         )
     _wrote(r.out)
     for w in r.warnings or []:
@@ -738,12 +509,12 @@ def merge(
         ("modules folded", str(r.modules)),
         ("tensors", str(r.tensors)),
         ("type", r.outtype if r.to == "gguf" else r.dtype),
-        ("written", f"{r.bytes_written / 1e9:.2f} GB in {_count(len(r.files or []), 'file')}"),
+        ("written", f"{r.bytes_written / 1e9:.2f} GB in {plural(len(r.files or []), 'file')}"),
         ("time", f"{r.seconds:.1f} s"),
     ]
     if r.max_fold_error is not None:
         rows.append(("max fold error (checked)", f"{r.max_fold_error:.1e}"))
-    out.print(_kv_table(f"sorsa merge --to {r.to} → {r.out}", rows))
+    out.print(kv_table(f"sorsa merge --to {r.to} → {r.out}", rows))
 
 
 EXPORT_LORA_EPILOG = """[bold]Examples[/]
@@ -782,7 +553,7 @@ def export_lora(
         ("max ||Delta W|| / ||U S Vt||", f"{r.max_relative_delta:.3f}"),
         ("time", f"{r.seconds:.1f} s"),
     ]
-    out.print(_kv_table(f"sorsa export-lora → {r.out_dir}", rows))
+    out.print(kv_table(f"sorsa export-lora → {r.out_dir}", rows))
 
 
 eval_app = typer.Typer(help="Evaluate a model: accuracy and answer NLL on a benchmark.", no_args_is_help=True)
@@ -803,21 +574,6 @@ layers with --adapter RUN (without it: DIR's own adapter, the base model); or a 
 Results: a per-item JSONL (-o; default eval_gsm8k.jsonl in RUN, in a merged dir or beside the
 GGUF, else in the current directory) and the summary beside it (eval_gsm8k.json).
 """
-
-
-class _EvalBar(_Bars):
-    """One bar per phase (answer NLL, then generation) with the running metric and tokens/s."""
-
-    def __init__(self, progress: Progress):
-        super().__init__(progress)
-        self.tasks: dict[str, int] = {}
-
-    def start(self, phase: str, total: int) -> None:
-        label = {"nll": "answer NLL", "generate": "generate"}.get(phase, phase)
-        self.tasks[phase] = self.p.add_task(label, total=total, stats="")
-
-    def advance(self, phase: str, done: int, stats: str) -> None:
-        self.p.update(self.tasks[phase], completed=done, stats=stats)
 
 
 @eval_app.command("gsm8k", epilog=EVAL_GSM8K_EPILOG)
@@ -862,14 +618,13 @@ def eval_gsm8k(
 ) -> None:
     """GSM-8K: greedy-answer accuracy (95 % Wilson interval) and the NLL of the reference answers."""
     import json
-    import math
 
     from transformers.utils import logging as hf_logging
 
     from sorsa_tools.evaluate import evaluate_gsm8k
 
     hf_logging.disable_progress_bar()
-    with _live("{task.description:<12}", "{task.fields[stats]}") as p:
+    with live("{task.description:<12}", "{task.fields[stats]}") as p:
         r = evaluate_gsm8k(
             model,
             data,
@@ -883,7 +638,7 @@ def eval_gsm8k(
             device=device,
             dtype=dtype,
             output=output,
-            progress=_EvalBar(p),
+            progress=EvalBar(p),
             force=force,
         )
     _wrote(r.items_file, r.summary_file)
@@ -915,7 +670,7 @@ def eval_gsm8k(
     if r.truncated:
         rows.append(("truncated", f"{r.truncated} examples longer than the NLL limit"))
     rows += [("results", f"{r.items_file} (+ {r.summary_file.name})"), ("time", f"{r.seconds:.1f} s")]
-    out.print(_kv_table(f"sorsa eval gsm8k ({r.n} examples)", rows), soft_wrap=True)
+    out.print(kv_table(f"sorsa eval gsm8k ({r.n} examples)", rows), soft_wrap=True)
 
 
 PUSH_EPILOG = """[bold]Examples[/]
@@ -931,13 +686,6 @@ PUSH_EPILOG = """[bold]Examples[/]
 The token comes from HF_TOKEN or `hf auth login`. PATH is never modified: the model card is sent as
 README.md from memory; a README.md of your own in PATH is sent instead unless --card overwrite.
 """
-
-
-def _human_bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 @app.command(epilog=PUSH_EPILOG)
@@ -979,14 +727,14 @@ def push(
         files.add_column("file")
         files.add_column("size", justify="right")
         for name, size in r.files:
-            files.add_row(name, _human_bytes(size))
+            files.add_row(name, human_bytes(size))
         out.print(files)
     card_note = {"generated": "generated", "user": f"{path}/README.md (yours)", "none": "none"}[r.card_source]
     rows = [
         ("kind", r.kind),
         ("repository", f"{r.repo_id} ({'private' if r.private else 'public if new'})"),
         ("revision", r.revision or "main"),
-        ("files", f"{len(r.files)}, {_human_bytes(r.bytes)}"),
+        ("files", f"{len(r.files)}, {human_bytes(r.bytes)}"),
         ("upload", "one commit" if r.method == "commit" else "large-folder upload, then the card"),
         ("model card", card_note),
         ("url", r.url),
@@ -995,7 +743,7 @@ def push(
         rows.append(("sent", "nothing (dry run)"))
     else:
         rows.append(("commit", r.commit or "(several commits)"))
-    out.print(_kv_table(f"sorsa push {'--dry-run ' if dry_run else ''}→ {r.repo_id}", rows))
+    out.print(kv_table(f"sorsa push {'--dry-run ' if dry_run else ''}→ {r.repo_id}", rows))
 
 
 ANALYZE_EPILOG = """[bold]Examples[/]
@@ -1015,18 +763,6 @@ times measured on Llama-2-7B shapes (4096x4096: 16 s, 4096x11008: 26 s with 2 th
 with 16): all 224 matrices take about 75 min per model on 2 cores, 25 min on 16 (float32: about
 half), times (1 + checkpoints); --modules q_proj,v_proj alone: about 1/4 of that.
 """
-
-
-class _AnalyzeBar(_Bars):
-    task = None
-
-    def start(self, total_svds: int) -> None:
-        self.task = self.p.add_task("SVD", total=total_svds, count=f"0/{total_svds} SVDs")
-
-    def advance(self, module: str, svds: int) -> None:
-        self.p.update(self.task, advance=svds, description=module)
-        t = self.p.tasks[self.task]
-        self.p.update(self.task, count=f"{int(t.completed)}/{int(t.total)} SVDs")
 
 
 @app.command(epilog=ANALYZE_EPILOG)
@@ -1081,7 +817,7 @@ def analyze(
         if path is not None:  # before hours of SVDs, not after
             check_output_file(path, flag, example)
     check_new_files([(p, n) for p, n in ((json_path, "--json"), (png, png_named)) if p is not None], force)
-    with _live("{task.description:<40.40}", "{task.fields[count]}") as p:
+    with live("{task.description:<40.40}", "{task.fields[count]}") as p:
         r = run(
             base,
             tuned or [],
@@ -1089,7 +825,7 @@ def analyze(
             layers=layers,
             modules=modules,
             precision=precision,
-            progress=_AnalyzeBar(p),
+            progress=AnalyzeBar(p),
         )
     if json_path:
         _wrote(write_json(r, json_path))
@@ -1125,7 +861,7 @@ def analyze(
         ("json", str(json_path) if json_path else "not written (--json FILE)"),
         ("plot", str(png_written) if png_written else ("--no-plot" if no_plot else "no matplotlib")),
     ]
-    out.print(_kv_table("sorsa analyze", rows))
+    out.print(kv_table("sorsa analyze", rows))
 
 
 @app.command(
@@ -1198,7 +934,7 @@ def inspect(
             )
         )
     rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))
-    out.print(_kv_table(title, rows))
+    out.print(kv_table(title, rows))
 
 
 def _on_interrupt(signum, frame) -> None:

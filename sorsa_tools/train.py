@@ -444,6 +444,24 @@ def _save_checkpoint(out: Path, layers, optimizer, scheduler, state: dict) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _restore_checkpoint(ck: Path, layers, optimizer, scheduler, dev: torch.device, d: Dist) -> dict:
+    """Load what _save_checkpoint wrote (factors, optimizer, schedule, RNG) into the live run;
+    returns its state (step, epoch, data position, tokens)."""
+    st = json.loads((ck / "state.json").read_text())
+    saved = read_adapter(ck, list(layers))
+    with torch.no_grad():
+        for m, layer in layers.items():
+            for p, t in zip((layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt), saved[m], strict=True):
+                p.copy_(t.to(p.device, p.dtype))
+    tr = torch.load(ck / "trainer.pt", map_location=dev, weights_only=True)
+    optimizer.load_state_dict(tr["optimizer"])
+    torch.set_rng_state(tr["rng_cpu"].cpu())
+    if dev.type == "cuda" and tr["rng_cuda"] and not d.enabled:  # rank 0's GPUs' states
+        torch.cuda.set_rng_state_all([s.cpu() for s in tr["rng_cuda"]])
+    scheduler.load_state_dict(tr["scheduler"])
+    return st
+
+
 def _hide_checkpoint(out: Path) -> None:
     """checkpoint/ -> .checkpoint-old, which a resume also reads (the name of a crash between
     _save_checkpoint's two renames): push never uploads a hidden name."""
@@ -720,19 +738,8 @@ def _train(
         distributed.on_main(d, lambda: (_trim_log(log_file, 0), _trim_snapshots(out, 0)))
         progress.note("no checkpoint was saved yet: starting from step 0")
     elif mode == "resume":  # every rank reads the same checkpoint (rank 0 has not touched it)
-        st = json.loads((ck / "state.json").read_text())
-        saved = read_adapter(ck, list(layers))
-        with torch.no_grad():
-            for m, layer in layers.items():
-                for p, t in zip((layer.sorsa_U, layer.sorsa_S, layer.sorsa_Vt), saved[m], strict=True):
-                    p.copy_(t.to(p.device, p.dtype))
-        tr = torch.load(ck / "trainer.pt", map_location=dev, weights_only=True)
-        optimizer.load_state_dict(tr["optimizer"])
-        torch.set_rng_state(tr["rng_cpu"].cpu())
-        if dev.type == "cuda" and tr["rng_cuda"] and not d.enabled:  # rank 0's GPUs' states
-            torch.cuda.set_rng_state_all([s.cpu() for s in tr["rng_cuda"]])
+        st = _restore_checkpoint(ck, layers, optimizer, scheduler, dev, d)
         step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
-        scheduler.load_state_dict(tr["scheduler"])
         resumed_from = step
         distributed.on_main(d, lambda: (_trim_log(log_file, step), _trim_snapshots(out, step)))
         progress.note(f"resuming at step {step} of {total_steps}")

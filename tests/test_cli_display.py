@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sorsa_tools import cli
+from sorsa_tools import cli, cli_display
 
 COMMANDS = [["decompose"], ["train"], ["merge"], ["export-lora"], ["eval", "gsm8k"], ["push"], ["analyze"]]
 EPILOGS = {
@@ -84,7 +84,7 @@ def test_flags_show_no_value_type():
 
 
 def test_eta_is_the_average_rate_since_the_start():
-    col = cli._AverageRemaining()
+    col = cli_display.AverageRemaining()
     task = SimpleNamespace(completed=12, total=30, elapsed=12 * 40.0, fields={"start_at": 0})
     assert str(col.render(task)) == "ETA 0:12:00"  # 40 s steps: rich's 30 s window said -:--:--
     task = SimpleNamespace(completed=10, total=30, elapsed=50.0, fields={"start_at": 5})  # resumed at 5
@@ -93,5 +93,5 @@ def test_eta_is_the_average_rate_since_the_start():
 
 
 def test_counts_are_plural_only_when_more_than_one():
-    assert cli._count(1, "file") == "1 file" and cli._count(3, "file") == "3 files"
-    assert cli._count(0, "file") == "0 files"
+    assert cli_display.plural(1, "file") == "1 file" and cli_display.plural(3, "file") == "3 files"
+    assert cli_display.plural(0, "file") == "0 files"

@@ -322,7 +322,7 @@ def test_ctrl_c_after_the_work_says_it_is_complete(tiny_lm_decomposed, run_dir, 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_kv_table", interrupted)
+    monkeypatch.setattr(cli, "kv_table", interrupted)
     res = run(*argv)
     assert res.exit_code == 130 and res.stderr.strip() == complete
     assert (out / "config.json").is_file()

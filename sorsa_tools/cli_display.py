@@ -1,0 +1,284 @@
+"""What the CLI draws: consoles, progress bars (rich on a terminal, plain lines in a log), tables,
+help-page examples. Only the CLI imports it; the library never prints."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+out = Console()
+err = Console(stderr=True)
+
+
+EXAMPLES_HEADER = "[bold]Examples[/]"
+
+
+def examples(text: str):
+    """A command's Examples epilog as a shell would take it: each command is wrapped at spaces with
+    a ` \\` continuation (typer re-wrapped it into fragments that could not be pasted), every one
+    indented alike, and its remark a `#` comment below it; prose paragraphs wrap as usual."""
+    import re
+    import textwrap
+
+    from rich.console import Group
+    from rich.text import Text
+
+    width = max(40, Console().width - 8)
+    parts = []
+    for para in text.strip().split("\n\n"):
+        lines = [ln.strip() for ln in para.strip("\n").splitlines()]
+        if not (lines and lines[0].startswith(("sorsa ", "torchrun "))):
+            parts += [Text.from_markup(" ".join(lines)), Text("")]
+            continue
+        words, notes = [], []
+        for ln in lines:
+            if ln.startswith("(") or (notes and not notes[-1].endswith(")")):  # a remark, or its next line
+                notes.append(ln)
+                continue
+            m = re.match(r"(.*?)\s{2,}(\(.*\))\s*$", ln)  # "sorsa ...      (a remark)"
+            cmd, note = (m.group(1), m.group(2)) if m else (ln, "")
+            words.append(cmd.rstrip("\\ ").strip())
+            if note:
+                notes.append(note)
+        body = textwrap.wrap(" ".join(words), width, break_long_words=False, break_on_hyphens=False)
+        remark = " ".join(notes).strip()
+        if remark.startswith("(") and remark.endswith(")"):
+            remark = remark[1:-1]
+        shown = [
+            ("  " if i == 0 else "      ") + ln + (" \\" if i < len(body) - 1 else "")
+            for i, ln in enumerate(body)
+        ]
+        shown += [f"  # {ln}" for ln in textwrap.wrap(remark, width)] if remark else []
+        parts += [Text("\n".join(shown), no_wrap=True, overflow="fold"), Text("")]
+    return Group(*parts[:-1])
+
+
+def render_examples_unwrapped() -> None:
+    """typer renders an epilog as one re-wrapped text; ours go through examples instead."""
+    try:
+        from typer import rich_utils
+    except ImportError:  # pragma: no cover - another typer layout: its own rendering stays
+        return
+    real = getattr(rich_utils, "_make_rich_text", None)
+    if real is None or getattr(real, "sorsa", False):
+        return
+
+    def make(*, text: str, style: str = "", markup_mode):
+        if text.lstrip().startswith(EXAMPLES_HEADER):
+            return examples(text)
+        return real(text=text, style=style, markup_mode=markup_mode)
+
+    make.sorsa = True
+    rich_utils._make_rich_text = make
+
+
+def hide_flag_types() -> None:
+    """typer 0.29 shows a flag as `--force <bool>` (and then `--force=yes` is refused): a flag
+    takes no value, so its type column stays empty."""
+    try:
+        from typer import core
+    except ImportError:  # pragma: no cover
+        return
+    real = getattr(core.TyperOption, "display_type_rich", None)
+    if real is None or getattr(real, "sorsa", False):
+        return
+
+    def display(self, ctx):
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return real(self, ctx)
+
+    display.sorsa = True
+    core.TyperOption.display_type_rich = display
+
+
+render_examples_unwrapped()
+
+
+hide_flag_types()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+class AverageRemaining(ProgressColumn):
+    """Time left from the average rate since the task started. rich's own column estimates from
+    the last 30 s only: with steps slower than that it shows -:--:-- (a train bar at step 12 of 30),
+    and after one fast first item it promises hours (decompose said 10:28:36 for a 20 s job)."""
+
+    max_refresh = 1.0
+
+    def render(self, task) -> Text:
+        done, total, elapsed = task.completed, task.total, task.elapsed
+        if not total or not elapsed or done <= task.fields.get("start_at", 0):
+            return Text("ETA -:--:--", style="progress.remaining")
+        rate = (done - task.fields.get("start_at", 0)) / elapsed
+        return Text(f"ETA {clock((total - done) / rate)}", style="progress.remaining")
+
+
+def live(description: str, stats_field: str) -> Progress:
+    """A progress display on stderr, shown only on a terminal (logs get the final table)."""
+    bar = (BarColumn(bar_width=16),) if err.width >= 100 else ()  # below, the times would be cut to "0:…"
+    columns = (
+        TextColumn(description),
+        *bar,
+        TextColumn(stats_field),
+        TimeElapsedColumn(),
+        AverageRemaining(),
+    )
+    return Progress(*columns, console=err, transient=False, disable=not err.is_terminal)
+
+
+def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+PLAIN_EVERY_S = 30.0  # a log (stdout not a terminal) gets a plain progress line this often
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Bars:
+    """The terminal gets rich bars on stderr; a log (nohup, a scheduler, CI) gets plain lines on
+    stdout instead, every PLAIN_EVERY_S seconds, so that a long job is never silent there. Errors stay
+    the one line on stderr in both."""
+
+    def __init__(self, progress: Progress):
+        self.p = progress
+        self.plain = progress.disable and not out.is_terminal
+        self._last_line = -math.inf
+
+    def note(self, message: str) -> None:
+        if not self.p.disable:
+            self.p.console.print(f"[dim]{message}[/]", highlight=False)
+        elif self.plain:
+            out.print(message, highlight=False, soft_wrap=True)
+
+    def line(self, text: str, final: bool = False) -> None:
+        """A plain progress line for logs, at most every PLAIN_EVERY_S seconds (and the last one)."""
+        now = time.monotonic()
+        if self.plain and (final or now - self._last_line >= PLAIN_EVERY_S):
+            self._last_line = now
+            out.print(text, highlight=False, soft_wrap=True)
+
+
+class DecomposeBars(Bars):
+    """Two bars: target modules done, and bytes of the output checkpoint written."""
+
+    def __init__(self, progress: Progress):
+        super().__init__(progress)
+        self.tasks: dict[str, int] = {}
+        self.done = {"modules": 0, "bytes": 0}
+        self.total = {"modules": 0, "bytes": 0}
+
+    def _count(self, key: str) -> str:
+        if key == "bytes":
+            return f"{self.done['bytes'] / 1e9:.2f}/{self.total['bytes'] / 1e9:.2f} GB"
+        return f"{self.done['modules']}/{self.total['modules']} modules"
+
+    def start(self, total_modules: int, total_bytes: int, done_modules: int, done_bytes: int) -> None:
+        self.total = {"modules": total_modules, "bytes": total_bytes}
+        self.done = {"modules": done_modules, "bytes": done_bytes}
+        for key, label in (("modules", "SVD"), ("bytes", "written")):
+            self.tasks[key] = self.p.add_task(
+                label, total=self.total[key], completed=self.done[key], count=self._count(key)
+            )
+
+    def advance(self, modules: int, nbytes: int, label: str) -> None:
+        self.done["modules"] += modules
+        self.done["bytes"] += nbytes
+        desc = {"description": label} if modules else {}
+        self.p.update(self.tasks["modules"], advance=modules, count=self._count("modules"), **desc)
+        self.p.update(self.tasks["bytes"], advance=nbytes, count=self._count("bytes"))
+
+
+class TrainBar(Bars):
+    """One bar over optimizer steps, with loss, tokens/s and ETA."""
+
+    task = None
+
+    def start(self, total_steps: int, done_steps: int) -> None:
+        self.task = self.p.add_task(
+            "train", total=total_steps, completed=done_steps, stats="", start_at=done_steps
+        )
+        self.t0, self.first = time.monotonic(), done_steps
+
+    def step(self, r: dict) -> None:
+        tps = f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
+        stats = f"loss {r['loss']:.4f} reg {r['reg_loss']:.2e} {tps} {r['memory_gib']:.1f} GiB"
+        self.p.update(
+            self.task, completed=r["step"], stats=stats, description=f"step {r['step']}/{r['total_steps']}"
+        )
+        elapsed = time.monotonic() - self.t0
+        done = r["step"] - self.first
+        eta = elapsed / done * (r["total_steps"] - r["step"]) if done > 0 else None
+        self.line(
+            f"step {r['step']}/{r['total_steps']}  loss {r['loss']:.4f}  {tps}  elapsed {clock(elapsed)}  "
+            f"ETA {clock(eta)}",
+            final=r["step"] in (self.first + 1, r["total_steps"]),
+        )
+
+
+class MergeBar(Bars):
+    def __init__(self, progress: Progress):
+        super().__init__(progress)
+        self.task = progress.add_task("merge", total=None, count="")
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        self.p.update(
+            self.task,
+            total=total,
+            completed=done,
+            description=name,
+            count=f"{done / 1e9:.2f}/{total / 1e9:.2f} GB",
+        )
+
+
+class EvalBar(Bars):
+    """One bar per phase (answer NLL, then generation) with the running metric and tokens/s."""
+
+    def __init__(self, progress: Progress):
+        super().__init__(progress)
+        self.tasks: dict[str, int] = {}
+
+    def start(self, phase: str, total: int) -> None:
+        label = {"nll": "answer NLL", "generate": "generate"}.get(phase, phase)
+        self.tasks[phase] = self.p.add_task(label, total=total, stats="")
+
+    def advance(self, phase: str, done: int, stats: str) -> None:
+        self.p.update(self.tasks[phase], completed=done, stats=stats)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+class AnalyzeBar(Bars):
+    task = None
+
+    def start(self, total_svds: int) -> None:
+        self.task = self.p.add_task("SVD", total=total_svds, count=f"0/{total_svds} SVDs")
+
+    def advance(self, module: str, svds: int) -> None:
+        self.p.update(self.task, advance=svds, description=module)
+        t = self.p.tasks[self.task]
+        self.p.update(self.task, count=f"{int(t.completed)}/{int(t.total)} SVDs")
