@@ -100,6 +100,7 @@ class StudyConfig:
     smoke: bool = False
     val_size: int = 200  # the train file's last lines, held out: the lr (and gamma-0) choice is made on them
     train_rows: int | None = None  # train on the train file's first N lines only (None: all but the held-out)
+    report_only: bool = False  # write the report from the kept results; run nothing
     grad_checkpointing: bool = False  # every flow alike; changes time and memory, not the numbers
     preset: str = ""  # "smoke" or "cpu" when one was chosen (names the RESULTS.md section and PNGs)
     acc_runs: str = "all"  # accuracy for "all" runs or only the "best" of each method (generation is slow)
@@ -482,6 +483,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
     acc_settings = {**settings, **{k: getattr(cfg, k) for k in ACC_SETTINGS}}
     where: dict[str, tuple[Path, Path | None]] = {"base": (model, None)}  # run -> (model, adapter)
+    missing: list[str] = []  # --report-only: runs of the grid not finished yet
 
     def kept(f: Path, want: dict, key: str) -> dict | None:
         if f.is_file():
@@ -495,6 +497,10 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     def once(key: str, fn) -> dict:
         f = work / "results" / f"{key}.json"
         r = kept(f, settings, key)
+        if r is None and cfg.report_only:
+            log(f"{key}: not run yet (left out of the report: --report-only)")
+            missing.append(key)
+            return None
         if r is None:
             log(f"{key}: running ...")
             t = time.perf_counter()
@@ -511,6 +517,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     def accuracy(key: str) -> None:
         f = work / "results" / "accuracy" / f"{key}.json"
         r = kept(f, acc_settings, f"{key} accuracy")
+        if r is None and cfg.report_only:
+            return
         if r is None:
             log(f"{key} accuracy: running ...")
             r = evaluate_accuracy(cfg, *where[key], work / "evals" / key)
@@ -575,6 +583,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         "best": best,
         "analyze": ana,
         "decompose_seconds": decompose_s,
+        "not_run": missing,
         "train_examples": n_examples,
     }
 
@@ -806,8 +815,14 @@ def report(
         "LoRA/PiSSA merged onto the float32 weights: every method is evaluated in float32.",
         "",
         f"Test NLL: nats per reference-answer token (answer + EOS, teacher forcing, token-weighted) on the first "
-        f"{nll_n} questions of `{Path(cfg['test']).name}`; accuracy: greedy, {cfg['max_new_tokens']} new tokens at "
-        f"most, on the first {acc_n} questions, with the Wilson 95 % interval. Train loss: mean of the last 10 % of "
+        f"{nll_n} questions of `{Path(cfg['test']).name}`; "
+        + (
+            f"accuracy: greedy, {cfg['max_new_tokens']} new tokens at most, on the first {acc_n} questions, with "
+            "the Wilson 95 % interval. "
+            if acc_n
+            else "accuracy: not measured here. "
+        )
+        + "Train loss: mean of the last 10 % of "
         "steps. Wall time, tokens/s (tokens of the rows, padding excluded; steps 2 on, step 1 warms up) and peak "
         "memory (CUDA: max allocated; "
         "CPU: the process's peak RSS, cumulative over the runs, so not comparable) cover the training loop only.",
@@ -838,6 +853,10 @@ def report(
             f"{_f(r.get('trainable_params'), ',')} |"
         )
     lines += ["", "Bold: the best lr of each method (lowest validation NLL; the test set only reports)."]
+    if study.get("not_run"):
+        lines.append(
+            f"Not run yet (so not in the table, and a best lr may move): {', '.join(study['not_run'])}."
+        )
     for m in METHODS:
         grid = sorted(cfg[f"lrs_{m}"])
         if m in best and len(grid) > 1 and res[best[m]]["lr"] in (grid[0], grid[-1]):
@@ -1036,6 +1055,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
         help="recompute activations in every flow (same numbers, about a third of the memory: two runs fit "
         "a 24 GiB CPU machine side by side)",
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="the report from the runs finished so far (kept in --workdir); train and evaluate nothing",
+    )
     ap.add_argument("--record", action="store_true", help="write the report into docs/RESULTS.md (--doc)")
     ap.add_argument("--doc", default=str(DOC))
     a = ap.parse_args(argv)
@@ -1070,6 +1094,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
             setattr(cfg, k, getattr(a, k))
     cfg.gamma0 = not a.no_gamma0
     cfg.grad_checkpointing = a.grad_checkpointing
+    cfg.report_only = a.report_only
     cfg.analyze = not a.no_analyze
     cfg.methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in cfg.methods if m not in METHODS]
