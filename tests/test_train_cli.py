@@ -269,3 +269,17 @@ def test_the_interrupt_line_says_what_resume_keeps(dec, tmp_path, monkeypatch):
     )
     line = assert_clean_error(res, "the checkpoint of step 2 (written ", code=130)
     assert "--resume to go on from there" in line
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """`sorsa train` with no --lr/--gamma/... trains as TrainConfig() does: one set of defaults."""
+    import typer
+
+    from sorsa_tools.cli import app
+    from sorsa_tools.train import TrainConfig
+
+    cmd = typer.main.get_command(app).commands["train"]
+    defaults = {p.name: p.default for p in cmd.params}
+    want = TrainConfig()
+    for name in ("lr", "gamma", "lr_scaling", "warmup_ratio", "clip", "batch_size", "max_length", "seed"):
+        assert defaults[name] == getattr(want, name), name
