@@ -135,14 +135,14 @@ def test_run_dir_conflicts(dec, tmp_path):
     r = tmp_path / "r"
     assert run(*train_args(dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2")).exit_code == 0
     assert_clean_error(
-        run(*train_args(dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-4")),
+        run(*train_args(dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2", "--lr", "3e-5")),
         "another run's files",
         "--force",
     )
     assert (
         run(
             *train_args(
-                dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-4", "--force"
+                dec, GSM8K_SLICE, r, "--max-steps", "2", "--batch-size", "2", "--lr", "3e-5", "--force"
             )
         ).exit_code
         == 0
