@@ -39,7 +39,7 @@ from sorsa_tools.errors import (
     ModelKindError,
     ModelNotFoundError,
 )
-from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config
+from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, read_config, sha256_of
 from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.placement import temp_path
 from sorsa_tools.io.safetensors_file import (
@@ -47,7 +47,6 @@ from sorsa_tools.io.safetensors_file import (
     check_new_files,
     check_output_file,
     disk_errors,
-    file_sha256,
 )
 from sorsa_tools.prompts import TEMPLATES, render_prompt
 from sorsa_tools.train import head_cross_entropy, label_positions
@@ -743,7 +742,7 @@ def evaluate_gsm8k(
         "model": str(spec.path.resolve()),
         "model_kind": {"hf": "hf-checkpoint", "sorsa": "sorsa-unmerged", "gguf": "gguf"}[spec.kind],
         "adapter": str(spec.adapter.resolve()) if spec.adapter else None,
-        "data": {"path": str(data.resolve()), "sha256": file_sha256(data), "examples": len(ds)},
+        "data": {"path": str(data.resolve()), "sha256": sha256_of(data), "examples": len(ds)},
         "limit": limit,
         "template": template,
         "fields": ds.fields.describe(),

@@ -40,7 +40,7 @@ from sorsa_tools import __version__, distributed
 from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
-from sorsa_tools.format import ADAPTER_FILE, CHECKSUMS, CONFIG_FILE, FORMAT_VERSION, checksums
+from sorsa_tools.format import ADAPTER_FILE, CHECKSUMS, CONFIG_FILE, FORMAT_VERSION, checksums, sha256_of
 from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.placement import mark_complete, remove_path, remove_stale_temps
 from sorsa_tools.io.safetensors_file import (
@@ -48,7 +48,6 @@ from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
-    file_sha256,
     write_tensors,
 )
 from sorsa_tools.layer import regularizer_grad_
@@ -643,7 +642,7 @@ def _train(
         cfg.fields = ds.fields.describe()
     run_key = {
         "decomposition": dcfg["job_id"],
-        "data": {"name": data.name, "sha256": file_sha256(data)},
+        "data": {"name": data.name, "sha256": sha256_of(data)},
         "config": asdict(cfg),
     }
     if d.world_size > 1:  # the global batch scales with it; absent for one process (ids unchanged)

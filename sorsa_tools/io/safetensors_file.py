@@ -27,7 +27,7 @@ from sorsa_tools.errors import (
     OutputDirError,
     VerificationError,
 )
-from sorsa_tools.format import CONFIG_FILE, sha256_of
+from sorsa_tools.format import CONFIG_FILE
 from sorsa_tools.io.placement import temp_path
 
 # safetensors dtype code <-> torch dtype
@@ -177,11 +177,6 @@ def iter_file_chunks(path: Path, offset: int, nbytes: int, chunk: int = COPY_CHU
         n = min(chunk, nbytes - done)
         yield pread_exact(path, offset + done, n)
         done += n
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a whole file, read in 1 MiB blocks (a data file can be larger than memory)."""
-    return sha256_of(path)
 
 
 def check_read_back(path: Path, start: int, nbytes: int, t: torch.Tensor, name: str) -> None:
