@@ -57,7 +57,7 @@ from _common import record  # noqa: E402
 
 from sorsa_tools import train as T  # noqa: E402
 from sorsa_tools.data import IGNORE, Dataset  # noqa: E402
-from sorsa_tools.errors import TrainingError  # noqa: E402
+from sorsa_tools.errors import RunDirError, TrainingError  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("sorsa", "lora", "pissa")
@@ -197,16 +197,18 @@ def total_steps(cfg: StudyConfig, ds: Dataset) -> int:
     return cfg.steps or math.ceil(len(ds) / cfg.batch_size)
 
 
-def batches(ds: Dataset, cfg: StudyConfig):
+def batches(ds: Dataset, cfg: StudyConfig, start: int = 0):
     """The collated micro-batches of each step, exactly as sorsa_tools.train._train walks them
-    (one process, grad_accum 1): the seeded permutation of epoch 0, then epoch 1, ..."""
+    (one process, grad_accum 1): the seeded permutation of epoch 0, then epoch 1, ... `start`
+    steps are skipped without being read (a resumed run goes on with the batch it stopped at)."""
     epoch, pos = 0, 0
     plan = ds.micro_batches(0, cfg.seed, cfg.batch_size, True)
-    for _ in range(total_steps(cfg, ds)):
+    for step in range(total_steps(cfg, ds)):
         if pos >= len(plan):
             epoch, pos = epoch + 1, 0
             plan = ds.micro_batches(epoch, cfg.seed, cfg.batch_size, True)
-        yield ds.collate(plan[pos])
+        if step >= start:
+            yield ds.collate(plan[pos])
         pos += 1
 
 
@@ -276,6 +278,64 @@ def peft_step(model, params, optimizer, scheduler, batch, clip: float, device: t
     return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tok, "loss_tokens": n_loss}
 
 
+class PeftState:
+    """A PEFT run's resumable state, saved every SAVE_MINUTES (temp name, then rename): the LoRA
+    factors, AdamW's and the schedule's state and the log so far. The data order is a function of
+    the step and there is no dropout, so a resumed run takes the same steps as one never stopped.
+    The initial factors are rebuilt by the same seeded init on resume; their checksum is kept and
+    compared, so a resume whose init differs (another PEFT, another seed) starts over instead."""
+
+    SAVE_MINUTES = 10.0
+    FILE = "resume_state.pt"
+
+    def __init__(self, out: Path, layers: dict, init: dict, optimizer, scheduler):
+        self.path = out / self.FILE
+        self.layers, self.optimizer, self.scheduler = layers, optimizer, scheduler
+        self.init_sum = float(sum(a.double().sum() + 2 * b.double().sum() for a, b in init.values()))
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= 60 * self.SAVE_MINUTES
+
+    def save(self, rows: list[dict]) -> None:
+        factors = {
+            n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+            for n, m in self.layers.items()
+        }
+        blob = {
+            "rows": rows,
+            "factors": factors,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "init_sum": self.init_sum,
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(self.path)
+        self.last = time.monotonic()
+        print(f"  saved resumable state at step {len(rows)}", flush=True)
+
+    def load(self) -> list[dict]:
+        """The log rows of the steps already taken (none for a fresh run); restores the rest."""
+        if not self.path.is_file():
+            return []
+        blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        if abs(blob["init_sum"] - self.init_sum) > 1e-6 * max(1.0, abs(self.init_sum)):
+            print("  resumable state does not match this init: starting over", flush=True)
+            return []
+        with torch.no_grad():
+            for n, (a, b) in blob["factors"].items():
+                self.layers[n].lora_A["default"].weight.copy_(a)
+                self.layers[n].lora_B["default"].weight.copy_(b)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        print(f"  resumed at step {len(blob['rows'])}", flush=True)
+        return blob["rows"]
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: list[str]) -> dict:
     """Train a PEFT LoRA/PiSSA adapter with the shared loop; write train_log.jsonl and the merged
     float32 model (HF dir) to `out`."""
@@ -311,10 +371,12 @@ def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: lis
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    state = PeftState(out, layers, init, optimizer, scheduler)
+    rows = state.load()
     with open(out / T.LOG_FILE, "w", encoding="utf-8") as log:
-        stream = batches(ds, cfg)
-        for step in range(1, steps + 1):
+        log.writelines(json.dumps(r) + "\n" for r in rows)
+        stream = batches(ds, cfg, start=len(rows))
+        for step in range(len(rows) + 1, steps + 1):
             t = time.perf_counter()  # from the batch's collation on, as sorsa train times a step
             batch = next(stream)
             rec = peft_step(inner, params, optimizer, scheduler, batch, cfg.clip, device)
@@ -327,6 +389,9 @@ def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: lis
             }
             rows.append(rec)
             log.write(json.dumps(rec) + "\n")
+            if step < steps and state.due():
+                log.flush()
+                state.save(rows)
     # fold onto the original float32 weights: W0 + s (B A - B0 A0)
     deltas = {}
     with torch.no_grad():
@@ -344,6 +409,7 @@ def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: lis
             base.get_submodule(n).weight.add_(d)
     base.save_pretrained(out, max_shard_size="2GB")
     tok.save_pretrained(out)
+    state.clear()
     del base
     _free(device)
     return {"setup_seconds": setup_s, "trainable_params": trainable, "log": rows}
@@ -368,16 +434,11 @@ def train_sorsa(
     # a snapshot every steps / trajectory_points (every 200 steps when the run is by epochs)
     tp = cfg.trajectory_points
     every = max(1, (cfg.steps or 200 * tp) // tp) if tp > 0 else 10**9
-    res = T.train(
-        decomp,
-        train_file(cfg),
-        out,
-        config=tc,
-        device=cfg.device,
-        save_every=every,
-        force=True,
-        keep_adapters=cfg.trajectory_points > 0,
-    )
+    kw = dict(config=tc, device=cfg.device, save_every=every, keep_adapters=cfg.trajectory_points > 0)
+    try:  # a run a killed study left behind goes on from its last checkpoint (saved every 10 min)
+        res = T.train(decomp, train_file(cfg), out, resume=True, save_minutes=10.0, **kw)
+    except RunDirError:  # a run of other settings (or no run) there: replace it
+        res = T.train(decomp, train_file(cfg), out, force=True, **kw)
     rows = [json.loads(x) for x in (out / T.LOG_FILE).read_text().splitlines() if x.strip()]
     from sorsa_tools.model import read_adapter, read_decomposition
 

@@ -210,3 +210,45 @@ def test_presets_and_the_train_rows_split(tmp_path):
     cfg.train_rows = 8
     with pytest.raises(SystemExit, match="--train-rows must be between 1 and 7"):
         study.split_train(cfg)
+
+
+def test_a_killed_peft_run_resumes_to_the_same_model(tmp_path, tiny_lm_decomposed, monkeypatch):
+    """The CPU study's runs last hours: a PEFT run killed after its last saved state goes on from
+    there and ends with the same merged weights and log as a run never stopped."""
+    from safetensors.torch import load_file
+
+    from sorsa_tools.model import read_decomposition
+
+    src, decomp = tiny_lm_decomposed("gemma3")
+    argv = ["--smoke", "--model", str(src), "--train", str(GSM8K_SLICE), "--workdir", str(tmp_path)]
+    cfg, _ = study.parse_args(
+        [*argv, "--rank", "4", "--steps", "4", "--batch-size", "2", "--max-length", "384", "--device", "cpu"]
+    )
+    study.split_train(cfg)
+    targets = read_decomposition(decomp)["target_modules"]
+    monkeypatch.setattr(study.PeftState, "SAVE_MINUTES", 0.0)  # a state after every step
+    whole = study.train_peft(cfg, "pissa", 2e-3, tmp_path / "whole", targets)
+
+    calls = {"n": 0}
+    step = study.peft_step
+
+    def killed_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step(*a, **k)
+
+    monkeypatch.setattr(study, "peft_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        study.train_peft(cfg, "pissa", 2e-3, tmp_path / "cut", targets)
+    assert (tmp_path / "cut" / study.PeftState.FILE).is_file()
+    monkeypatch.setattr(study, "peft_step", step)
+    calls["n"] = 0
+    resumed = study.train_peft(cfg, "pissa", 2e-3, tmp_path / "cut", targets)
+    assert not (tmp_path / "cut" / study.PeftState.FILE).exists()  # a finished run keeps no state
+    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in whole["log"]]
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = (tmp_path / "cut" / T.LOG_FILE).read_text().splitlines()
+    assert [json.loads(x)["step"] for x in logged] == [1, 2, 3, 4]
