@@ -278,12 +278,33 @@ TRAIN_EPILOG = """[bold]Examples[/]
 """
 
 
+def _data_where(data: dict) -> str:
+    """Where a run's data came from: its path, or a Hub dataset's id, split and revision."""
+    where = data.get("path") or data.get("dataset")
+    extra = [f"{k} {data[k]}" for k in ("split", "subset", "revision") if data.get(k)]
+    return where + (f" [{', '.join(extra)}]" if extra else "")
+
+
 @app.command(epilog=TRAIN_EPILOG)
 @handle_errors
 def train(
     directory: Annotated[Path, typer.Argument(help="A decomposed directory (`sorsa decompose` output).")],
-    data: Annotated[Path, typer.Option("--data", help="JSONL training file, one example per line.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="JSONL, Parquet, Arrow or CSV file or folder, or a Hub dataset id (read through `datasets`).",
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory for the trained adapter.")],
+    split: Annotated[
+        str,
+        typer.Option(
+            help=r'Split of a table or Hub dataset, with slicing: "train[:100000]" \[default: train].'
+        ),
+    ] = None,
+    subset: Annotated[str, typer.Option(help="Subset (config name) of a Hub dataset.")] = None,
+    data_revision: Annotated[str, typer.Option(help="Branch, tag or commit of a Hub dataset.")] = None,
     fields: Annotated[
         str,
         typer.Option(
@@ -291,7 +312,11 @@ def train(
         ),
     ] = None,
     template: Annotated[
-        str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")
+        str,
+        typer.Option(
+            help="paper (Listing 1), raw, chat (the tokenizer's template) or chatml; conversations "
+            "(messages / conversations records) use the chat template unless chatml is given."
+        ),
     ] = "paper",
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     pack: Annotated[bool, typer.Option("--pack", help="Pack several examples into each sequence.")] = False,
@@ -354,12 +379,13 @@ def train(
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the run in -o.")] = False,
 ) -> None:
-    """Train only U, S and Vt of a decomposed model on a JSONL dataset (paper eq. 10)."""
+    """Train only U, S and Vt of a decomposed model on a dataset (paper eq. 10)."""
     from contextlib import nullcontext
 
     from transformers.utils import logging as hf_logging
 
     from sorsa_tools.distributed import launch_rank
+    from sorsa_tools.io.records import DataSpec
     from sorsa_tools.train import TrainConfig
     from sorsa_tools.train import train as run
 
@@ -401,7 +427,7 @@ def train(
         with display as p:
             r = run(
                 directory,
-                data,
+                DataSpec(data, split, subset, data_revision),
                 output,
                 config=cfg,
                 device=device,
@@ -936,7 +962,9 @@ def inspect(
         rows.append(
             (
                 "data",
-                f"{data['path']} ({data['examples']} examples" + "".join(f", {x}" for x in left_out) + ")",
+                f"{_data_where(data)} ({data['examples']} examples"
+                + "".join(f", {x}" for x in left_out)
+                + ")",
             )
         )
     rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))

@@ -1,23 +1,31 @@
-"""Training data: a JSONL file streamed from disk, tokenized on the fly, loss on response tokens.
+"""Training data: records streamed from disk, tokenized on the fly, loss on response tokens.
 
-One scan of the file validates every line (naming the first bad one), records its byte offset
-and tokenized length, and nothing else: examples are read back by offset when a batch needs them,
-so memory holds a few integers per example, never the text. Each epoch visits the examples in a
+The records come from `io.records` (a JSONL file read by byte offset; Parquet, Arrow, CSV or a Hub
+dataset memory-mapped through `datasets`). One scan validates every record (naming the first bad
+one), records its key and tokenized length, and nothing else: examples are read back by key when
+a batch needs them, so memory holds a few integers per example, never the text. Prompt/response
+records get the paper's (or another) template; conversations their chat template (`chat`). Each epoch visits the examples in a
 seeded permutation of those offsets (a full shuffle at the cost of a shuffle buffer's memory), so
 a run is deterministic and resumes from (epoch, position) exactly.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from sorsa_tools import chat
 from sorsa_tools.errors import DataError
+from sorsa_tools.io.records import (  # noqa: F401  (check_data_file: evaluate imports it from here)
+    DataSpec,
+    RecordSource,
+    _json_type,
+    check_data_file,
+    open_source,
+)
 from sorsa_tools.prompts import FIELD_PAIRS, TEMPLATES, render_prompt, response_prefix
 
 IGNORE = -100
@@ -43,6 +51,7 @@ class Fields:
     prompt: str | None  # None: plain-text mode, loss on every token of `response`
     response: str
     context: str | None = None  # Alpaca's "input": the instruction's material, part of the prompt
+    chat: bool = False  # `response` holds a conversation (a list of turns), rendered by chat.py
 
     def describe(self) -> str:
         if self.prompt is None:
@@ -78,49 +87,10 @@ def parse_fields(spec: str | None) -> Fields | None:
 FIELDS_HINT = "pass --fields PROMPT,RESPONSE or --fields TEXT"
 
 
-def check_data_file(path: Path, wanted: str = "an existing JSONL file") -> None:
-    """--data must name a file: say so apart for a directory, for something that is not a regular
-    file (a device, a pipe: read twice, by offset) and for nothing there."""
-    if path.is_dir():
-        raise DataError(f"--data {path} is a directory; pass {wanted}")
-    if path.exists() and not path.is_file():
-        raise DataError(
-            f"--data {path} is not a regular file (the data is read twice, by offset); pass {wanted}"
-        )
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}; pass {wanted} to --data")
-
-
-def _json_type(value) -> str:
-    """A JSON value's type as JSON names it (the user wrote JSON, not Python)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    names = {int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _check_format(path: Path, head: bytes) -> None:
-    """Formats that are not JSONL, named by their first bytes (each line's error would mislead)."""
-    if head.startswith(b"\x1f\x8b"):
-        raise DataError(f"{path} is gzip-compressed; decompress it first (gunzip), sorsa reads plain JSONL")
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{path} is UTF-16 text; re-save it as UTF-8 JSONL")
-    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
-        raise DataError(
-            f"{path} holds a JSON array, not JSONL; write one JSON object per line "
-            f"(e.g. jq -c '.[]' {path.name} > {path.stem}.jsonl)"
-        )
-
-
-def _stamp(f) -> tuple[int, int]:
-    """(size, modification time) of an open file: whether it is still the file that was scanned."""
-    st = os.fstat(f.fileno())
-    return st.st_size, st.st_mtime_ns
-
-
-def _detect_fields(record: dict, lineno: int, path: Path, hint: str = FIELDS_HINT) -> Fields:
+def _detect_fields(record: dict, where: str, hint: str = FIELDS_HINT) -> Fields:
+    for col in chat.CONVERSATION_COLUMNS:
+        if chat.is_conversation(record.get(col)):
+            return Fields(None, col, chat=True)
     for p, r in FIELD_PAIRS:
         if p in record and r in record:
             # Alpaca: an "input" beside instruction and output is part of the prompt, not dropped
@@ -128,15 +98,15 @@ def _detect_fields(record: dict, lineno: int, path: Path, hint: str = FIELDS_HIN
     if "text" in record:
         return Fields(None, "text")
     keys = ", ".join(sorted(record)[:8]) or "none"
-    raise DataError(f"{path}:{lineno}: no known fields (keys: {keys}); {hint}")
+    raise DataError(f"{where}: no known fields (keys: {keys}); {hint}")
 
 
 class Dataset:
-    """A tokenized view of a JSONL file, read lazily by byte offset."""
+    """A tokenized view of a record source (io.records), read lazily by key."""
 
     def __init__(
         self,
-        path: str | Path,
+        data: str | Path | DataSpec | RecordSource,
         tokenizer,
         fields: Fields | None = None,
         template: str = "paper",
@@ -144,8 +114,8 @@ class Dataset:
         pack: bool = False,
         fields_hint: str = FIELDS_HINT,
     ):
-        """`fields_hint`: what to tell the user when no known fields are found."""
-        self.path = Path(path).expanduser()
+        """`data`: what --data names (a path, a Hub id, a DataSpec) or an open source.
+        `fields_hint`: what to tell the user when no known fields are found."""
         self.tok = tokenizer
         self.template = template
         self.max_length = max_length
@@ -154,106 +124,117 @@ class Dataset:
             raise DataError(f"--template {template!r} is not one of {', '.join(TEMPLATES)}")
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise DataError(
-                "--template chat: this tokenizer has no chat template; use --template paper or raw"
+                "--template chat: this tokenizer has no chat template; use --template chatml, paper or raw"
             )
         if max_length < 2:
             raise DataError(f"--max-length must be at least 2 (got {max_length})")
-        check_data_file(self.path)
+        if hasattr(data, "scan"):  # an open source
+            self.source = data
+        else:
+            self.source = open_source(data if isinstance(data, DataSpec) else DataSpec(str(data)))
+        self.path = getattr(self.source, "path", None)  # the local file or folder (None: a Hub id)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
         self.fields = fields
-        self.offsets = array("q")  # byte offset of every usable example
+        self.offsets = array("q")  # key of every usable example (byte offset or row number)
         self.lengths = array("l")  # its token count after truncation
         self.response_tokens = array("l")  # tokens that carry loss
         self.truncated = array("b")  # 1 where --max-length cut the example
         self.n_records = 0
         self.n_too_long = 0
         self._fields_hint = fields_hint
+        self._render = None
         self._scan()
+
+    def describe(self) -> dict:
+        """What the data is, for run.json and reports: where, kind, split, revision, rows."""
+        return self.source.description(self.n_records)
 
     # -- scanning -------------------------------------------------------------------------------
     def _scan(self) -> None:
         pending: list[tuple[int, dict]] = []
-        with open(self.path, "rb") as f:
-            self._stamp = _stamp(f)
-            _check_format(self.path, f.read(4096))
-            f.seek(0)
-            lineno = 0
-            while True:
-                off = f.tell()
-                raw = f.readline()
-                if not raw:
-                    break
-                lineno += 1
-                if not raw.strip():
-                    continue
-                rec = self._parse(raw, lineno)
-                if self.fields is None:
-                    self.fields = _detect_fields(rec, lineno, self.path, self._fields_hint)
-                self._check_fields(rec, lineno)
-                pending.append((off, rec))
-                if len(pending) >= _SCAN_BATCH:
-                    self._measure(pending)
-                    pending = []
-        self._measure(pending)
+        where = self.source.where
+        for key, n, rec in self.source.scan():
+            if self.fields is None:
+                self.fields = _detect_fields(rec, where(n), self._fields_hint)
+            if (
+                self.fields.prompt is None
+                and not self.fields.chat
+                and chat.is_conversation(rec.get(self.fields.response))
+            ):
+                self.fields = replace(self.fields, chat=True)  # --fields NAME of a conversation column
+            if self.fields.chat and self._render is None:
+                self._start_chat()
+            self._check_fields(rec, where(n))
+            pending.append((key, rec))
+            if len(pending) >= _SCAN_BATCH:
+                self._measure(pending, where)
+                pending = []
+        self._measure(pending, where)
+        name = self.path or self.source.name
         if self.n_records == 0:
-            raise DataError(
-                f"{self.path} holds no examples (empty file); pass a JSONL file with one object a line"
-            )
+            raise DataError(f"{name} holds no examples (empty); pass data with one record per example")
         if not self.offsets:
             raise DataError(
-                f"all {self.n_records} examples of {self.path} leave no response token within "
+                f"all {self.n_records} examples of {name} leave no response token within "
                 f"--max-length {self.max_length} (the prompt alone fills it); raise --max-length"
             )
 
-    def _parse(self, raw: bytes, lineno: int) -> dict:
-        try:
-            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
+    def _start_chat(self) -> None:
+        """Conversations: the tokenizer's chat template (`paper`, the default, and `chat`) or ChatML."""
+        if self.template == "raw":
             raise DataError(
-                f"{self.path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                "re-save the file as UTF-8"
-            ) from None
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{self.path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
-            ) from None
-        if not isinstance(rec, dict):
-            raise DataError(
-                f"{self.path}:{lineno}: each line must be a JSON object, got {_json_type(rec)}; "
-                "fix or remove the line"
+                "--template raw is for plain text; conversations need --template chat (the tokenizer's "
+                "chat template) or chatml"
             )
-        return rec
+        chat.check_tokenizer(self.tok)
+        self.template = "chatml" if self.template == "chatml" else "chat"
+        self._render = chat.renderer(self.tok, self.template)
 
-    def _check_fields(self, rec: dict, lineno: int) -> None:
+    def _check_fields(self, rec: dict, where: str) -> None:
+        if self.source.columns is not None:  # a table: every record has the same columns
+            missing = [n for n in (self.fields.prompt, self.fields.response) if n and n not in rec]
+            if missing:
+                raise DataError(
+                    f"{self.source.name}: no column {missing[0]!r} (columns: {', '.join(self.source.columns[:8])}); "
+                    "pass --fields to name the right ones"
+                )
+        if self.fields.chat:
+            if self.fields.response not in rec:
+                raise DataError(f"{where}: field {self.fields.response!r} is missing; pass --fields")
+            chat.to_messages(rec[self.fields.response], self.fields.response, where)
+            return
         for name in (self.fields.prompt, self.fields.context, self.fields.response):
             if name is None or (name == self.fields.context and rec.get(name) is None):
                 continue  # a record without the context field (or null there) has none
             if name not in rec:
                 raise DataError(
-                    f"{self.path}:{lineno}: field {name!r} is missing (keys: {', '.join(sorted(rec)[:8])}); "
+                    f"{where}: field {name!r} is missing (keys: {', '.join(sorted(rec)[:8])}); "
                     "pass --fields to name the right ones"
                 )
             if not isinstance(rec[name], str):
                 raise DataError(
-                    f"{self.path}:{lineno}: field {name!r} must be a string, got {_json_type(rec[name])}; "
-                    "fix or remove the line"
+                    f"{where}: field {name!r} must be a string, got {_json_type(rec[name])}; "
+                    "fix or remove the record"
                 )
             try:
                 rec[name].encode("utf-8")
             except UnicodeEncodeError as e:  # a lone surrogate escape (\ud800) is valid JSON, not text
                 raise DataError(
-                    f"{self.path}:{lineno}: field {name!r} is not valid Unicode ({e.reason} at character "
-                    f"{e.start}); fix or remove the line"
+                    f"{where}: field {name!r} is not valid Unicode ({e.reason} at character "
+                    f"{e.start}); fix or remove the record"
                 ) from None
 
-    def _measure(self, pending: list[tuple[int, dict]]) -> None:
+    def _measure(self, pending: list[tuple[int, dict]], where) -> None:
         if not pending:
             return
         for (off, _), (ids, labels, truncated) in zip(
-            pending, self._encode([r for _, r in pending]), strict=True
+            pending,
+            self._encode(
+                [r for _, r in pending],
+                [where(self.source.line_of(k)) for k, _ in pending] if self.fields.chat else None,
+            ),
+            strict=True,
         ):
             self.n_records += 1
             n_resp = sum(1 for x in labels[1:] if x != IGNORE)  # targets: a row's first token is none
@@ -271,17 +252,44 @@ class Dataset:
         return sum(self.truncated)
 
     # -- encoding -------------------------------------------------------------------------------
-    def _encode(self, records: list[dict]) -> list[tuple[list[int], list[int], bool]]:
+    def _cut(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], bool]:
+        return ids[: self.max_length], labels[: self.max_length], len(ids) > self.max_length
+
+    def _encode_chat(
+        self, records: list[dict], wheres: list[str] | None
+    ) -> list[tuple[list[int], list[int], bool]]:
+        col = self.fields.response
+        out = []
+        for i, r in enumerate(records):
+            where = wheres[i] if wheres else f"{self.source.name}"
+            messages = chat.to_messages(r[col], col, where)
+            whole, spans = chat.assistant_spans(messages, self._render, where)
+            out.append(self._cut(*chat.encode(self.tok, whole, spans)))
+        return out
+
+    def _encode(
+        self, records: list[dict], wheres: list[str] | None = None
+    ) -> list[tuple[list[int], list[int], bool]]:
         """(input ids, labels, truncated) for each record, loss on response tokens only."""
         tok, f = self.tok, self.fields
+        if f.chat:
+            return self._encode_chat(records, wheres)
         eos = [] if self.eos is None else [self.eos]
         if f.prompt is None:
             texts = [r[f.response] for r in records]
             enc = tok(texts, add_special_tokens=True)["input_ids"]
+            return [self._cut(ids + eos, ids + eos) for ids in enc]
+        if self.template == "chatml":  # a prompt/response record is a one-exchange conversation
+            self._render = self._render or chat.renderer(tok, "chatml")
             out = []
-            for ids in enc:
-                ids = ids + eos
-                out.append((ids[: self.max_length], ids[: self.max_length], len(ids) > self.max_length))
+            for r in records:
+                messages = [
+                    {"role": "user", "content": f.question(r)},
+                    {"role": "assistant", "content": r[f.response]},
+                ]
+                out.append(
+                    self._cut(*chat.encode(tok, *chat.assistant_spans(messages, self._render, "record")))
+                )
             return out
         prompts = [render_prompt(f.question(r), self.template, tok) for r in records]
         # a chat template writes its own BOS; the others get the tokenizer's special tokens
@@ -301,31 +309,17 @@ class Dataset:
             enc = tok([responses[i] for i in apart], add_special_tokens=False)["input_ids"]
             for i, r in zip(apart, enc, strict=True):
                 r_ids[i] = r
-        out = []
-        for p, r in zip(p_ids, r_ids, strict=True):
-            ids = p + r + eos
-            labels = [IGNORE] * len(p) + r + eos
-            out.append((ids[: self.max_length], labels[: self.max_length], len(ids) > self.max_length))
-        return out
+        return [
+            self._cut(p + r + eos, [IGNORE] * len(p) + r + eos) for p, r in zip(p_ids, r_ids, strict=True)
+        ]
+
+    def records(self, indices: list[int]) -> list[dict]:
+        """The raw records of usable examples (by index), checked to be those that were scanned."""
+        return self.source.read([self.offsets[i] for i in indices], lambda r: self._check_fields(r, ""))
 
     def read(self, indices: list[int]) -> list[tuple[list[int], list[int]]]:
-        """Tokenized examples by index (into the usable examples), read from disk by offset."""
-        recs = []
-        with open(self.path, "rb") as fh:
-            changed = _stamp(fh) != self._stamp
-            try:
-                for i in indices:
-                    fh.seek(self.offsets[i])
-                    recs.append(json.loads(fh.readline()))
-                    self._check_fields(recs[-1], 0)
-            except (ValueError, DataError):  # JSON, Unicode or fields: not the line that was scanned
-                changed = True
-        if changed:  # the offsets point into the file as it was: what they read now is not the data
-            raise DataError(
-                f"{self.path} changed after it was read (size or time differ); restore it and rerun with "
-                "--resume, or start a new run on the new file"
-            )
-        return [(ids, labels) for ids, labels, _ in self._encode(recs)]
+        """Tokenized examples by index (into the usable examples), read from disk by key."""
+        return [(ids, labels) for ids, labels, _ in self._encode(self.records(indices))]
 
     # -- epochs and batches ---------------------------------------------------------------------
     def __len__(self) -> int:

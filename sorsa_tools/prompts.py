@@ -9,7 +9,7 @@ PAPER_TEMPLATE = (
 )
 RESPONSE_SEPARATOR = " "  # between the prompt and the response in the paper template
 
-TEMPLATES = ("paper", "raw", "chat")
+TEMPLATES = ("paper", "raw", "chat", "chatml")  # chatml: ChatML markers, for tokenizers without a template
 
 # (prompt field, response field) pairs tried in order when --fields is not given.
 FIELD_PAIRS = (
@@ -25,9 +25,14 @@ def render_prompt(question: str, template: str, tokenizer=None) -> str:
     """The text a model sees before its response."""
     if template == "paper":
         return PAPER_TEMPLATE.format(question=question)
-    if template == "chat":
+    if template in ("chat", "chatml"):
+        from sorsa_tools.chat import CHATML
+
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": question}],
+            chat_template=CHATML if template == "chatml" else None,
+            tokenize=False,
+            add_generation_prompt=True,
         )
     return question
 

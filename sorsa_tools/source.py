@@ -163,7 +163,7 @@ def provenance(source: MergedSource) -> dict:
             steps=t.get("steps"),
             tokens=t.get("tokens"),
             final_loss=t.get("final_loss"),
-            data=Path((t.get("data") or {}).get("path") or "").name or None,  # no local paths published
+            data=_data_name(t.get("data") or {}),
             data_sha256=(t.get("data") or {}).get("sha256"),
             run_id=t.get("run_id"),
         )
@@ -184,3 +184,9 @@ def provenance(source: MergedSource) -> dict:
         "metrics": None,
         "tool": {"name": "sorsa-tools", "version": __version__},
     }
+
+
+def _data_name(data: dict) -> str | None:
+    """A Hub dataset's id and split, or a local file's name: no local paths are published."""
+    name = data.get("dataset") or Path(data.get("path") or "").name or None
+    return f"{name} ({data['split']})" if name and data.get("split") else name

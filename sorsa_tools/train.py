@@ -37,10 +37,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from sorsa_tools import __version__, distributed
-from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, parse_fields, shard
+from sorsa_tools.data import IGNORE, PACKED_KEY, Dataset, DataSpec, parse_fields, shard
 from sorsa_tools.distributed import Dist
 from sorsa_tools.errors import InputError, RunDirError, TrainingError
-from sorsa_tools.format import ADAPTER_FILE, CHECKSUMS, CONFIG_FILE, FORMAT_VERSION, checksums, sha256_of
+from sorsa_tools.format import ADAPTER_FILE, CHECKSUMS, CONFIG_FILE, FORMAT_VERSION, checksums
 from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.placement import mark_complete, remove_path, remove_stale_temps
 from sorsa_tools.io.safetensors_file import (
@@ -400,6 +400,19 @@ def _prepare_run_dir(
         raise RunDirError(
             f"{out} holds an unfinished run of these settings; pass --resume to continue it or --force to restart"
         )
+    if (
+        state is not None
+        and key is not None
+        and state.get("config") == key["config"]
+        and state.get("data") != key["data"]
+    ):
+        was = state.get("data") or {}
+        raise RunDirError(
+            f"{out} holds a run of these settings on other data ({was.get('name')}"
+            + "".join(f", {k} {was[k]}" for k in ("split", "subset", "revision") if was.get(k))
+            + "); pass the same --data (and --split, --subset, --data-revision) to resume it, "
+            "or another -o for the new data"
+        )
     if state is not None and key is not None and all(state.get(k) == key[k] for k in ("config", "data")):
         n, m = state.get("world_size", 1), key.get("world_size", 1)
         if n != m and state.get("decomposition") == key["decomposition"]:
@@ -595,7 +608,7 @@ def train(
     with distributed.process_group(d):
         return _train(
             Path(decomposed_dir).expanduser(),
-            Path(data).expanduser(),
+            data if isinstance(data, DataSpec) else DataSpec(str(data)),
             Path(output_dir).expanduser(),
             cfg,
             d,
@@ -612,7 +625,7 @@ def train(
 
 def _train(
     decomp: Path,
-    data: Path,
+    data: DataSpec,
     out: Path,
     cfg: TrainConfig,
     d: Dist,
@@ -640,18 +653,16 @@ def _train(
     ds = Dataset(data, tok, fields, cfg.template, cfg.max_length, cfg.pack)
     if fields is None:
         cfg.fields = ds.fields.describe()
-    run_key = {
-        "decomposition": dcfg["job_id"],
-        "data": {"name": data.name, "sha256": sha256_of(data)},
-        "config": asdict(cfg),
-    }
+    cfg.template = ds.template  # conversations: the chat template they were rendered with
+    run_key = {"decomposition": dcfg["job_id"], "data": ds.source.identity(), "config": asdict(cfg)}
     if d.world_size > 1:  # the global batch scales with it; absent for one process (ids unchanged)
         run_key["world_size"] = d.world_size
     run_id = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
     log_file = out / LOG_FILE
 
     def prepare() -> str:
-        mode = _prepare_run_dir(out, decomp, run_id, resume, force, run_key, (data,))
+        inputs = (ds.path,) if ds.path is not None else ()
+        mode = _prepare_run_dir(out, decomp, run_id, resume, force, run_key, inputs)
         if mode == "fresh":
             atomic_write_json(
                 out / RUN_FILE, {"run_id": run_id, **run_key, "decomposed_dir": str(decomp.resolve())}
@@ -772,8 +783,8 @@ def _train(
             "training": {
                 **asdict(cfg),
                 "data": {
-                    "path": str(data.resolve()),
-                    "sha256": run_key["data"]["sha256"],
+                    **ds.describe(),
+                    **({"sha256": run_key["data"]["sha256"]} if ds.source.kind == "jsonl" else {}),
                     "examples": len(ds),
                     "skipped_too_long": ds.n_too_long,
                     "truncated": ds.n_truncated,

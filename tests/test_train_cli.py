@@ -283,3 +283,27 @@ def test_cli_defaults_are_the_library_defaults():
     want = TrainConfig()
     for name in ("lr", "gamma", "lr_scaling", "warmup_ratio", "clip", "batch_size", "max_length", "seed"):
         assert defaults[name] == getattr(want, name), name
+
+
+def test_train_on_parquet_records_the_data_and_resume_refuses_other_data(dec, tmp_path):
+    """A Parquet split trains like its JSONL; run.json, sorsa_config and inspect say what the run saw
+    (kind, split, rows), and --resume on other data (another split) is one line naming the data."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [json.loads(x) for x in GSM8K_SLICE.read_text().splitlines()[:60]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm.parquet")
+    r = tmp_path / "r"
+    args = train_args(dec, tmp_path / "gsm.parquet", r, "--max-steps", "2", "--batch-size", "2")
+    res = run(*args, "--split", "train[:40]")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads((r / "sorsa_config.json").read_text())["training"]["data"]
+    assert (data["kind"], data["split"], data["rows"], data["examples"]) == ("parquet", "train[:40]", 40, 40)
+    ident = json.loads((r / "run.json").read_text())["data"]
+    assert ident["kind"] == "parquet" and list(ident["sha256"]) == ["gsm.parquet"]
+    assert "[split train[:40]]" in " ".join(run("inspect", str(r)).stdout.replace("│", " ").split())
+    (r / "sorsa_config.json").unlink()  # as if killed before the end: an unfinished run
+    assert_clean_error(
+        run(*args, "--split", "train[:50]", "--resume"),
+        "holds a run of these settings on other data (gsm.parquet, split train[:40])",
+        "pass the same --data",
+    )
