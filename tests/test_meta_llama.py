@@ -1,0 +1,309 @@
+"""Meta's original Llama format as a decompose source: a tiny Meta checkpoint made FROM a tiny HF
+Llama (the converter's rules inverted here: q/k un-permuted, names mapped back, split into
+model-parallel parts) decomposes to the same residuals and factors as the HF checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sorsa_tools import decompose
+from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE
+from sorsa_tools.io.meta_llama import _permute_into, intermediate_size, max_positions, open_source
+
+spm = pytest.importorskip("sentencepiece")
+pytest.importorskip("google.protobuf")
+
+# the tiny HF Llama of conftest: hidden 64, ffn 96, 4 heads, 2 kv heads (GQA), 2 layers, vocab 128
+PARAMS = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "norm_eps": 1e-6,
+    "vocab_size": -1,
+    "multiple_of": 32,
+    "ffn_dim_multiplier": 0.5,  # 32 * ceil(int(0.5 * int(8 * 64 / 3)) / 32) = 96
+    "max_seq_len": 128,
+}
+TO_META = {  # HF suffix -> (Meta suffix, model-parallel dim or None, heads to un-permute)
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0, 4),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0, 2),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0, None),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1, None),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0, None),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0, None),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1, None),
+    "input_layernorm.weight": ("attention_norm.weight", None, None),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None, None),
+}
+TOP = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1, None),  # Llama 2: split along dim
+    "model.norm.weight": ("norm.weight", None, None),
+    "lm_head.weight": ("output.weight", 0, None),
+}
+TEXTS = [
+    f"the {w} fox number {i} jumps over {i * 7} lazy dogs and sings" for i, w in enumerate("abcdefgh" * 8)
+]
+
+
+def _hf_tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("model*.safetensors")):  # not the adapter
+        out.update(load_file(f))
+    return out
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotary halves back to Meta's interleaved pairs (the inverse of the converter's permute)."""
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _tokenizer_model(path: Path) -> Path:
+    corpus = path.parent / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(path.with_suffix("")),
+        vocab_size=100,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        minloglevel=2,
+    )
+    return path
+
+
+def make_meta(hf: Path, dst: Path, parts: int, params: dict = PARAMS) -> Path:
+    """The Meta-format release of the HF checkpoint `hf`, in `parts` model-parallel files."""
+    dst.mkdir(parents=True)
+    tensors = _hf_tensors(hf)
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+    for name, t in tensors.items():
+        if name in TOP:
+            meta, split, heads = TOP[name]
+        else:
+            layer, suffix = name.removeprefix("model.layers.").split(".", 1)
+            meta, split, heads = TO_META[suffix]
+            meta = f"layers.{layer}.{meta}"
+        if heads:
+            t = _unpermute(t, heads)
+        pieces = [t] * parts if split is None else list(t.chunk(parts, dim=split))
+        for sd, piece in zip(shards, pieces, strict=True):
+            sd[meta] = piece.clone()  # own storage: torch.save writes a view's whole storage
+    for i, sd in enumerate(shards):
+        sd["rope.freqs"] = torch.ones(8)  # Llama 1/2 store it; HF computes it
+        torch.save(sd, dst / f"consolidated.{i:02d}.pth")
+    (dst / "params.json").write_text(json.dumps(params))
+    _tokenizer_model(dst / "tokenizer.model")
+    (dst / "checklist.chk").write_text("md5 sums\n")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def hf_and_meta(tmp_path_factory):
+    from conftest import make_tiny
+
+    root = tmp_path_factory.mktemp("meta")
+    hf = make_tiny(root / "hf", "llama", torch.float32)
+    hf_out = root / "hf-sorsa"
+    decompose(str(hf), 4, hf_out, svd="exact", check_sample=0)
+    return hf, hf_out, {n: make_meta(hf, root / f"meta{n}", n) for n in (1, 2)}
+
+
+def test_permutation_golden():
+    """One head of 4 rows: Meta's pairs (r0, r1), (r2, r3) become HF's halves [r0, r2 | r1, r3]."""
+    meta = torch.arange(8.0).reshape(4, 2)
+    hf = torch.empty(4, 2)
+    _permute_into(hf, meta, heads=1)
+    assert hf.tolist() == [[0, 1], [4, 5], [2, 3], [6, 7]]
+
+
+def test_config_rules_golden():
+    """Meta's FFN width for the real releases, and the context length by release."""
+    assert intermediate_size(4096) == 11008  # Llama 2 7B
+    assert intermediate_size(5120) == 13824  # Llama 2 13B
+    assert intermediate_size(8192, 1.3, 4096) == 28672  # Llama 2 70B
+    assert intermediate_size(4096, 1.3, 1024) == 14336  # Llama 3 8B
+    assert max_positions({"norm_eps": 1e-5}) == 4096
+    assert max_positions({"norm_eps": 1e-6}) == 2048
+    assert max_positions({"norm_eps": 1e-5, "rope_theta": 1e6}) == 16384
+    assert max_positions({"norm_eps": 1e-5, "max_seq_len": 512}) == 512
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_meta_decomposes_to_the_hf_decomposition(hf_and_meta, tmp_path, parts):
+    hf, hf_out, metas = hf_and_meta
+    out = tmp_path / "out"
+    r = decompose(str(metas[parts]), 4, out, svd="exact", check_sample=0)
+    assert r.modules == 14
+    # the same residuals, untouched tensors and factors, bit for bit
+    want, got = _hf_tensors(hf_out), _hf_tensors(out)
+    assert set(got) == set(want) == set(_hf_tensors(hf))
+    bad = [n for n in want if not torch.equal(want[n], got[n]) or want[n].dtype != got[n].dtype]
+    assert not bad, bad
+    a, b = load_file(hf_out / ADAPTER_FILE), load_file(out / ADAPTER_FILE)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # an ordinary HF checkpoint: the config transformers would load, no Meta files
+    hf_cfg, cfg = json.loads((hf / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    keys += ("num_hidden_layers", "vocab_size", "rms_norm_eps", "max_position_embeddings", "architectures")
+    assert {k: cfg.get(k) for k in keys} == {k: hf_cfg.get(k) for k in keys}
+    assert cfg["rope_parameters"]["rope_theta"] == hf_cfg["rope_parameters"]["rope_theta"]
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not names & {"params.json", "checklist.chk"} and not any(n.endswith(".pth") for n in names)
+    sorsa = json.loads((out / CONFIG_FILE).read_text())
+    assert sorsa["base_model"]["model_type"] == "llama"
+
+
+def test_merged_meta_model_gives_the_hf_logits_and_tokens(hf_and_meta, tmp_path):
+    """decompose (2 parts) -> merge --to hf: the HF model's logits, and the tokenizer's ids are
+    sentencepiece's own (with BOS, as Llama 2's HF tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sorsa_tools.merge import merge
+
+    hf, _, metas = hf_and_meta
+    out = tmp_path / "out"
+    decompose(str(metas[2]), 4, out, svd="exact", check_sample=0)
+    merge(out, tmp_path / "merged")
+    ids = torch.tensor([[1, 5, 9, 33, 64, 100, 127, 3]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(hf).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    sp = spm.SentencePieceProcessor(model_file=str(metas[2] / "tokenizer.model"))
+    for d in (out, tmp_path / "merged"):
+        tok = AutoTokenizer.from_pretrained(d)
+        for text in [*TEXTS[:5], "a lazy fox sings 42"]:
+            assert tok(text)["input_ids"] == [1, *sp.encode(text)], text
+        assert tok.decode(tok(TEXTS[0])["input_ids"], skip_special_tokens=True) == TEXTS[0]
+
+
+def test_several_output_shards_and_resume(hf_and_meta, tmp_path, monkeypatch):
+    """Output shards of a size cap get an index; a second run finds the work done."""
+    import sorsa_tools.io.meta_llama as ml
+
+    _, hf_out, metas = hf_and_meta
+    monkeypatch.setattr(ml, "OUTPUT_SHARD_BYTES", 40_000)
+    ck = open_source(metas[2])
+    assert len(ck.shards) > 2 and ck.index is not None
+    assert sum(s.size for s in ck.shards) == sum(t.numel() * 4 for t in _hf_tensors(hf_out).values())
+    out = tmp_path / "out"
+    decompose(str(metas[2]), 4, out, svd="exact", check_sample=0)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [s.path.name for s in ck.shards]
+    want, got = _hf_tensors(hf_out), _hf_tensors(out)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    assert decompose(str(metas[2]), 4, out, svd="exact", check_sample=0).already_done
+
+
+def test_hub_id_of_a_meta_repo_from_the_offline_cache(hf_and_meta, tmp_path, monkeypatch):
+    """A Meta-format repo id (params.json, no config.json) is recognised and its parts fetched."""
+    import huggingface_hub.constants as c
+
+    _, hf_out, metas = hf_and_meta
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--meta-tester--Llama-tiny"
+    shutil.copytree(metas[2], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    decompose("meta-tester/Llama-tiny", 4, out, svd="exact", check_sample=0)
+    base = json.loads((out / CONFIG_FILE).read_text())["base_model"]
+    assert (base["name_or_path"], base["source"], base["revision"]) == ("meta-tester/Llama-tiny", "hub", sha)
+    assert all(torch.equal(a, _hf_tensors(out)[n]) for n, a in _hf_tensors(hf_out).items())
+
+
+# --- bad input: one line each, nothing left behind ---------------------------------------------
+
+
+class NotATensor:
+    pass
+
+
+def _broken(meta: Path, tmp_path: Path, how: str) -> Path:
+    d = tmp_path / "bad"
+    shutil.copytree(meta, d)
+    if how == "no-params":
+        (d / "params.json").unlink()
+    elif how == "pickled-object":
+        torch.save({"layers.0.attention.wq.weight": NotATensor()}, d / "consolidated.01.pth")
+    elif how == "not-a-dict":
+        torch.save([torch.zeros(2)], d / "consolidated.01.pth")
+    elif how == "gap":
+        (d / "consolidated.01.pth").rename(d / "consolidated.02.pth")
+    elif how == "last-part-missing":
+        (d / "consolidated.01.pth").unlink()
+    elif how == "shape":
+        sd = torch.load(d / "consolidated.01.pth", weights_only=True)
+        sd["layers.1.feed_forward.w2.weight"] = torch.zeros(32, 40)
+        torch.save(sd, d / "consolidated.01.pth")
+    elif how == "norm-differs":
+        sd = torch.load(d / "consolidated.01.pth", weights_only=True)
+        sd["norm.weight"] = sd["norm.weight"] + 1
+        torch.save(sd, d / "consolidated.01.pth")
+    elif how == "legacy":
+        torch.save(
+            torch.load(d / "consolidated.01.pth", weights_only=True),
+            d / "consolidated.01.pth",
+            _use_new_zipfile_serialization=False,
+        )
+    return d
+
+
+BAD = [
+    ("no-params", ["holds Meta-format Llama weights (consolidated.*.pth) but no params.json", "beside"]),
+    (
+        "pickled-object",
+        [
+            "consolidated.01.pth is not a plain tensor dict",
+            "refuses it (Unsupported global: GLOBAL test_meta_llama.NotATensor)",
+            "could run code",
+        ],
+    ),
+    ("not-a-dict", ["consolidated.01.pth holds a list that is not a plain dict of tensors"]),
+    ("gap", ["consolidated.01.pth is missing (found 00, 02)", "put every model-parallel part"]),
+    (
+        "last-part-missing",
+        [
+            "tok_embeddings.weight joined over 1 part(s) has shape (128, 32), but "
+            "params.json implies (128, 64): a model-parallel part is missing"
+        ],
+    ),
+    (
+        "shape",
+        [
+            "layers.1.feed_forward.w2.weight is 32x40 in consolidated.01.pth but 64x48 in "
+            "consolidated.00.pth: the model-parallel parts do not fit together"
+        ],
+    ),
+    (
+        "norm-differs",
+        [
+            "norm.weight differs between consolidated.00.pth and consolidated.01.pth",
+            "replicated in every model-parallel part",
+        ],
+    ),
+    ("legacy", ["consolidated.01.pth is truncated, corrupt or in torch's legacy (non-zip) format"]),
+]
+
+
+@pytest.mark.parametrize("how,needles", BAD, ids=[b[0] for b in BAD])
+def test_bad_meta_input_is_one_line(hf_and_meta, tmp_path, how, needles):
+    from test_cli_errors import assert_clean_error, run
+
+    bad = _broken(hf_and_meta[2][2], tmp_path, how)
+    res = run("decompose", str(bad), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, *needles)
+    assert not (tmp_path / "o").exists()
