@@ -66,7 +66,7 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _tokenizer_model(path: Path) -> Path:
-    corpus = path.parent / "corpus.txt"
+    corpus = path.parent.parent / f"{path.parent.name}-corpus.txt"
     corpus.write_text("\n".join(TEXTS))
     spm.SentencePieceTrainer.train(
         input=str(corpus),
@@ -78,6 +78,7 @@ def _tokenizer_model(path: Path) -> Path:
         unk_id=0,
         minloglevel=2,
     )
+    path.with_suffix(".vocab").unlink()
     return path
 
 
@@ -160,6 +161,7 @@ def test_meta_decomposes_to_the_hf_decomposition(hf_and_meta, tmp_path, parts):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= names
     assert not names & {"params.json", "checklist.chk"} and not any(n.endswith(".pth") for n in names)
+    assert "is_local" not in json.loads((out / "tokenizer_config.json").read_text())
     sorsa = json.loads((out / CONFIG_FILE).read_text())
     assert sorsa["base_model"]["model_type"] == "llama"
 
@@ -218,8 +220,18 @@ def test_hub_id_of_a_meta_repo_from_the_offline_cache(hf_and_meta, tmp_path, mon
     (repo / "refs" / "main").write_text(sha)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda *a, **k: asked.append(k["allow_patterns"]) or real(*a, **k),
+    )
     out = tmp_path / "out"
     decompose("meta-tester/Llama-tiny", 4, out, svd="exact", check_sample=0)
+    assert asked[1] == ["consolidated.*.pth"]  # after the small files: the parts, nothing else
     base = json.loads((out / CONFIG_FILE).read_text())["base_model"]
     assert (base["name_or_path"], base["source"], base["revision"]) == ("meta-tester/Llama-tiny", "hub", sha)
     assert all(torch.equal(a, _hf_tensors(out)[n]) for n, a in _hf_tensors(hf_out).items())

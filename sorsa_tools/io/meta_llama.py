@@ -36,7 +36,7 @@ import torch
 
 from sorsa_tools.errors import CheckpointError, MissingDependencyError
 from sorsa_tools.io.checkpoint import Checkpoint
-from sorsa_tools.io.safetensors_file import DTYPE_CODES, TensorInfo
+from sorsa_tools.io.safetensors_file import DTYPE_CODES, MACHINE_LOCAL_KEYS, TensorInfo
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -416,6 +416,10 @@ def _tokenizer_files(root: Path) -> tuple[dict[str, bytes], object]:
         tok = LlamaTokenizer.from_pretrained(t / "src", add_bos_token=True, add_eos_token=False)
         tok.save_pretrained(t / "out")
         files = {p.name: p.read_bytes() for p in sorted((t / "out").iterdir()) if p.name != TOKENIZER}
+    for name, data in files.items():  # what describes this machine, not the model, is not published
+        if name.endswith("config.json"):
+            cfg = {k: v for k, v in json.loads(data).items() if k not in MACHINE_LOCAL_KEYS}
+            files[name] = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
     return files, tok
 
 
