@@ -265,6 +265,12 @@ def _broken(meta: Path, tmp_path: Path, how: str) -> Path:
         sd = torch.load(d / "consolidated.01.pth", weights_only=True)
         sd["norm.weight"] = sd["norm.weight"] + 1
         torch.save(sd, d / "consolidated.01.pth")
+    elif how == "no-tokenizer":
+        (d / "tokenizer.model").unlink()
+    elif how == "tiktoken-tokenizer":  # Llama 3's tokenizer.model: base64 token, rank lines
+        (d / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")
+    elif how == "bad-params":
+        (d / "params.json").write_text(json.dumps({**PARAMS, "n_heads": "4"}))
     elif how == "legacy":
         torch.save(
             torch.load(d / "consolidated.01.pth", weights_only=True),
@@ -307,6 +313,9 @@ BAD = [
             "replicated in every model-parallel part",
         ],
     ),
+    ("no-tokenizer", ["has no tokenizer.model; put the tokenizer.model that came with the weights"]),
+    ("tiktoken-tokenizer", ["tokenizer.model is not a sentencepiece model (Llama 3 ships a tiktoken one"]),
+    ("bad-params", ["params.json: n_heads is '4', not a positive number"]),
     ("legacy", ["consolidated.01.pth is truncated, corrupt or in torch's legacy (non-zip) format"]),
 ]
 
@@ -319,3 +328,17 @@ def test_bad_meta_input_is_one_line(hf_and_meta, tmp_path, how, needles):
     res = run("decompose", str(bad), "--rank", "4", "-o", str(tmp_path / "o"))
     assert_clean_error(res, *needles)
     assert not (tmp_path / "o").exists()
+
+
+def test_mistral_native_format_is_not_taken_for_meta(tmp_path):
+    """params.json beside consolidated.safetensors (Mistral's own format) is not Meta's: the HF
+    reader's line about config.json, not a Meta error."""
+    from safetensors.torch import save_file
+    from test_cli_errors import assert_clean_error, run
+
+    d = tmp_path / "mistral"
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps(PARAMS))
+    save_file({"x": torch.zeros(2)}, d / "consolidated.safetensors")
+    res = run("decompose", str(d), "--rank", "4", "-o", str(tmp_path / "o"))
+    assert_clean_error(res, "has no config.json, so it is not a Hugging Face model directory")

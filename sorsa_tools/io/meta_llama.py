@@ -87,10 +87,14 @@ def intermediate_size(dim: int, ffn_dim_multiplier: float = 1.0, multiple_of: in
 
 
 def recognizes(root: Path) -> bool:
-    """A directory in Meta's format: no HF config.json, and Meta's weights or params.json."""
-    return not (root / "config.json").exists() and (
-        (root / PARAMS).is_file() or any(_PART.match(p.name) for p in root.glob(PART_GLOB))
-    )
+    """A directory in Meta's format: no HF config.json, and Meta's weights, or params.json and no
+    safetensors (Mistral's own format has params.json and consolidated.safetensors: not this one;
+    a Hub snapshot before its weights came down has params.json alone)."""
+    if (root / "config.json").exists():
+        return False
+    if any(_PART.match(p.name) for p in root.glob(PART_GLOB)):
+        return True
+    return (root / PARAMS).is_file() and not any(root.glob("*.safetensors"))
 
 
 def _params(root: Path) -> dict:
@@ -108,6 +112,15 @@ def _params(root: Path) -> dict:
     missing = [k for k in REQUIRED_PARAMS if not isinstance(p, dict) or k not in p]
     if missing:
         raise CheckpointError(f"{path} lacks {missing[0]!r}; restore the {PARAMS} of this model")
+    bad = [
+        k
+        for k in REQUIRED_PARAMS
+        if not isinstance(p[k], (int, float)) or isinstance(p[k], bool) or p[k] <= 0
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {bad[0]} is {p[bad[0]]!r}, not a positive number; restore the original file"
+        )
     return p
 
 
