@@ -342,3 +342,29 @@ def test_mistral_native_format_is_not_taken_for_meta(tmp_path):
     save_file({"x": torch.zeros(2)}, d / "consolidated.safetensors")
     res = run("decompose", str(d), "--rank", "4", "-o", str(tmp_path / "o"))
     assert_clean_error(res, "has no config.json, so it is not a Hugging Face model directory")
+
+
+def test_meta_decomposition_exports_to_gguf(hf_and_meta, tmp_path):
+    """Every later command takes DIR unchanged: merge --to gguf of the Meta decomposition runs in
+    llama.cpp with the HF model's logits, and llama.cpp tokenizes as sentencepiece does."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from sorsa_tools.merge import merge
+
+    hf, _, metas = hf_and_meta
+    out = tmp_path / "out"
+    decompose(str(metas[2]), 4, out, svd="exact", check_sample=0)
+    gguf = tmp_path / "m.f32.gguf"
+    merge(out, gguf, to="gguf", outtype="f32")
+    ids = [1, 5, 9, 33, 64, 99, 17, 3]
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(hf).eval()(torch.tensor([ids])).logits[0]
+    llm = llama_cpp.Llama(model_path=str(gguf), logits_all=True, type_k=0, type_v=0, n_ctx=64, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)])
+    assert (got - want).abs().max() < 1e-3
+    sp = spm.SentencePieceProcessor(model_file=str(metas[2] / "tokenizer.model"))
+    for text in TEXTS[:5]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)], text
+    llm.close()
