@@ -1,5 +1,8 @@
 """`sorsa decompose`: stream a checkpoint shard by shard into W_r shards plus SORSA factors.
 
+The source is an HF safetensors checkpoint, or a format read as one (io.checkpoint.open_source:
+Meta's original Llama release, io.meta_llama); the output is always an HF checkpoint.
+
 Pipeline, per target weight in file order: an I/O thread preads W, compute threads run the SVD
 (on a CPU: up to 4 matrices at once, the cores split between them; or one on the GPU), and the
 main thread streams the output shard: target weights as W_r, every other tensor copied byte for
