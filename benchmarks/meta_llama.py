@@ -148,9 +148,9 @@ def main() -> None:
         f"| the same weights as HF safetensors | {r_hf['seconds']:.0f} s | {r_hf['peak_rss'] / gib:.2f} GiB |\n"
         "\nPeak RSS is, for both sources, the few float32 matrices the pipeline keeps in flight; reading "
         f"Meta's parts adds {(r_meta['peak_rss'] - r_hf['peak_rss']) / gib:.2f} GiB (a tensor and one mapped "
-        f"piece of it), not a part file ({size / a.parts / gib:.2f} GiB each) and not the model. The time "
-        "difference is mostly the part files mapped again for each tensor (the machine's speed also drifts "
-        "between runs).\n"
+        f"piece of it), not a part file ({size / a.parts / gib:.2f} GiB each) and not the model. Mapping the "
+        "parts again for each tensor costs a few seconds in all; the rest of a time difference is this shared "
+        "machine's drift between runs (up to 25 %) and the permuted copies of wq / wk.\n"
     )
     print(body)
     if a.record:
