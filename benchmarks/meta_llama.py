@@ -150,7 +150,7 @@ def main() -> None:
         f"Meta's parts adds {(r_meta['peak_rss'] - r_hf['peak_rss']) / gib:.2f} GiB (a tensor and one mapped "
         f"piece of it), not a part file ({size / a.parts / gib:.2f} GiB each) and not the model. Mapping the "
         "parts again for each tensor costs a few seconds in all; the rest of a time difference is this shared "
-        "machine's drift between runs (up to 25 %) and the permuted copies of wq / wk.\n"
+        "machine's drift between runs (up to 25 %; two training jobs shared its cores).\n"
     )
     print(body)
     if a.record:
