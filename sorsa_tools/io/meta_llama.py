@@ -78,6 +78,7 @@ TOP_RULES: tuple[Rule, ...] = (  # (first, last): around the layers, in HF's ord
     Rule("output.weight", "lm_head.weight", 0, None, ("vocab", "dim")),  # absent where tied (3.2 1B)
 )
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")
+OPTIONAL = {"output.weight"}  # absent where the output layer is tied to the embeddings (Llama 3.2 1B)
 
 
 def intermediate_size(dim: int, ffn_dim_multiplier: float = 1.0, multiple_of: int = 256) -> int:
@@ -314,59 +315,69 @@ def _dims(p: dict, listing: list[dict]) -> dict[str, int]:
     }
 
 
+def _rules(layers: int, keys: set[str]) -> list[tuple[Rule, str, str]]:
+    """(rule, Meta name, HF name) of every tensor, in HF order; output.weight only where stored."""
+    first, *last = TOP_RULES
+    out = [(first, first.meta, first.hf)]
+    out += [
+        (r, f"layers.{i}.{r.meta}", f"model.layers.{i}.{r.hf}") for i in range(layers) for r in LAYER_RULES
+    ]
+    return out + [(r, r.meta, r.hf) for r in last if r.meta in keys or r.meta not in OPTIONAL]
+
+
 def _sources(p: dict, parts: list[Path], listing: list[dict]) -> dict[str, Source]:
     """Every HF tensor's Source, after checking that the parts fit together and match params.json."""
-    n = len(parts)
     d = _dims(p, listing)
     layers = int(p["n_layers"])
     keys = set(listing[0])
     for path, lst in zip(parts[1:], listing[1:], strict=True):
         if set(lst) != keys:
-            odd = sorted(set(lst) ^ keys)[0]
             raise CheckpointError(
-                f"{path.name} and {parts[0].name} hold different tensors (e.g. {odd}); the model-parallel "
-                "parts come from different models"
+                f"{path.name} and {parts[0].name} hold different tensors (e.g. {sorted(set(lst) ^ keys)[0]}); "
+                "the model-parallel parts come from different models"
             )
-    rules = [(TOP_RULES[0], TOP_RULES[0].meta, TOP_RULES[0].hf)]
-    rules += [
-        (r, f"layers.{i}.{r.meta}", f"model.layers.{i}.{r.hf}") for i in range(layers) for r in LAYER_RULES
-    ]
-    rules += [(r, r.meta, r.hf) for r in TOP_RULES[1:] if r.meta in keys or r.meta != "output.weight"]
-    expected = {meta for _, meta, _ in rules}
-    extra = sorted(keys - expected)
+    rules = _rules(layers, keys)
+    extra = sorted(keys - {meta for _, meta, _ in rules})
     if extra:
         raise CheckpointError(
             f"{parts[0].name} holds {extra[0]}, which Llama with n_layers {layers} ({PARAMS}) does not have; "
             f"this is not a Llama checkpoint, or {PARAMS} belongs to another model"
         )
-    out = {}
-    for rule, meta, hf in rules:
-        if meta not in keys:
-            raise CheckpointError(
-                f"{parts[0].name} lacks {meta}, which Llama with n_layers {layers} ({PARAMS}) has; "
-                "re-download the checkpoint"
-            )
-        shapes = [lst[meta][0] for lst in listing]
-        dtypes = {lst[meta][1] for lst in listing}
-        split = rule.split
-        if split == EMBED_SPLIT:
-            split = 0 if shapes[0][-1] == d["dim"] and n > 1 else 1
-        want = tuple(d[k] for k in rule.shape)
-        got = _joined(shapes, split, parts, meta)
-        if len(dtypes) > 1 or got != want:
-            why = f"dtypes {sorted(str(t) for t in dtypes)}" if len(dtypes) > 1 else f"shape {got}"
-            raise CheckpointError(
-                f"{meta} joined over {n} part(s) has {why}, but {PARAMS} implies {want}: a model-parallel "
-                f"part is missing or of another model, or {PARAMS} does not belong to these weights"
-            )
-        heads = d[rule.heads] // n if rule.heads else None
-        if rule.heads and d[rule.heads] % n:
-            raise CheckpointError(
-                f"{rule.heads} {d[rule.heads]} does not split over {n} model-parallel parts; such a "
-                "checkpoint is not read: convert it with transformers' converter"
-            )
-        out[hf] = Source(rule, meta, split, heads, want, dtypes.pop())
-    return out
+    return {hf: _source(rule, meta, d, parts, listing, layers) for rule, meta, hf in rules}
+
+
+def _source(
+    rule: Rule, meta: str, d: dict[str, int], parts: list[Path], listing: list[dict], layers: int
+) -> Source:
+    n = len(parts)
+    if meta not in listing[0]:
+        raise CheckpointError(
+            f"{parts[0].name} lacks {meta}, which Llama with n_layers {layers} ({PARAMS}) has; "
+            "re-download the checkpoint"
+        )
+    shapes = [lst[meta][0] for lst in listing]
+    dtypes = sorted({str(lst[meta][1]).removeprefix("torch.") for lst in listing})
+    if len(dtypes) > 1:
+        raise CheckpointError(
+            f"{meta} is stored as {' and '.join(dtypes)} in different parts: the model-parallel parts come "
+            "from different models"
+        )
+    split = rule.split
+    if split == EMBED_SPLIT:  # Llama 3 splits the vocabulary (rows), Llama 1/2 the width (columns)
+        split = 0 if shapes[0][-1] == d["dim"] and n > 1 else 1
+    want = tuple(d[k] for k in rule.shape)
+    got = _joined(shapes, split, parts, meta)
+    if got != want:
+        raise CheckpointError(
+            f"{meta} joined over {n} part(s) has shape {got}, but {PARAMS} implies {want}: a model-parallel "
+            f"part is missing or of another model, or {PARAMS} does not belong to these weights"
+        )
+    if rule.heads and d[rule.heads] % n:
+        raise CheckpointError(
+            f"{rule.heads} {d[rule.heads]} does not split over {n} model-parallel parts (heads replicated "
+            "across parts); such a checkpoint is not read here"
+        )
+    return Source(rule, meta, split, d[rule.heads] // n if rule.heads else None, want, listing[0][meta][1])
 
 
 def _joined(
