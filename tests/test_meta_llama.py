@@ -191,7 +191,8 @@ def test_merged_meta_model_gives_the_hf_logits_and_tokens(hf_and_meta, tmp_path)
 
 
 def test_several_output_shards_and_resume(hf_and_meta, tmp_path, monkeypatch):
-    """Output shards of a size cap get an index; a second run finds the work done."""
+    """Output shards of a size cap get an index; a run stopped part-way resumes shard by shard to
+    the same result; a further run finds the work done."""
     import sorsa_tools.io.meta_llama as ml
 
     _, hf_out, metas = hf_and_meta
@@ -200,7 +201,20 @@ def test_several_output_shards_and_resume(hf_and_meta, tmp_path, monkeypatch):
     assert len(ck.shards) > 2 and ck.index is not None
     assert sum(s.size for s in ck.shards) == sum(t.numel() * 4 for t in _hf_tensors(hf_out).values())
     out = tmp_path / "out"
-    decompose(str(metas[2]), 4, out, svd="exact", check_sample=0)
+    real = ml.Reader.read
+
+    def stopped(self, name):  # a Ctrl-C while the third shard's tensors are read
+        if name == next(iter(ck.shards[2].tensors)):
+            raise KeyboardInterrupt
+        return real(self, name)
+
+    monkeypatch.setattr(ml.Reader, "read", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        decompose(str(metas[2]), 4, out, svd="exact", check_sample=0)
+    assert (out / ck.shards[1].path.name).is_file() and not (out / CONFIG_FILE).exists()
+    monkeypatch.setattr(ml.Reader, "read", real)
+    r = decompose(str(metas[2]), 4, out, svd="exact", check_sample=0)
+    assert r.resumed_shards == 2 and not r.already_done
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [s.path.name for s in ck.shards]
     want, got = _hf_tensors(hf_out), _hf_tensors(out)
