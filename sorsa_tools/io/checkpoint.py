@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sorsa_tools.errors import CheckpointError
-from sorsa_tools.io.safetensors_file import SafetensorsFile, TensorInfo
+from sorsa_tools.io.safetensors_file import SafetensorsFile, TensorInfo, copy_side_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -64,8 +64,6 @@ class Checkpoint:
 
     def write_side_files(self, out: Path) -> None:
         """What goes beside the weights of a checkpoint made from this one (decompose's output)."""
-        from sorsa_tools.io.safetensors_file import copy_side_file
-
         for p in self.side_files():
             copy_side_file(p, out / p.name)
 

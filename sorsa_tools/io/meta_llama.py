@@ -23,6 +23,7 @@ costs some tens of ms, nothing beside an SVD.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import pickle
@@ -36,7 +37,7 @@ import torch
 
 from sorsa_tools.errors import CheckpointError, MissingDependencyError
 from sorsa_tools.io.checkpoint import Checkpoint
-from sorsa_tools.io.safetensors_file import DTYPE_CODES, MACHINE_LOCAL_KEYS, TensorInfo
+from sorsa_tools.io.safetensors_file import DTYPE_CODES, MACHINE_LOCAL_KEYS, TensorInfo, atomic_write_bytes
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -245,16 +246,12 @@ class MetaLlamaCheckpoint(Checkpoint):
     digest: str = ""
 
     def side_files(self) -> list[Path]:
-        import fnmatch
-
         return [p for p in super().side_files() if not any(fnmatch.fnmatch(p.name, g) for g in NOT_COPIED)]
 
     def fingerprint(self) -> str:
         return self.digest
 
     def write_side_files(self, out: Path) -> None:
-        from sorsa_tools.io.safetensors_file import atomic_write_bytes
-
         super().write_side_files(out)
         for name, data in self.generated.items():
             atomic_write_bytes(out / name, data)
