@@ -16,8 +16,8 @@ the tensor in the HF layout and maps the part files one after the other (mmap: p
 they are touched and go with the mapping), copying each part's piece straight into its place,
 q/k permuted on the way. So one read holds one materialised tensor plus one mapped piece: for a
 7B (1 file) never more than one tensor beyond the mmap; for N files one tensor plus 1/N of it,
-and one consolidated file mapped at a time. `decompose` keeps a few reads in flight (its
-lookahead), as for an HF checkpoint; the model is never resident. Remapping a part per tensor
+with one consolidated file mapped at a time. `decompose` keeps a few reads in flight (its
+lookahead, each read bounded so), as for an HF checkpoint; the model is never resident. Remapping a part per tensor
 costs some tens of ms, nothing beside an SVD.
 """
 
