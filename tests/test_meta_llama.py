@@ -82,14 +82,16 @@ def _tokenizer_model(path: Path) -> Path:
     return path
 
 
-def make_meta(hf: Path, dst: Path, parts: int, params: dict = PARAMS) -> Path:
-    """The Meta-format release of the HF checkpoint `hf`, in `parts` model-parallel files."""
+def make_meta(hf: Path, dst: Path, parts: int, params: dict = PARAMS, embed_split: int = 1) -> Path:
+    """The Meta-format release of the HF checkpoint `hf`, in `parts` model-parallel files; the
+    embedding split along its width (Llama 1/2) or, with embed_split=0, its rows (Llama 3)."""
     dst.mkdir(parents=True)
     tensors = _hf_tensors(hf)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
     for name, t in tensors.items():
         if name in TOP:
             meta, split, heads = TOP[name]
+            split = embed_split if meta == "tok_embeddings.weight" else split
         else:
             layer, suffix = name.removeprefix("model.layers.").split(".", 1)
             meta, split, heads = TO_META[suffix]
@@ -382,3 +384,51 @@ def test_meta_decomposition_exports_to_gguf(hf_and_meta, tmp_path):
     for text in TEXTS[:5]:
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)], text
     llm.close()
+
+
+def test_llama3_style_embedding_split_and_a_tied_output(hf_and_meta, tmp_path):
+    """tok_embeddings split by rows (Llama 3's VocabParallelEmbedding) joins to the same tensor;
+    a checkpoint without output.weight is tied (config, and no lm_head written)."""
+    hf, hf_out, _ = hf_and_meta
+    meta = make_meta(hf, tmp_path / "m3", 2, embed_split=0)
+    decompose(str(meta), 4, tmp_path / "o3", svd="exact", check_sample=0)
+    want, got = _hf_tensors(hf_out), _hf_tensors(tmp_path / "o3")
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    for i in range(2):
+        f = meta / f"consolidated.{i:02d}.pth"
+        sd = torch.load(f, weights_only=True)
+        del sd["output.weight"]
+        torch.save(sd, f)
+    decompose(str(meta), 4, tmp_path / "tied", svd="exact", check_sample=0)
+    assert json.loads((tmp_path / "tied" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in _hf_tensors(tmp_path / "tied")
+
+
+def test_a_read_maps_one_part_at_a_time(hf_and_meta, monkeypatch):
+    """The RAM bound: while a tensor is assembled, the mapping of the part read before is gone
+    (the converter holds every part at once); the tensor is the HF one."""
+    import gc
+    import weakref
+
+    import sorsa_tools.io.meta_llama as ml
+
+    hf, _, metas = hf_and_meta
+    ck = open_source(metas[2])
+    reader = ck.shards[0].reader
+    real, alive, peak = ml.load_part, weakref.WeakSet(), []
+
+    class Mapped(dict):  # a dict that a weak reference can watch
+        __hash__ = object.__hash__
+
+    def watched(path):
+        gc.collect()
+        peak.append(len(alive))
+        m = Mapped(real(path))
+        alive.add(m)
+        return m
+
+    monkeypatch.setattr(ml, "load_part", watched)
+    want = _hf_tensors(hf)
+    for name in ("model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert torch.equal(reader.read(name), want[name])
+    assert peak == [0, 0, 0, 0]
