@@ -271,7 +271,7 @@ def _listing(parts: list[Path]) -> list[dict[str, tuple[tuple[int, ...], torch.d
         sd = load_part(p)
         out.append({k: (tuple(v.shape), v.dtype) for k, v in sd.items() if k not in IGNORED})
         for k, v in sd.items():
-            if not _replicated(k):
+            if len(parts) == 1 or not _replicated(k):
                 continue
             if i == 0:
                 first[k] = v.clone()
