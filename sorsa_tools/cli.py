@@ -158,6 +158,8 @@ DECOMPOSE_EPILOG = """[bold]Examples[/]
 
   sorsa decompose meta-llama/Llama-2-7b-hf --rank 128 -o llama2-7b-sorsa-r128
 
+  sorsa decompose meta-llama/Llama-2-7b --rank 128 -o Llama-2-7b-sorsa-r128   (Meta's own format)
+
   sorsa decompose ./gemma3-270m --rank 64 --targets q_proj,v_proj -o gemma-qv-r64
 
   sorsa decompose ./model --rank 64 --svd exact --residual-dtype float32 -o out
@@ -167,7 +169,13 @@ DECOMPOSE_EPILOG = """[bold]Examples[/]
 @app.command(epilog=DECOMPOSE_EPILOG)
 @handle_errors
 def decompose(
-    model: Annotated[str, typer.Argument(help="Hub id (org/name) or local checkpoint directory.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Hub id (org/name) or local checkpoint directory: HF safetensors, or Meta's original Llama "
+            "format (consolidated.NN.pth, params.json, tokenizer.model)."
+        ),
+    ],
     rank: Annotated[int, typer.Option("--rank", "-r", help="SORSA rank r (top-r singular triplets).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
     revision: Annotated[str, typer.Option(help="Hub branch, tag or commit.")] = None,

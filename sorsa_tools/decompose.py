@@ -1,5 +1,8 @@
 """`sorsa decompose`: stream a checkpoint shard by shard into W_r shards plus SORSA factors.
 
+The source is an HF safetensors checkpoint, or a format read as one (io.checkpoint.open_source:
+Meta's original Llama release, io.meta_llama); the output is always an HF checkpoint.
+
 Pipeline, per target weight in file order: an I/O thread preads W, compute threads run the SVD
 (on a CPU: up to 4 matrices at once, the cores split between them; or one on the GPU), and the
 main thread streams the output shard: target weights as W_r, every other tensor copied byte for
@@ -51,7 +54,7 @@ from sorsa_tools.format import (
     checksums,
     factor_names,
 )
-from sorsa_tools.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from sorsa_tools.io.checkpoint import INDEX_NAME, Checkpoint, open_source
 from sorsa_tools.io.hub import resolve_model
 from sorsa_tools.io.placement import mark_complete, remove_stale_temps
 from sorsa_tools.io.safetensors_file import (
@@ -62,7 +65,6 @@ from sorsa_tools.io.safetensors_file import (
     atomic_write_json,
     check_read_back,
     check_replaceable,
-    copy_side_file,
     iter_file_chunks,
     write_tensors,
 )
@@ -264,7 +266,7 @@ def decompose(
             f"{model} is already a SORSA decomposition (its target weights hold residuals); decompose the "
             f"original model, or get it back first with `sorsa merge {model} --to hf -o ORIGINAL`"
         )
-    ckpt = open_checkpoint(src.path)
+    ckpt = open_source(src.path)
     shapes = {n: ckpt.info(n).shape for n in ckpt.weight_map}
     target_list, warnings = select_targets(ckpt.config, shapes, targets)
     _validate_targets(ckpt, target_list, rank)
@@ -632,8 +634,7 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
                             done[m] = d
                             progress.advance(1, info.nbytes, m)
                         else:
-                            w.copy_from(info.name, shard.path, info)
-                            _verify_copy(w, info, shard)
+                            _copy_tensor(w, shard, info)
                             progress.advance(0, info.nbytes, info.name)
                     tmp = w.finish_to_temp()
                     written = SafetensorsFile(tmp)  # the header and layout parse back
@@ -656,6 +657,19 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
         finally:
             for f in computes.values():
                 f.cancel()
+
+
+def _copy_tensor(w: StreamWriter, shard, info) -> None:
+    """A non-target tensor into the output: a safetensors source's bytes verbatim; from a source
+    read through a converter (Meta's format), the tensor it gives, read back as written."""
+    if isinstance(shard, SafetensorsFile):
+        w.copy_from(info.name, shard.path, info)
+        _verify_copy(w, info, shard)
+        return
+    t = shard.read_tensor(info.name)
+    w.write(info.name, t)
+    w.flush()
+    check_read_back(w.tmp, *w.span(info.name), t, info.name)
 
 
 def _verify_copy(w: StreamWriter, info, shard: SafetensorsFile) -> None:
@@ -689,8 +703,7 @@ def _finalize(
         index = dict(ckpt.index)
         index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
         atomic_write_json(out / INDEX_NAME, index)
-    for p in ckpt.side_files():
-        copy_side_file(p, out / p.name)
+    ckpt.write_side_files(out)
     res_dtypes = sorted(
         {
             _dtype_name(

@@ -405,3 +405,53 @@ def test_hub_id_resolved_from_offline_cache(tiny_factory, tmp_path, monkeypatch)
         CheckpointError, match="tester/tiny-llama: its model.safetensors.index.json is not a valid"
     ):
         decompose("tester/tiny-llama", 4, tmp_path / "out2")
+
+
+RWKV6_TARGETS = (
+    r"blocks\.\d+\.(attention\.(receptance|key|value|gate|output)|feed_forward\.(key|receptance|value))$"
+)
+
+
+def test_rwkv6_checkpoint_decomposes_with_explicit_targets(tmp_path):
+    """RWKV6 (the paper's fourth model) has no class in transformers, so nothing that needs the model
+    is offered for it (README, "RWKV6"); decompose and merge --to hf are tensor-level and take its
+    checkpoint layout (RWKV/v6-Finch-*-HF names) with --targets naming the 8 linear layers per block.
+    The token-shift / decay low-rank matrices (time_maa_w1, time_decay_w1/w2: parameters, not
+    nn.Linear) are not selected."""
+    from safetensors.torch import save_file
+
+    from sorsa_tools.merge import merge
+
+    g = torch.Generator().manual_seed(0)
+    d, ffn, t = 32, 112, {}
+    t["rwkv.embeddings.weight"] = torch.randn(64, d, generator=g)
+    for i in range(2):
+        p = f"rwkv.blocks.{i}."
+        for n in ("receptance", "key", "value", "gate", "output"):
+            t[p + f"attention.{n}.weight"] = torch.randn(d, d, generator=g)
+        t[p + "attention.time_maa_w1"] = torch.randn(d, 160, generator=g)
+        t[p + "attention.time_maa_w2"] = torch.randn(5, 32, d, generator=g)
+        t[p + "attention.time_decay_w1"] = torch.randn(d, 64, generator=g)
+        t[p + "attention.time_decay_w2"] = torch.randn(64, d, generator=g)
+        t[p + "feed_forward.key.weight"] = torch.randn(ffn, d, generator=g)
+        t[p + "feed_forward.receptance.weight"] = torch.randn(d, d, generator=g)
+        t[p + "feed_forward.value.weight"] = torch.randn(d, ffn, generator=g)
+        t[p + "ln1.weight"] = torch.ones(d)
+    t["head.weight"] = torch.randn(64, d, generator=g)
+    src = tmp_path / "rwkv6"
+    src.mkdir()
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    cfg = {
+        "model_type": "rwkv6",
+        "architectures": ["Rwkv6ForCausalLM"],
+        "hidden_size": d,
+        "num_hidden_layers": 2,
+    }
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = decompose(str(src), 4, tmp_path / "dec", targets=RWKV6_TARGETS, svd="exact", check_sample=0)
+    targets = json.loads((tmp_path / "dec" / CONFIG_FILE).read_text())["target_modules"]
+    assert r.modules == len(targets) == 16 and not any("time_" in m for m in targets)
+    merge(tmp_path / "dec", tmp_path / "merged")
+    back = all_tensors(tmp_path / "merged")
+    assert set(back) == set(t)
+    assert all(torch.allclose(back[k], v, atol=1e-5, rtol=0) for k, v in t.items())

@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sorsa_tools.errors import CheckpointError
-from sorsa_tools.io.safetensors_file import SafetensorsFile, TensorInfo
+from sorsa_tools.io.safetensors_file import SafetensorsFile, TensorInfo, copy_side_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Other source formats decompose reads as an HF checkpoint: modules with recognizes(root) and
+# open_source(root) (imported when needed: they import this module)
+SOURCE_FORMATS = ("sorsa_tools.io.meta_llama",)
 
 
 @dataclass
@@ -59,6 +62,11 @@ class Checkpoint:
             out.append(p)
         return out
 
+    def write_side_files(self, out: Path) -> None:
+        """What goes beside the weights of a checkpoint made from this one (decompose's output)."""
+        for p in self.side_files():
+            copy_side_file(p, out / p.name)
+
     def fingerprint(self) -> str:
         """Identifies the exact weights: every shard header plus sizes, and the config."""
         h = hashlib.sha256()
@@ -68,6 +76,18 @@ class Checkpoint:
             h.update(str(s.size).encode())
             h.update(s.header_bytes)
         return h.hexdigest()
+
+
+def open_source(root: str | Path) -> Checkpoint:
+    """A checkpoint to decompose: an HF one, or one in a format read as one (`SOURCE_FORMATS`)."""
+    import importlib
+
+    root = Path(root)
+    for module in SOURCE_FORMATS:
+        fmt = importlib.import_module(module)
+        if fmt.recognizes(root):
+            return fmt.open_source(root)
+    return open_checkpoint(root)
 
 
 def open_checkpoint(root: str | Path) -> Checkpoint:

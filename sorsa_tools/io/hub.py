@@ -1,7 +1,10 @@
 """MODEL -> a local directory: a path as is, or a Hub id downloaded into the normal HF cache.
 
 Only the files a decomposition needs come down: configs, tokenizer files and the safetensors
-shards the index names (never pickle `.bin` weights, never `consolidated.*` duplicates).
+shards the index names (never pickle `.bin` weights, never `consolidated.*` duplicates). A repo
+of Meta's original Llama release (params.json and no config.json after the small files, e.g.
+meta-llama/Llama-2-7b) gets its `consolidated.NN.pth` parts instead, read by io.meta_llama
+with the restricted unpickler only.
 """
 
 from __future__ import annotations
@@ -68,10 +71,14 @@ def _download(repo_id: str, revision: str | None) -> ResolvedModel:
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
 
+    from sorsa_tools.io import meta_llama
+
     try:
         snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SIDE_FILE_PATTERNS))
         index = snap / "model.safetensors.index.json"
-        if index.exists():
+        if meta_llama.recognizes(snap):
+            shards = [meta_llama.PART_GLOB]
+        elif index.exists():
             try:
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
