@@ -267,57 +267,73 @@ def evaluate_humaneval(
         default, inputs = completions.with_name(completions.stem + ".eval_humaneval.jsonl"), [completions]
     items_file, _ = plan_outputs(output, default, inputs, force)
 
-    backend, outs, gen_s, sampling = None, None, 0.0, None
+    backend, outs, gen_s, source = None, None, 0.0, {}
     if spec is not None:
         ids = list(problems)[:limit]
-        if samples > 1:
-            sampling = Sampling(temperature if temperature is not None else 0.8, top_p, seed)
+        sampling = Sampling(temperature or 0.8, top_p, seed) if samples > 1 else None
         backend, outs, gen_s = _generate(
             spec, problems, ids, template=template, samples=samples, sampling=sampling, device=device,
             dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
         )  # fmt: skip
         pairs = [
-            (t, completion_from(text, template))
-            for (text, _), t in zip(outs, (t for t in ids for _ in range(samples)), strict=True)
+            (t, completion_from(o[0], template)) for o, t in zip(outs, _repeat(ids, samples), strict=True)
         ]
+        source = {
+            "template": template,
+            "limit": limit,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+        }
+        source |= {
+            "stop_strings": list(PROMPTS[template][1]),
+            "decoding": "sampling" if sampling else "greedy",
+        }
+        source |= {"temperature": None, "top_p": None, "seed": None}
+        source |= {"temperature": sampling.temperature, "top_p": top_p, "seed": seed} if sampling else {}
+    else:
+        source = {"completions": {"path": str(completions.resolve()), "sha256": sha256_of(completions)}}
     t0 = time.perf_counter()
     outcomes = grade(problems, pairs, limits, workers, progress)
     grade_s = time.perf_counter() - t0
 
+    rows, per_task = _rows(pairs, outcomes, outs)
+    summary = _scores(outcomes, per_task) | source
+    summary["sandbox"] = sandbox.describe(limits) | {"network": outcomes[0].network}
+    summary["throughput"] = {"generate_seconds": gen_s, "grade_seconds": grade_s}
+    summary["throughput"]["generated_tokens"] = sum(o[1] for o in outs) if outs else None
+    summary |= run_fields(spec, backend, items_file)
+    sfile = write_results(items_file, rows, summary)
+    pass_at = {k: v for k, v in summary.items() if k.startswith("pass@")}
+    counts = [summary[k] for k in ("passed", "failed", "timed_out", "crashed", "total", "tasks")]
+    return HumanEvalResult(pass_at, *counts, items_file, sfile, time.perf_counter() - t_start, summary)
+
+
+def _repeat(ids: list[str], samples: int) -> list[str]:
+    return [t for t in ids for _ in range(samples)]
+
+
+def _rows(pairs, outcomes, outs) -> tuple[list[dict], dict[str, list[int]]]:
+    """Per-completion rows, and per task [samples, passed]."""
     rows, per_task = [], {}
     for k, ((task_id, completion), o) in enumerate(zip(pairs, outcomes, strict=True)):
         n_c = per_task.setdefault(task_id, [0, 0])
         n_c[0] += 1
         n_c[1] += o.result == "passed"
-        row = {"task_id": task_id, "sample": n_c[0] - 1, "completion": completion, "result": o.result,
-               "passed": o.result == "passed", "detail": o.detail, "seconds": round(o.seconds, 4)}  # fmt: skip
+        row = {"task_id": task_id, "sample": n_c[0] - 1, "completion": completion, "result": o.result}
+        row |= {"passed": o.result == "passed", "detail": o.detail, "seconds": round(o.seconds, 4)}
         if outs is not None:
             row |= {"output": outs[k][0], "generated_tokens": outs[k][1]}
         rows.append(row)
-    counts = {r: sum(1 for o in outcomes if o.result == r) for r in sandbox.RESULTS}
+    return rows, per_task
+
+
+def _scores(outcomes: list[sandbox.Outcome], per_task: dict[str, list[int]]) -> dict:
+    """pass@k (k = 1, 10, 100 where every task has that many samples) and the counts."""
     n_min = min(n for n, _ in per_task.values())
-    pass_at = {
-        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in per_task.values()) / len(per_task)
-        for k in (1, 10, 100)
-        if k <= n_min
-    }
-    summary = {"task": TASK, **pass_at, "total": len(outcomes), **counts, "tasks": len(per_task),
-               "problems_missing": N_PROBLEMS - len(per_task), "samples_per_task": n_min}  # fmt: skip
-    if spec is not None:
-        summary |= {
-            "template": template, "limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-            "stop_strings": list(PROMPTS[template][1]), "decoding": "sampling" if sampling else "greedy",
-            "temperature": sampling.temperature if sampling else None, "top_p": sampling.top_p if sampling else None,
-            "seed": seed if sampling else None,
-        }  # fmt: skip
-    else:
-        summary["completions"] = {"path": str(completions.resolve()), "sha256": sha256_of(completions)}
-    summary["sandbox"] = sandbox.describe(limits) | {"network": outcomes[0].network if outcomes else ""}
-    summary["throughput"] = {"generate_seconds": gen_s, "grade_seconds": grade_s,
-                             "generated_tokens": sum(o[1] for o in outs) if outs else None}  # fmt: skip
-    summary |= run_fields(spec, backend, items_file)
-    sfile = write_results(items_file, rows, summary)
-    return HumanEvalResult(
-        pass_at, counts["passed"], counts["failed"], counts["timed_out"], counts["crashed"], len(outcomes),
-        len(per_task), items_file, sfile, time.perf_counter() - t_start, summary,
-    )  # fmt: skip
+    out = {"task": TASK}
+    for k in (1, 10, 100):
+        if k <= n_min:
+            out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in per_task.values()) / len(per_task)
+    out |= {r: sum(1 for o in outcomes if o.result == r) for r in sandbox.RESULTS}
+    out |= {"total": len(outcomes), "tasks": len(per_task), "problems_missing": N_PROBLEMS - len(per_task)}
+    return out | {"samples_per_task": n_min}
