@@ -222,3 +222,25 @@ def test_cli_refuses_bad_data(tiny_lm_decomposed, tmp_path):
     ok.write_text('{"question": "1+1?", "answer": "$\\\\boxed{2}$"}\n')
     res = run("eval", "math", src, "--data", str(ok), "--fields", "question,answer", "--metric", "nll", *o)
     assert res.exit_code == 0, res.stderr
+
+
+def test_gguf_and_unmerged_dir_give_the_hf_numbers(tiny_lm_decomposed, tmp_path):
+    """MATH through llama.cpp (a `sorsa merge --to gguf` f32 file) and through the decomposed DIR
+    unmerged: the NLL and greedy outputs of the HF checkpoint."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("sorsa_tools.gguf_export")
+    from sorsa_tools.merge import merge
+
+    src, dec = tiny_lm_decomposed("llama")
+    merge(dec, tmp_path / "m.gguf", to="gguf", outtype="f32")
+    kw = dict(limit=3, max_new_tokens=6, stop_strings=())
+    h = me.evaluate_math(src, FIXTURE, device="cpu", output=tmp_path / "h.jsonl", **kw)
+    g = me.evaluate_math(tmp_path / "m.gguf", FIXTURE, output=tmp_path / "g.jsonl", **kw)
+    d = me.evaluate_math(dec, FIXTURE, device="cpu", output=tmp_path / "d.jsonl", **kw)
+    assert g.summary["model_kind"] == "gguf" and d.summary["model_kind"] == "sorsa-unmerged"
+    assert g.nll_tokens == h.nll_tokens == d.nll_tokens > 0
+    assert g.nll == pytest.approx(h.nll, rel=1e-4) and d.nll == pytest.approx(h.nll, rel=1e-4)
+    outs = [
+        [json.loads(x)["output"] for x in (tmp_path / f"{k}.jsonl").read_text().splitlines()] for k in "hd"
+    ]
+    assert outs[0] == outs[1]
