@@ -131,6 +131,11 @@ def test_code_is_taken_from_the_answer_block(problems):
         assert sandbox.run_program(he.check_program(p, c)).result == "passed", (output, c)
     assert he.completion_from("    return number % 1.0\n", "raw") == "    return number % 1.0\n"
     assert he.extract_code("no fence at all") == "no fence at all"
+    # what a base model writes: an empty fence, prose, then the tagged block (a ```python line
+    # does not close a block)
+    said = "\n```\n\nThe code:\n```python\ndef f():\n    return 1\n```\nmore ```"
+    assert he.extract_code(said) == "def f():\n    return 1"
+    assert he.extract_code("```\ncode\n```\n") == "code"
     assert he.PAPER_PROMPT.startswith("@@ Instruction\nHere is the given code to do completion:\n```python\n")
     assert he.PAPER_PROMPT.endswith("'''python\n# Your codes here\n'''\n\n@@ Response")
 

@@ -53,7 +53,8 @@ INSTRUCTION = (
 PAPER_PROMPT = "@@ Instruction\n" + INSTRUCTION + "\n\n@@ Response"  # Listing 2
 # template -> (how the prompt is made, stop strings, whether the answer is a fenced code block)
 PROMPTS = {
-    "paper": (lambda p, tok: PAPER_PROMPT.format(question=p), ("@@ Instruction", "\n```\n", "\n'''\n"), True),
+    # no fence among the stops: "\n```\n" both closes a block and opens one without a language tag
+    "paper": (lambda p, tok: PAPER_PROMPT.format(question=p), ("@@ Instruction", "### Instruction"), True),
     "raw": (lambda p, tok: p, ("\nclass", "\ndef", "\n#", "\nif", "\nprint"), False),
     "chat": (
         lambda p, tok: tok.apply_chat_template(
@@ -61,11 +62,14 @@ PROMPTS = {
             tokenize=False,
             add_generation_prompt=True,
         ),
-        ("\n```\n", "\n'''\n"),
+        (),
         True,
     ),
 }
-_FENCE = re.compile(r"(```|''')[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n[ \t]*\1|\Z)", re.S | re.I)
+# a fenced block: its opening fence, language tag, code, and a closing fence alone on its line (or the end)
+_FENCE = re.compile(
+    r"(```|''')[ \t]*(python3?|py)?[ \t]*\n(.*?)(?:\n[ \t]*\1[ \t]*(?=\n|\Z)|\Z)", re.S | re.I
+)
 
 
 def read_problems() -> dict[str, dict]:
@@ -91,9 +95,11 @@ def read_problems() -> dict[str, dict]:
 
 
 def extract_code(output: str) -> str:
-    """The code of the first fenced block (``` or ''', closed or cut off), else the output itself."""
-    m = _FENCE.search(output)
-    return (m.group(2) if m else output).strip("\n")
+    """The code of the first fenced block tagged python (``` or ''', closed or cut off), else of the
+    first fenced block, else the output itself."""
+    tagged = re.search(r"(```|''')[ \t]*(?:python3?|py)[ \t]*\n", output, re.I)
+    m = _FENCE.search(output, tagged.start() if tagged else 0)
+    return (m.group(3) if m else output).strip("\n")
 
 
 def completion_from(output: str, template: str) -> str:
