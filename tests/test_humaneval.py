@@ -72,8 +72,9 @@ def _children_of(pid: int) -> set[int]:
 
 @pytest.mark.parametrize("limits", [sandbox.Limits(timeout=5), HOOK_ONLY], ids=["default", "hook-only"])
 def test_harmful_code_is_contained_and_counted(tmp_path, limits):
-    """A write outside its directory, a socket, a fork bomb, subprocess, ctypes (the way around the
-    hook) and signals to the parent: each ends its run as crashed, and none of it happened."""
+    """A write or delete outside its directory, a socket, a fork bomb, subprocess, ctypes (the way
+    around the hook), a signal to the parent, reading the parent's environment (its tokens): each
+    ends its run as crashed, and none of it happened."""
     outside = tmp_path / "escaped.txt"
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.3)
@@ -87,6 +88,7 @@ def test_harmful_code_is_contained_and_counted(tmp_path, limits):
         "subprocess": "import subprocess\nsubprocess.run(['touch', 'x'])",
         "ctypes": "import ctypes\nctypes.CDLL(None).fork()",
         "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)",
+        "read our environment": f"print(open('/proc/{os.getpid()}/environ').read())",
     }
     (tmp_path / "keep.txt").write_text("keep")
     out = {k: sandbox.run_program(src, limits) for k, src in cases.items()}

@@ -32,6 +32,8 @@ from sorsa_tools.evaluate.gsm8k import (
     gold_answer,
     numbers,
 )
+from sorsa_tools.evaluate.humaneval import evaluate_humaneval
+from sorsa_tools.evaluate.math_eval import evaluate_math, read_math_records
 from sorsa_tools.evaluate.models import ACCEPTED, ModelSpec, resolve_model
 from sorsa_tools.evaluate.report import (
     METRICS,
@@ -59,11 +61,14 @@ __all__ = [
     "answers_match",
     "default_output",
     "evaluate_gsm8k",
+    "evaluate_humaneval",
+    "evaluate_math",
     "extract_answer",
     "gold_answer",
     "numbers",
     "open_backend",
     "per_example_nll",
+    "read_math_records",
     "resolve_model",
     "summary_path",
     "wilson_interval",

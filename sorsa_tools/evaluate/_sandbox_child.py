@@ -123,6 +123,14 @@ def _inside(root: str, path) -> bool:
     return full == root or full.startswith(root + os.sep)
 
 
+def _other_process(path) -> bool:
+    if isinstance(path, int):
+        return False
+    full = os.path.abspath(os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path))
+    parts = full.split(os.sep)
+    return len(parts) > 2 and parts[1] == "proc" and parts[2] not in ("self", "thread-self", str(os.getpid()))
+
+
 def make_hook(fd: int, root: str):
     busy = []
 
@@ -144,6 +152,8 @@ def make_hook(fd: int, root: str):
                 writes = (flags or 0) & WRITE_FLAGS or (
                     isinstance(mode, str) and any(c in mode for c in "wax+")
                 )
+                if _other_process(path):  # their environment (tokens), memory, files
+                    refuse(f"opening {path!r} (another process)")
                 if writes and not _inside(root, path):
                     refuse(f"writing {path!r} (outside its directory)")
             elif event in PATH_EVENTS:

@@ -150,11 +150,11 @@ def _tail(path: Path, n: int = 2000) -> str:
 
 
 def _verdict(rc: int, reports: list[dict], killed: bool, limits: Limits, stderr: str) -> tuple[str, str]:
-    final = next((r for r in reversed(reports) if "result" in r), None)
+    final = next((r for r in reversed(reports) if r.get("result") in RESULTS), None)
     if killed:
         return "timed_out", f"killed after {limits.timeout:g} s (wall clock)"
     if final is not None:
-        return final["result"], final["detail"]
+        return final["result"], str(final.get("detail", ""))
     if rc == -signal.SIGXCPU:
         return "timed_out", f"CPU time limit ({_child_cpu(limits)} s)"
     if rc < 0:
@@ -181,7 +181,26 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
                 os.chown(p, cfg["uid"], cfg["gid"])
         env = {k: os.environ[k] for k in CHILD_ENV_KEEP if k in os.environ}
         env |= {"HOME": str(work), "TMPDIR": str(work), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        r, w = os.pipe()
+        rc, killed, raw = _spawn(work, top, cfg, env, limits.timeout)
+        reports = []
+        for line in raw.decode("utf-8", "replace").splitlines():
+            try:
+                reports.append(json.loads(line))
+            except ValueError:
+                pass  # the code under test wrote into the result pipe: not a report
+        reports = [x for x in reports if isinstance(x, dict)]
+        result, detail = _verdict(rc, reports, killed, limits, _tail(top / "stderr"))
+        network = next((x["network"] for x in reports if "network" in x), "")
+        return Outcome(result, detail, time.perf_counter() - t0, network)
+    finally:
+        _remove_tree(top)
+
+
+def _spawn(work: Path, top: Path, cfg: dict, env: dict, timeout: float) -> tuple[int, bool, bytes]:
+    """Start the child, wait for it at most `timeout` seconds, kill its process group; (exit code,
+    whether it was killed for the time, what it wrote to the result pipe)."""
+    r, w = os.pipe()
+    try:
         with open(top / "stdout", "wb") as out, open(top / "stderr", "wb") as err:
             try:
                 proc = subprocess.Popen(
@@ -196,14 +215,14 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
                 )
             finally:
                 os.close(w)
-            killed = False
-            try:
-                rc = proc.wait(timeout=limits.timeout)
-            except subprocess.TimeoutExpired:
-                killed = True
-            _kill_group(proc.pid)  # also whatever it left behind in its group
-            if killed:
-                rc = proc.wait()
+        killed = False
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            killed = True
+        _kill_group(proc.pid)  # also whatever it left behind in its group
+        if killed:
+            rc = proc.wait()
         os.set_blocking(r, False)
         raw = b""
         try:
@@ -211,14 +230,9 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
                 raw += chunk
         except BlockingIOError:
             pass
-        finally:
-            os.close(r)
-        reports = [json.loads(x) for x in raw.decode("utf-8", "replace").splitlines() if x.startswith("{")]
-        result, detail = _verdict(rc, reports, killed, limits, _tail(top / "stderr"))
-        network = next((x["network"] for x in reports if "network" in x), "")
-        return Outcome(result, detail, time.perf_counter() - t0, network)
+        return rc, killed, raw
     finally:
-        _remove_tree(top)
+        os.close(r)
 
 
 def _kill_group(pgid: int) -> None:
