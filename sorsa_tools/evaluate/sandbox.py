@@ -10,8 +10,9 @@ Design, and why (without root, without containers, on any Linux):
   it writes), RLIMIT_NOFILE, RLIMIT_CORE 0, and RLIMIT_NPROC 1 (no new process or thread).
 - A `sys.addaudithook` hook, installed last: CPython offers no way to remove an audit hook from
   Python code, and every fork/exec/spawn/subprocess, signal to another process, socket, ctypes and
-  cffi (native calls that would bypass the hook), chdir, and every write, rename, delete or chmod
-  outside the working directory raises an event first; the hook reports "sandbox refused EVENT"
+  cffi (native calls that would bypass the hook), chdir, opening another process's /proc files
+  (its environment: tokens), and every write, rename, delete or chmod outside the working
+  directory raises an event first; the hook reports "sandbox refused EVENT"
   and ends the process at once (os._exit: nothing to catch). Tested here: a fork bomb, a socket, a
   write outside.
 - Where the kernel allows it, a network namespace of its own (unshare: directly as root, through a
