@@ -176,6 +176,10 @@ def _check(samples: int, temperature: float | None, top_p: float, workers: int |
     bad = [
         (samples >= 1, f"--samples must be >= 1 (got {samples})"),
         (temperature is None or temperature > 0, f"--temperature must be > 0 (got {temperature})"),
+        (
+            temperature is None or samples > 1,
+            "--temperature applies to sampling (--samples > 1); one sample is greedy",
+        ),
         (0 < top_p <= 1, f"--top-p must be in (0, 1] (got {top_p})"),
         (workers is None or workers >= 1, f"--workers must be >= 1 (got {workers})"),
     ]
