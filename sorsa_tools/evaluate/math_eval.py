@@ -135,6 +135,25 @@ def _load_json(path: Path, where: str):
         raise DataError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
+# first bytes of formats that are not MATH's JSON, named in the error (each line's error would mislead)
+_NOT_JSON = {
+    b"PAR1": "a Parquet file",
+    b"\x1f\x8b": "gzip-compressed",
+    b"ARROW1": "an Arrow file",
+    b"PK\x03\x04": "a zip archive",
+}
+
+
+def _check_format(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    kind = next((k for magic, k in _NOT_JSON.items() if head.startswith(magic)), None)
+    if kind:
+        raise DataError(
+            f"{path} is {kind}; sorsa eval math reads MATH as JSONL or a directory of its .json files"
+        )
+
+
 def _problem_order(p: Path) -> tuple:
     """test/algebra/10.json after test/algebra/9.json."""
     return (*p.parent.parts, int(p.stem) if p.stem.isdigit() else float("inf"), p.stem)
@@ -154,21 +173,24 @@ def read_math_records(path: str | Path) -> Iterator[tuple[str, dict]]:
             raise DataError(f"{path} holds no .json files; pass MATH's directory (test/<subject>/<n>.json)")
         for f in files:
             yield str(f.relative_to(path)), _load_json(f, str(f))
-    elif path.suffix == ".json":
+        return
+    _check_format(path)
+    if path.suffix == ".json":
         data = _load_json(path, str(path))
         for k, rec in enumerate(data if isinstance(data, list) else [data]):
             yield f"{path.name}[{k}]", rec
-    else:
-        with open(path, encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield f"{path.name}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(
-                            f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); MATH data is "
-                            "JSONL (one record a line) or a directory of .json files"
-                        ) from None
+        return
+    with open(path, encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path.name}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); MATH data is "
+                    "JSONL (one record a line) or a directory of .json files"
+                ) from None
 
 
 def _checked(path: Path, prompt: str, response: str) -> list[tuple[str, dict]]:
