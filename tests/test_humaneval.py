@@ -216,3 +216,37 @@ def test_gguf_greedy_and_seeded_sampling(tiny_lm_decomposed, tmp_path):
         )
     assert outputs("s1") == outputs("s2") and len(set(outputs("s1"))) > 1
     assert json.loads((tmp_path / "s1.json").read_text())["total"] == 6
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the drop to nobody happens only as root")
+def test_as_root_the_code_runs_as_nobody_where_it_can(tmp_path):
+    """With an interpreter that `nobody` can read (here the system's), root's child drops to uid
+    65534: RLIMIT_NPROC then binds (no thread starts), root's files are out of reach, and the
+    work inside its directory still runs (imports, a file written, HumanEval's tests)."""
+    if not (os.access(SYSTEM_PYTHON, os.X_OK) and sandbox._world_readable_python(SYSTEM_PYTHON)):
+        pytest.skip(f"no interpreter that nobody can run at {SYSTEM_PYTHON}")
+    limits = sandbox.Limits(timeout=5, python=SYSTEM_PYTHON)
+    assert sandbox.describe(limits)["uid"] == 65534
+    root_file = tmp_path / "root-only.txt"  # tmp_path is root's, mode 0700
+    root_file.write_text("secret")
+    cases = {
+        "work": (
+            "import collections, hashlib, math\nopen('a.txt', 'w').write('x')\nassert math.gcd(4, 6) == 2",
+            "passed",
+        ),
+        "thread": ("import threading\nthreading.Thread(target=print).start()", "failed"),
+        "read root's file": (f"open({str(root_file)!r}).read()", "failed"),
+        "uid": ("import os\nassert os.getuid() == 65534", "passed"),
+    }
+    out = {k: sandbox.run_program(src, limits) for k, (src, _) in cases.items()}
+    assert {k: o.result for k, o in out.items()} == {k: want for k, (_, want) in cases.items()}, out
+    assert (
+        "can't start new thread" in out["thread"].detail
+        and "Permission denied" in out["read root's file"].detail
+    )
+    problems = he.read_problems()
+    p = problems["HumanEval/0"]
+    assert sandbox.run_program(he.check_program(p, p["canonical_solution"]), limits).result == "passed"

@@ -62,6 +62,7 @@ class Limits:
     open_files: int = 64
     drop_privileges: bool = True  # as root: run the code as nobody
     network_namespace: bool = True  # try a network namespace of its own
+    python: str = sys.executable  # the interpreter the programs run under (standard library only needed)
 
     def check(self) -> None:
         bad = [
@@ -100,7 +101,7 @@ def _child_config(limits: Limits) -> dict:
         "uid": None,
         "gid": None,
     }
-    if limits.drop_privileges and os.geteuid() == 0 and _world_readable_python():
+    if limits.drop_privileges and os.geteuid() == 0 and _world_readable_python(limits.python):
         try:
             nobody = pwd.getpwnam("nobody")
             cfg["uid"], cfg["gid"] = nobody.pw_uid, nobody.pw_gid
@@ -110,23 +111,24 @@ def _child_config(limits: Limits) -> dict:
 
 
 @functools.cache
-def _world_readable_python() -> bool:
+def _world_readable_python(python: str) -> bool:
     """Whether `nobody` can run this interpreter and import its standard library (not so for a
     pyenv under /root, mode 0700): if not, the child stays root, contained by the rest."""
-    import sysconfig
-
-    paths = [Path(sys.executable).resolve()] + [
-        Path(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")
-    ]
-    for p in paths:
-        for d in [p, *p.parents]:
-            try:
-                mode = d.stat().st_mode
-            except OSError:
+    ask = "import sys, sysconfig; print(sys.executable); print(sysconfig.get_paths()['stdlib'])"
+    try:
+        paths = subprocess.run([python, "-I", "-c", ask], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    paths = [Path(x).resolve() for x in paths.splitlines()] + [CHILD.resolve()]
+    for p in paths:  # each readable by others, each directory above it passable
+        try:
+            if not p.stat().st_mode & stat.S_IROTH or any(
+                not d.stat().st_mode & stat.S_IXOTH for d in p.parents
+            ):
                 return False
-            if not mode & stat.S_IXOTH or (d == p and d.is_dir() and not mode & stat.S_IROTH):
-                return False
-    return True
+        except OSError:
+            return False
+    return len(paths) == 3
 
 
 def _remove_tree(path: Path) -> None:
@@ -182,7 +184,7 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
                 os.chown(p, cfg["uid"], cfg["gid"])
         env = {k: os.environ[k] for k in CHILD_ENV_KEEP if k in os.environ}
         env |= {"HOME": str(work), "TMPDIR": str(work), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        rc, killed, raw = _spawn(work, top, cfg, env, limits.timeout)
+        rc, killed, raw = _spawn(limits.python, work, top, cfg, env, limits.timeout)
         reports = []
         for line in raw.decode("utf-8", "replace").splitlines():
             try:
@@ -197,7 +199,9 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
         _remove_tree(top)
 
 
-def _spawn(work: Path, top: Path, cfg: dict, env: dict, timeout: float) -> tuple[int, bool, bytes]:
+def _spawn(
+    python: str, work: Path, top: Path, cfg: dict, env: dict, timeout: float
+) -> tuple[int, bool, bytes]:
     """Start the child, wait for it at most `timeout` seconds, kill its process group; (exit code,
     whether it was killed for the time, what it wrote to the result pipe)."""
     r, w = os.pipe()
@@ -205,7 +209,7 @@ def _spawn(work: Path, top: Path, cfg: dict, env: dict, timeout: float) -> tuple
         with open(top / "stdout", "wb") as out, open(top / "stderr", "wb") as err:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-B", str(CHILD), str(w), json.dumps(cfg)],
+                    [python, "-I", "-B", str(CHILD), str(w), json.dumps(cfg)],
                     cwd=work,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -267,4 +271,4 @@ def run_many(
 
 def describe(limits: Limits) -> dict:
     """The limits as the summary records them."""
-    return asdict(limits) | {"uid": _child_config(limits)["uid"], "python": sys.executable}
+    return asdict(limits) | {"uid": _child_config(limits)["uid"]}
