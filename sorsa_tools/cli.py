@@ -779,6 +779,12 @@ def eval_humaneval(
     workers: Annotated[
         int, typer.Option(help="Completions tested at once \\[default: CPU cores, at most 8].")
     ] = None,
+    python: Annotated[
+        str,
+        typer.Option(
+            help="Interpreter the tests run under \\[default: this one]; as root, one nobody can read."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU.")
@@ -802,7 +808,8 @@ def eval_humaneval(
     )
     opts |= dict(top_p=top_p, seed=seed, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
     opts |= dict(device=device, dtype=dtype, output=output, workers=workers, force=force)
-    r = _run_eval(evaluate_humaneval, model, limits=Limits(timeout=timeout, memory_mb=memory_mb), **opts)
+    limits = Limits(timeout=timeout, memory_mb=memory_mb, **({"python": python} if python else {}))
+    r = _run_eval(evaluate_humaneval, model, limits=limits, **opts)
     _eval_report(
         r, as_json, f"sorsa eval humaneval ({r.tasks} problems, {r.total} completions)", humaneval_rows(r)
     )

@@ -166,6 +166,9 @@ def test_cli_refuses_bad_completions(problems, tmp_path):
         run("eval", "humaneval", "--completions", str(good), "--timeout", "0", *o), "--timeout"
     )
     assert_clean_error(
+        run("eval", "humaneval", "--completions", str(good), "--python", "/no/py", *o), "no such interpreter"
+    )
+    assert_clean_error(
         run("eval", "humaneval", "--completions", str(good), "--temperature", "0.5", *o), "--samples > 1"
     )
     assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "r.json").exists()

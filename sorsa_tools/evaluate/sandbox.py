@@ -72,6 +72,7 @@ class Limits:
                 f"--memory-mb must be >= 64 (got {self.memory_mb}): Python alone needs ~30",
             ),
             (self.file_size_mb >= 1, f"file size limit must be >= 1 MiB (got {self.file_size_mb})"),
+            (shutil.which(self.python) is not None, f"--python {self.python}: no such interpreter"),
         ]
         for ok, msg in bad:
             if not ok:
