@@ -168,6 +168,8 @@ def make_hook(fd: int, root: str):
 
 def main() -> None:
     fd, cfg = int(sys.argv[1]), json.loads(sys.argv[2])
+    here = os.path.dirname(os.path.realpath(__file__))  # on sys.path before 3.11 (-I implies -P since)
+    sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != here]
     root = os.path.realpath(os.getcwd())
     with open("program.py", encoding="utf-8") as f:
         source = f.read()

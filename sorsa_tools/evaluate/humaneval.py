@@ -191,6 +191,8 @@ def _check(samples: int, temperature: float | None, top_p: float, workers: int |
 def _generate(
     spec, problems, ids, *, template, samples, sampling, device, dtype, batch_size, max_new_tokens, progress
 ):
+    """The backend (closed: its memory freed before the tests run), its (text, tokens) per
+    completion, in `ids` order with each problem's samples together, and the seconds it took."""
     backend = backends.open_backend(spec, resolve_device(device), dtype)
     tok = backend.tokenizer
     if template == "chat" and not getattr(tok, "chat_template", None):
