@@ -79,6 +79,17 @@ def test_answers_are_graded_as_a_person_would(pred, gold, same):
     assert me.is_equivalent(pred or None, gold) is same
 
 
+def test_grading_works_off_the_main_thread():
+    """math-verify's timeouts use signal.alarm (main thread only): elsewhere they are left off."""
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(me.is_equivalent("0.5", "\\frac12")))
+    t.start()
+    t.join()
+    assert got == [True]
+
+
 def test_there_are_enough_pairs_of_both_kinds():
     assert len(PAIRS) >= 40 and sum(s for *_, s in PAIRS) >= 25 and sum(not s for *_, s in PAIRS) >= 15
 

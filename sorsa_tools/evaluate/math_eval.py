@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ TASK = "math"
 MAX_LENGTH = 4096  # tokens of prompt + solution for the NLL; longer ones are truncated (counted)
 FIELDS = ("problem", "solution")
 GROUPS = {"by_subject": "type", "by_level": "level"}  # summary key -> record field
+VERIFY_TIMEOUT_S = 5  # per parse and per comparison (a pathological expression can stall sympy)
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(r"\banswer\s+is\s*:?", re.I)
 
@@ -121,8 +123,10 @@ def is_equivalent(pred: str | None, gold: str | None) -> bool:
     parse, verify = _verifier()
     if pred.strip() == gold.strip():
         return True
-    g, p = parse(f"${gold}$"), parse(f"${pred}$")
-    return bool(g and p and verify(g, p))
+    # math-verify bounds sympy's time with signal.alarm, which only the main thread may use
+    t = VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    g, p = parse(f"${gold}$", parsing_timeout=t), parse(f"${pred}$", parsing_timeout=t)
+    return bool(g and p and verify(g, p, timeout_seconds=t))
 
 
 # -- data -----------------------------------------------------------------------------------------
