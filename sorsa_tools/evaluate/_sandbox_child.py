@@ -31,6 +31,8 @@ REFUSED_PREFIXES = (
     "os.killpg",
     "os.chdir",
     "os.fchdir",
+    "os.unshare",  # 3.12+: namespaces of its own (it may hold capabilities in its user namespace)
+    "os.setns",
     "signal.pthread_kill",
     "subprocess.",
     "pty.",
