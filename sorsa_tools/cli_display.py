@@ -258,7 +258,7 @@ class EvalBar(Bars):
         self.tasks: dict[str, int] = {}
 
     def start(self, phase: str, total: int) -> None:
-        label = {"nll": "answer NLL", "generate": "generate"}.get(phase, phase)
+        label = {"nll": "answer NLL", "generate": "generate", "grade": "run tests"}.get(phase, phase)
         self.tasks[phase] = self.p.add_task(label, total=total, stats="")
 
     def advance(self, phase: str, done: int, stats: str) -> None:
@@ -282,3 +282,43 @@ class AnalyzeBar(Bars):
         self.p.update(self.task, advance=svds, description=module)
         t = self.p.tasks[self.task]
         self.p.update(self.task, count=f"{int(t.completed)}/{int(t.total)} SVDs")
+
+
+def math_rows(r, model: str) -> list[tuple[str, str]]:
+    """The table of `sorsa eval math`: accuracy overall and per subject and level, solution NLL."""
+    rows = [("model", f"{model} ({r.summary.get('model_kind')}, {r.summary.get('device')})")]
+    if r.accuracy is not None:
+        lo, hi = r.ci95
+        rows += [("accuracy", f"{r.accuracy:.2%} ({r.correct}/{r.n}), 95 % CI {lo:.2%} - {hi:.2%}")]
+        for title, groups in (("subject", r.by_subject), ("level", r.by_level)):
+            for name, g in groups.items():
+                rows.append((f"  {title} {name}", f"{g['accuracy']:.2%} ({g['correct']}/{g['n']})"))
+    if r.nll is not None:
+        rows.append(
+            (
+                "solution NLL",
+                f"{r.nll:.4f} nats/token over {r.nll_tokens:,} tokens (ppl {math.exp(r.nll):.2f})",
+            )
+        )
+    if r.summary.get("truncated"):
+        rows.append(("truncated", f"{r.summary['truncated']} examples longer than the NLL limit"))
+    return rows
+
+
+def humaneval_rows(r) -> list[tuple[str, str]]:
+    """The table of `sorsa eval humaneval`: pass@k and how the completions ended."""
+    s = r.summary
+    rows = [
+        (
+            "model",
+            f"{s['model']} ({s['model_kind']}, {s['device']})" if "model" in s else "none (--completions)",
+        )
+    ]
+    rows += [(k, f"{v:.2%}") for k, v in r.pass_at.items()]
+    rows.append(
+        ("completions", f"{r.passed} passed, {r.failed} failed, {r.timed_out} timed out, {r.crashed} crashed")
+    )
+    if s["problems_missing"]:
+        rows.append(("missing", f"{s['problems_missing']} of 164 problems have no completion"))
+    rows.append(("sandbox", f"network: {s['sandbox']['network'] or '-'}; uid {s['sandbox']['uid'] or 'own'}"))
+    return rows

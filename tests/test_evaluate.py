@@ -425,16 +425,18 @@ def test_answers_without_a_number_are_refused_for_accuracy(tiny_lm_decomposed, t
 
 def test_unwritable_output_fails_before_the_run(tiny_lm_decomposed, tmp_path, monkeypatch):
     """Not after an hour of generation, and naming --output, not a temp file."""
-    import sorsa_tools.evaluate as ev
+    import os
+
+    from sorsa_tools.evaluate import backends
 
     src, _ = tiny_lm_decomposed("llama")
     data = _write(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
-    monkeypatch.setattr(ev, "HFBackend", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(backends, "HFBackend", lambda *a, **k: pytest.fail("the model was loaded"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = run("eval", "gsm8k", str(src), "--data", str(data), "-o", str(blocker / "sub" / "r.jsonl"))
     assert_clean_error(res, f"--output {blocker}/sub/r.jsonl: {blocker} is a file, not a directory")
-    monkeypatch.setattr(ev.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
     (tmp_path / "ro").mkdir()
     res = run("eval", "gsm8k", str(src), "--data", str(data), "-o", str(tmp_path / "ro" / "r.jsonl"))
     assert_clean_error(res, f"cannot write in {tmp_path}/ro (permission denied)")
@@ -443,7 +445,7 @@ def test_unwritable_output_fails_before_the_run(tiny_lm_decomposed, tmp_path, mo
 def test_truncated_counts_only_examples_cut(tiny_lm_decomposed, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    import sorsa_tools.evaluate as ev
+    import sorsa_tools.evaluate.gsm8k as ev  # where evaluate_gsm8k reads MAX_LENGTH
 
     src, _ = tiny_lm_decomposed("llama")
     length = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(src), None, "paper", 100_000).lengths[0]

@@ -1,0 +1,323 @@
+"""`sorsa eval gsm8k`: accuracy of greedy answers and the NLL of the reference answers.
+
+MODEL is a Hugging Face checkpoint (merged or original), a decomposed DIR evaluated unmerged through
+its SORSA layers (its own adapter, or a trained `adapter`), or a GGUF file run by llama.cpp. Every
+kind goes through the same data path as training (data.Dataset: the same fields, template and
+tokenization, prompt + " " + answer + EOS for the paper template), so that the NLL here is
+`sorsa train`'s task loss on the same examples, and accuracy comes from the same prompt.
+
+- accuracy: greedy decoding in batches with left padding (HF; one sequence at a time in llama.cpp),
+  examples sorted by prompt length, stopping per sequence at EOS or at a stop string (STOP_STRINGS:
+  the model starting the next "### Instruction" or running into blank lines); the answer is the
+  number after the first answer marker ("The answer is", "answer is:", "####", "Answer:",
+  "\\boxed{") or else the output's last number, compared numerically with the gold number after
+  "####" (extract_answer, gold_answer).
+- nll: per example, the summed cross-entropy of the response tokens (answer + EOS) under teacher
+  forcing; the reported NLL is token-weighted (sum over examples / tokens), like the training loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sorsa_tools.data import Dataset, check_data_file, parse_fields
+from sorsa_tools.device import resolve_device
+from sorsa_tools.errors import DataError
+from sorsa_tools.evaluate import backends
+from sorsa_tools.evaluate.models import resolve_model
+from sorsa_tools.evaluate.passes import generate_pass, nll_pass
+from sorsa_tools.evaluate.report import (
+    MODEL_KINDS,
+    EvalProgress,
+    check_options,
+    default_output,
+    json_number,
+    plan_outputs,
+    run_fields,
+    wilson_interval,
+    write_results,
+)
+from sorsa_tools.format import sha256_of
+from sorsa_tools.prompts import render_prompt
+
+TASK = "gsm8k"
+# A model that is done with its answer starts the next example of the format it saw, or pads with
+# blank lines; either ends its answer (GSM-8K answers themselves hold single newlines only).
+STOP_STRINGS = ("### Instruction", "### Response", "\n\n\n")
+MAX_LENGTH = 4096  # tokens of prompt + answer for the NLL; longer examples are truncated (counted)
+
+
+# -- answer extraction --------------------------------------------------------------------------
+_NUMBER = re.compile(
+    r"""
+    (?P<neg>(?<![\w)\]])[-\u2212](?=\s?[$\u20ac\u00a3\u00a5\u20b9]?\s?\.?\d))?  # a sign, not a subtraction
+    (?:[$\u20ac\u00a3\u00a5\u20b9]\s?(?P<neg2>-)?)?                            # currency; $-5
+    (?P<mag>\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)          # 1,234.50 | 12.5 | .5
+    (?:[eE](?P<exp>[-+]?\d+)(?![\w]))?                                       # 1e3
+    (?:\s?/\s?(?P<den>\d+(?:\.\d+)?)(?![\d/]))?                               # 3/4
+    """,
+    re.X,
+)
+_MARKER = re.compile(r"####|\banswer\s+is\b\s*:?|\banswer\s*:|\\boxed\{", re.I)
+_CLAUSE_END = re.compile(r"\n|\.(?=\s|$)|;")
+
+
+def _value(m: re.Match) -> float | None:
+    try:
+        v = float(m["mag"].replace(",", ""))
+        if m["exp"]:
+            v *= 10.0 ** int(m["exp"])
+        if m["den"]:
+            den = float(m["den"])
+            if den == 0:
+                return None
+            v /= den
+    except (ValueError, OverflowError):
+        return None
+    if m["neg"] or m["neg2"]:
+        v = -v
+    return v if math.isfinite(v) else None
+
+
+def numbers(text: str) -> list[float]:
+    """Every number in text, in order: thousands commas, currency, units and % dropped,
+    fractions divided out ("3/4" = 0.75), "1e3" = 1000."""
+    return [v for m in _NUMBER.finditer(text) if (v := _value(m)) is not None]
+
+
+def _after_marker(segment: str) -> float | None:
+    """The number a marker announces: the first of its clause, or the result of an equation in
+    it ("The answer is 5 + 3 = 8." gives 8)."""
+    segment = segment.lstrip(" \t\n:*$")
+    end = _CLAUSE_END.search(segment)
+    clause = segment[: end.start()] if end else segment
+    found = numbers(clause)
+    if found:
+        return found[-1] if "=" in clause else found[0]
+    found = numbers(segment[:80])  # "The answer is\n\n**18**"
+    return found[0] if found else None
+
+
+def extract_answer(output: str) -> float | None:
+    """The model's answer: the number after the first answer marker that is followed by one
+    (a finished answer ends there: what follows is most often a new, made-up question), else the
+    last number of the output, else None."""
+    marks = list(_MARKER.finditer(output))
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(output)
+        v = _after_marker(output[m.end() : end])
+        if v is not None:
+            return v
+    found = numbers(output)
+    return found[-1] if found else None
+
+
+def gold_answer(answer: str) -> float | None:
+    """The reference answer: the number after the last "####" (GSM-8K), else its last number."""
+    if "####" in answer:
+        found = numbers(answer.rsplit("####", 1)[1])
+        if found:
+            return found[0]
+    found = numbers(answer)
+    return found[-1] if found else None
+
+
+def answers_match(pred: float | None, gold: float | None) -> bool:
+    """Numeric equality with a float tolerance ("5.0" == "5", "$1,234.50" == 1234.5)."""
+    return pred is not None and gold is not None and math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-6)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float | None
+    correct: int | None
+    n: int
+    ci95: tuple[float, float] | None
+    nll: float | None  # mean per response token (token-weighted over examples)
+    nll_tokens: int
+    generated_tokens: int
+    nll_seconds: float
+    generate_seconds: float
+    seconds: float
+    items_file: Path
+    summary_file: Path
+    model_kind: str
+    device: str
+    truncated: int
+    summary: dict = field(default_factory=dict)
+
+
+def evaluate_gsm8k(
+    model: str | Path,
+    data: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    fields: str | None = None,
+    template: str = "paper",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    metric: str = "both",
+    device: str = "auto",
+    dtype: str = "auto",
+    output: str | Path | None = None,
+    stop_strings: tuple[str, ...] = STOP_STRINGS,
+    progress: EvalProgress | None = None,
+    force: bool = False,
+) -> EvalResult:
+    """Evaluate MODEL on a GSM-8K-style JSONL file; write per-item results and a summary JSON."""
+    t_start = time.perf_counter()
+    progress = progress or EvalProgress()
+    check_options(limit, batch_size, max_new_tokens, metric, template, output)
+    spec = resolve_model(model, adapter)
+    dev = resolve_device(device)
+    data = Path(data).expanduser()
+    check_data_file(data, "a GSM-8K-style JSONL file")
+    inputs = [data] + ([Path(spec.path)] if spec.kind == "gguf" else [])
+    items_file, _ = plan_outputs(output, default_output(spec), inputs, force)
+
+    backend = backends.open_backend(spec, dev, dtype)
+    tok = backend.tokenizer
+    ds = Dataset(
+        data, tok, parse_fields(fields), template, MAX_LENGTH, fields_hint="pass --fields QUESTION,ANSWER"
+    )
+    if ds.fields.prompt is None:
+        raise DataError(
+            f"{data}: sorsa eval gsm8k needs a question and an answer field, not one text field "
+            f"({ds.fields.response!r}); pass --fields QUESTION,ANSWER"
+        )
+    n = len(ds) if limit is None else min(limit, len(ds))
+    idx = list(range(n))
+    records = _read_records(ds, idx)
+    prompt_len = [ds.lengths[i] - ds.response_tokens[i] for i in idx]
+    truncated = sum(1 for i in idx if ds.truncated[i])
+    if metric in ("accuracy", "both"):
+        _check_gold(ds, idx, records)
+
+    backend.load()
+    nll_sums: list[tuple[float, int] | None] = [None] * n
+    outputs: list[tuple[str, int] | None] = [None] * n
+    nll_s = gen_s = 0.0
+    if metric in ("nll", "both"):
+        nll_sums, nll_s = nll_pass(backend, ds, idx, batch_size, progress)
+    if metric in ("accuracy", "both"):
+        golds = [gold_answer(r[ds.fields.response]) for r in records]
+        outputs, gen_s = generate_pass(
+            backend,
+            [render_prompt(ds.fields.question(r), template, tok) for r in records],
+            prompt_len,
+            add_special=template != "chat",
+            max_new_tokens=max_new_tokens,
+            stops=stop_strings,
+            batch_size=batch_size,
+            progress=progress,
+            score=lambda i, text: answers_match(extract_answer(text), golds[i]),
+        )
+    backend.close()
+
+    rows = []
+    for i in idx:
+        rec = records[i]
+        gold = gold_answer(rec[ds.fields.response])
+        row = {"index": i, "question": ds.fields.question(rec), "answer": rec[ds.fields.response]}
+        if outputs[i] is not None:
+            pred = extract_answer(outputs[i][0])
+            row |= {
+                "output": outputs[i][0],
+                "extracted": json_number(pred),
+                "gold": json_number(gold),
+                "correct": answers_match(pred, gold),
+                "generated_tokens": outputs[i][1],
+            }
+        else:
+            row |= {"output": None, "extracted": None, "gold": json_number(gold), "correct": None}
+        if nll_sums[i] is not None:
+            s, c = nll_sums[i]
+            row |= {"nll": s / c if c else None, "nll_sum": s, "n_tokens": c}
+        else:
+            row |= {"nll": None, "nll_sum": None, "n_tokens": None}
+        rows.append(row)
+
+    correct = sum(1 for r in rows if r["correct"]) if metric != "nll" else None
+    nll_total = sum(s for s, _ in (x for x in nll_sums if x is not None))
+    nll_tokens = sum(c for _, c in (x for x in nll_sums if x is not None))
+    mean_nll = nll_total / nll_tokens if metric != "accuracy" and nll_tokens else None
+    gen_tokens = sum(o[1] for o in outputs if o is not None)
+    ci = wilson_interval(correct, n) if correct is not None else None
+    summary = {
+        "task": TASK,
+        "accuracy": correct / n if correct is not None else None,
+        "correct": correct,
+        "n": n,
+        "ci95": list(ci) if ci else None,
+        "nll": mean_nll,
+        "nll_tokens": nll_tokens if mean_nll is not None else None,
+        "model": str(spec.path.resolve()),
+        "model_kind": MODEL_KINDS[spec.kind],
+        "adapter": str(spec.adapter.resolve()) if spec.adapter else None,
+        "data": {"path": str(data.resolve()), "sha256": sha256_of(data), "examples": len(ds)},
+        "limit": limit,
+        "template": template,
+        "fields": ds.fields.describe(),
+        "metric": metric,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "stop_strings": list(stop_strings),
+        "decoding": "greedy",
+        "device": str(backend.device),
+        "dtype": str(getattr(backend, "dtype", "gguf")).removeprefix("torch."),
+        "truncated": truncated,
+        "throughput": {
+            "generate_seconds": gen_s,
+            "generated_tokens": gen_tokens,
+            "generated_tokens_per_s": gen_tokens / gen_s if gen_s else None,
+            "nll_seconds": nll_s,
+            "nll_tokens_per_s": sum(ds.lengths[i] for i in idx) / nll_s if nll_s else None,
+        },
+    } | run_fields(None, None, items_file)
+    sfile = write_results(items_file, rows, summary)
+    return EvalResult(
+        summary["accuracy"],
+        correct,
+        n,
+        ci,
+        mean_nll,
+        nll_tokens,
+        gen_tokens,
+        nll_s,
+        gen_s,
+        time.perf_counter() - t_start,
+        items_file,
+        sfile,
+        summary["model_kind"],
+        summary["device"],
+        truncated,
+        summary,
+    )
+
+
+def _check_gold(ds: Dataset, idx: list[int], records: list[dict]) -> None:
+    """An answer with no number cannot be scored: every such item would count as wrong."""
+    bad = [i for i, rec in zip(idx, records, strict=True) if gold_answer(rec[ds.fields.response]) is None]
+    if bad:
+        line = ds.path.read_bytes()[: ds.offsets[bad[0]]].count(b"\n") + 1
+        raise DataError(
+            f"{ds.path}: {len(bad)} of {len(idx)} answers ({ds.fields.response!r}) hold no number "
+            f"(first: line {line}); accuracy needs GSM-8K-style answers ending in '#### N': fix them, "
+            "or pass --metric nll"
+        )
+
+
+def _read_records(ds: Dataset, indices: list[int]) -> list[dict]:
+    """The JSON objects of examples (indices into the usable ones), read back by byte offset."""
+    out = []
+    with open(ds.path, "rb") as f:
+        for i in indices:
+            f.seek(ds.offsets[i])
+            out.append(json.loads(f.readline()))
+    return out
