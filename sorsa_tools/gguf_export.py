@@ -41,6 +41,7 @@ from sorsa_tools.gguf_tables import (
     ARCHS,
     DROP_SUFFIXES,
     LOOKS_SPECIAL,
+    NAME_TRAPS,
     OUTTYPES,
     PRE_CHECK_TEXT,
     PRE_HASHES,
@@ -140,6 +141,14 @@ def _model(source: MergedSource) -> _Model:
                 f"{' or '.join(map(repr, allowed))}); "
                 "it cannot be exported to GGUF"
             )
+    for key in spec.needs:
+        if hp.get(key) is None:
+            raise ExportError(
+                f"{model_type} without {key} has no llama.cpp equivalent (its {model_type} graph always "
+                "applies one); it cannot be exported to GGUF"
+            )
+    if spec.swa_fixed_period:
+        _check_fixed_swa(model_type, hp, spec.swa_fixed_period)
     n_head = hp["num_attention_heads"]
     head_dim = hp.get("head_dim") or hp["hidden_size"] // n_head
     tied = bool(hp.get("tie_word_embeddings", model_type.startswith("gemma")))
@@ -153,6 +162,28 @@ def _model(source: MergedSource) -> _Model:
         head_dim,
         tied,
     )
+
+
+def _check_fixed_swa(model_type: str, hp: dict, period: int) -> None:
+    """llama.cpp's graph makes every `period`-th layer global and the others sliding: a config
+    laid out otherwise is another network there."""
+    want = [bool((i + 1) % period) for i in range(hp["num_hidden_layers"])]
+    if _swa_pattern(hp, hp["num_hidden_layers"], default_every=period) != want:
+        raise ExportError(
+            f"{model_type} with layer_types {hp.get('layer_types')} has no llama.cpp equivalent (its "
+            f"{model_type} graph makes layer i global where (i + 1) % {period} == 0, the others sliding); it cannot be "
+            "exported to GGUF"
+        )
+
+
+def _query_scale(m: _Model) -> float:
+    """What the queries are multiplied by so that llama.cpp's attention scale gives HF's
+    query_pre_attn_scalar**-0.5 (1.0 where the family has no such scalar)."""
+    spec, scalar = m.spec, m.hp.get("query_pre_attn_scalar")
+    if spec.query_scale_into is None or not scalar:
+        return 1.0
+    denom = m.hp["hidden_size"] / m.n_head if m.n_layer == spec.wide_scale_layers else m.head_dim
+    return math.sqrt(denom / scalar)
 
 
 def _rope(hp: dict) -> tuple[dict, dict | None]:
@@ -243,12 +274,7 @@ def _plan(source: MergedSource, m: _Model, ot: OutType, n_vocab: int, warnings: 
         factors = _llama3_rope_factors(rp, m.head_dim)
         plans.append(_Planned("rope_freqs.weight", tuple(factors.shape), T.F32, None, generated=factors))
 
-    q_scale = 1.0
-    if spec.fold_query_scale and m.hp.get("query_pre_attn_scalar"):
-        # llama.cpp's gemma3 graph: 1/sqrt(head_dim), or 1/sqrt(n_embd/n_head) for the 62-layer 27B
-        denom = m.hp["hidden_size"] / m.n_head if m.n_layer == 62 else m.head_dim
-        q_scale = math.sqrt(denom / m.hp["query_pre_attn_scalar"])
-
+    q_scale = _query_scale(m)
     for hf, gname, shape in entries:
         if gname == "token_embd.weight" and shape[0] != n_vocab:
             raise ExportError(f"internal: token_embd has {shape[0]} rows for {n_vocab} tokens")
@@ -260,7 +286,7 @@ def _plan(source: MergedSource, m: _Model, ot: OutType, n_vocab: int, warnings: 
                 steps.append(lambda t, h=m.n_kv: _permute(t, h))
         if spec.norm_shift and hf.endswith("norm.weight"):
             steps.append(lambda t, s=spec.norm_shift: t + s)
-        if q_scale != 1.0 and gname.endswith("attn_q_norm.weight"):
+        if q_scale != 1.0 and gname.endswith(spec.query_scale_into):  # type: ignore[arg-type]
             steps.append(lambda t, s=q_scale: t * s)
         qtype, note = _qtype_for(gname, shape, ot, has_output)
         if note:
@@ -302,9 +328,9 @@ def _add_hparams(w: gguf.GGUFWriter, m: _Model, ot: OutType, n_vocab: int, name:
     w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps") or 1e-6))
     w.add_key_length(m.head_dim)
     w.add_value_length(m.head_dim)
-    w.add_rope_dimension_count(m.head_dim)
-    w.add_vocab_size(n_vocab)
     rp, swa = _rope(hp)
+    w.add_rope_dimension_count(_rope_dims(hp, rp, m.head_dim))
+    w.add_vocab_size(n_vocab)
     w.add_rope_freq_base(float(rp.get("rope_theta") or (1e6 if m.spec.sliding_window else 1e4)))
     rope_type = (rp.get("rope_type") or "default").lower()
     if rope_type == "linear":
@@ -334,17 +360,26 @@ def _add_hparams(w: gguf.GGUFWriter, m: _Model, ot: OutType, n_vocab: int, name:
             w.add_sliding_window_pattern(pattern)
             if swa and swa.get("rope_theta"):
                 w.add_rope_freq_base_swa(float(swa["rope_theta"]))
-    if m.spec.sliding_window and hp.get("final_logit_softcapping"):
-        w.add_final_logit_softcapping(float(hp["final_logit_softcapping"]))
+    if m.spec.swa_fixed_period:  # the layout is llama.cpp's own (checked in _model)
+        w.add_sliding_window(int(hp["sliding_window"]))
+    for key in m.spec.softcaps:
+        if hp.get(key):
+            w.add_float32(f"{m.arch}.{key}", float(hp[key]))
     w.add_file_type(ot.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _swa_pattern(hp: dict, n_layer: int) -> list[bool]:
+def _rope_dims(hp: dict, rp: dict, head_dim: int) -> int:
+    """Rotated dimensions per head: all of them, or partial_rotary_factor of them (Phi-3/4)."""
+    factor = rp.get("partial_rotary_factor") or hp.get("partial_rotary_factor") or 1.0
+    return int(head_dim * factor)
+
+
+def _swa_pattern(hp: dict, n_layer: int, default_every: int = 1) -> list[bool]:
     types = hp.get("layer_types")
     if types:
         return [t == "sliding_attention" for t in types][:n_layer]
-    every = hp.get("sliding_window_pattern") or hp.get("_sliding_window_pattern") or 1
+    every = hp.get("sliding_window_pattern") or hp.get("_sliding_window_pattern") or default_every
     return [bool((i + 1) % every) for i in range(n_layer)]
 
 
@@ -658,6 +693,22 @@ class _Writer(gguf.GGUFWriter):
         return self.temp_names
 
 
+def model_name(name: str, tokens: list[str | bytes]) -> str:
+    """general.name, kept clear of llama.cpp's name-triggered token rules that this vocabulary
+    cannot satisfy (a fine-tune named phi3-... with a tokenizer of its own would not load)."""
+    have = {t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens}
+    for triggers, needed in NAME_TRAPS:
+        if any(n not in have for n in needed):
+            for trig in triggers:
+                name = re.sub(
+                    re.escape(trig),
+                    lambda mt: f"{mt.group()[:3]} {mt.group()[3:].lstrip('-')}",
+                    name,
+                    flags=re.I,
+                )
+    return name
+
+
 def _split_names(out: Path, n: int) -> list[Path]:
     if n == 1:
         return [out]
@@ -706,8 +757,8 @@ def _write(
     progress: Callable[[str, int, int], None] | None,
 ) -> list[Path]:
     w = _Writer(out, arch=m.arch, split_max_size=split_max_size or 0)
-    name = (source.config.get("_name_or_path") or source.root.name) or "model"
-    _add_hparams(w, m, ot, n_vocab, str(name))
+    name = str(source.config.get("_name_or_path") or source.root.name or "model")
+    _add_hparams(w, m, ot, n_vocab, model_name(name, vocab.tokens))
     _add_vocab(w, vocab, source.root, n_vocab)
     w.add_string(WRITER_KEY, f"sorsa-tools {__version__}")  # marks a file --force may replace
     if provenance is not None:
