@@ -241,29 +241,67 @@ def _qtype_for(name: str, shape: tuple[int, ...], ot: OutType, has_output: bool)
     return base, None
 
 
+def gguf_name(m: _Model, tmap: gguf.TensorNameMap, hf: str, model_type: str | None) -> str | None:
+    """The GGUF name of checkpoint tensor `hf`, or None where llama.cpp takes no such tensor (one
+    it recomputes, a vision tower's, a head tied to token_embd)."""
+    spec = m.spec
+    if hf.endswith(DROP_SUFFIXES) or hf.startswith(spec.skip_prefixes):
+        return None
+    name = hf
+    for old, new in spec.prefix_rewrites:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+            break
+    if m.tied and name == "lm_head.weight":
+        return None  # llama.cpp reuses token_embd when output.weight is absent
+    gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+    if gname is None:
+        raise ExportError(
+            f"tensor {hf!r} has no place in llama.cpp's {m.arch} architecture; this checkpoint is "
+            f"not a plain {model_type} model and cannot be exported to GGUF"
+        )
+    return gname
+
+
+def row_maps(m: _Model, gname: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The linear maps of a tensor's rows that llama.cpp's layout needs (q/k reorder, the folded
+    query scale): applied to a weight, or equally to the B factor of a LoRA of it."""
+    spec, maps = m.spec, []
+    if spec.permute_qk and _PERMUTE_QK:
+        if gname.endswith(("attn_q.weight", "attn_q.bias")):
+            maps.append(lambda t, h=m.n_head: _permute(t, h))
+        elif gname.endswith(("attn_k.weight", "attn_k.bias")):
+            maps.append(lambda t, h=m.n_kv: _permute(t, h))
+    q_scale = _query_scale(m)
+    if q_scale != 1.0 and gname.endswith(spec.query_scale_into):  # type: ignore[arg-type]
+        maps.append(lambda t, s=q_scale: t * s)
+    return maps
+
+
+def chain(
+    steps: list[Callable[[torch.Tensor], torch.Tensor]],
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The steps applied in order, or None when there are none."""
+    if not steps:
+        return None
+
+    def transform(t: torch.Tensor, steps=tuple(steps)) -> torch.Tensor:
+        for s in steps:
+            t = s(t)
+        return t
+
+    return transform
+
+
 def _plan(source: MergedSource, m: _Model, ot: OutType, n_vocab: int, warnings: list[str]) -> list[_Planned]:
     spec = m.spec
     tmap = gguf.get_tensor_name_map(spec.gguf_arch, m.n_layer)
     rp, _ = _rope(m.hp)
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     for info in source.infos():
-        hf = info.name
-        if hf.endswith(DROP_SUFFIXES) or hf.startswith(spec.skip_prefixes):
-            continue
-        name = hf
-        for old, new in spec.prefix_rewrites:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-                break
-        if m.tied and name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise ExportError(
-                f"tensor {hf!r} has no place in llama.cpp's {m.arch} architecture; this checkpoint is "
-                "not a plain {0} model and cannot be exported to GGUF".format(source.config.get("model_type"))
-            )
-        entries.append((hf, gname, tuple(info.shape)))
+        gname = gguf_name(m, tmap, info.name, source.config.get("model_type"))
+        if gname is not None:
+            entries.append((info.name, gname, tuple(info.shape)))
     names = {g for _, g, _ in entries}
     for required in ("token_embd.weight", "output_norm.weight"):
         if required not in names:
@@ -274,30 +312,17 @@ def _plan(source: MergedSource, m: _Model, ot: OutType, n_vocab: int, warnings: 
         factors = _llama3_rope_factors(rp, m.head_dim)
         plans.append(_Planned("rope_freqs.weight", tuple(factors.shape), T.F32, None, generated=factors))
 
-    q_scale = _query_scale(m)
     for hf, gname, shape in entries:
         if gname == "token_embd.weight" and shape[0] != n_vocab:
             raise ExportError(f"internal: token_embd has {shape[0]} rows for {n_vocab} tokens")
         steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        if spec.permute_qk and _PERMUTE_QK:
-            if gname.endswith(("attn_q.weight", "attn_q.bias")):
-                steps.append(lambda t, h=m.n_head: _permute(t, h))
-            elif gname.endswith(("attn_k.weight", "attn_k.bias")):
-                steps.append(lambda t, h=m.n_kv: _permute(t, h))
-        if spec.norm_shift and hf.endswith("norm.weight"):
+        if spec.norm_shift and hf.endswith("norm.weight"):  # first: a folded scale multiplies 1 + w
             steps.append(lambda t, s=spec.norm_shift: t + s)
-        if q_scale != 1.0 and gname.endswith(spec.query_scale_into):  # type: ignore[arg-type]
-            steps.append(lambda t, s=q_scale: t * s)
+        steps += row_maps(m, gname)
         qtype, note = _qtype_for(gname, shape, ot, has_output)
         if note:
             warnings.append(note)
-
-        def transform(t: torch.Tensor, steps=tuple(steps)) -> torch.Tensor:
-            for s in steps:
-                t = s(t)
-            return t
-
-        plans.append(_Planned(gname, shape, qtype, hf, transform if steps else None))
+        plans.append(_Planned(gname, shape, qtype, hf, chain(steps)))
     return plans
 
 
@@ -715,7 +740,13 @@ def _split_names(out: Path, n: int) -> list[Path]:
     return [out.with_name(gguf.gguf_writer.SHARD_NAME_FORMAT.format(out.stem, i + 1, n)) for i in range(n)]
 
 
-def _check_out(out: Path, force: bool, candidates: list[Path]) -> None:
+def _check_out(
+    out: Path,
+    force: bool,
+    candidates: list[Path],
+    writer: str = "`sorsa merge --to gguf`",
+    gtype: str = "model",
+) -> None:
     if not out.parent.is_dir():
         raise ExportError(f"the directory of {out} does not exist; create it or pick another -o path")
     for p in candidates:
@@ -723,24 +754,25 @@ def _check_out(out: Path, force: bool, candidates: list[Path]) -> None:
             raise OutputExistsError(
                 f"{p} already exists; pass --force to overwrite it or pick another -o path"
             )
-        if p.exists() and not _is_own_gguf(p):
+        if p.exists() and not _is_own_gguf(p, gtype):
             raise OutputExistsError(
-                f"{p} is not a GGUF that `sorsa merge --to gguf` wrote; --force only replaces one of "
+                f"{p} is not a GGUF that {writer} wrote; --force only replaces one of "
                 "those: pick another -o path"
             )
 
 
-def _is_own_gguf(p: Path) -> bool:
-    """A regular GGUF file that sorsa-tools wrote (what --force may replace)."""
+def _is_own_gguf(p: Path, gtype: str = "model") -> bool:
+    """A regular GGUF file that sorsa-tools wrote, of general.type `gtype` (what --force may
+    replace: a merge's model, or export-lora's adapter, never one for the other)."""
     if p.is_symlink() or not p.is_file():
         return False
     try:
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 return False
-        fields = gguf.GGUFReader(p).fields
-        return WRITER_KEY in fields or PROVENANCE_KEY in fields
-    except Exception:  # the reader raises ValueError, struct.error, IndexError on bad bytes
+        kv = read_layout(p)[0]
+        return (WRITER_KEY in kv or PROVENANCE_KEY in kv) and kv.get("general.type", "model") == gtype
+    except Exception:  # a file that does not parse as GGUF
         return False
 
 

@@ -169,6 +169,8 @@ _LLAMA_CPP = {
     }.items()
 }
 OUTTYPES: dict[str, OutType] = {**_PY, **_LLAMA_CPP}
+# what llama.cpp's convert_lora_to_gguf.py writes a LoRA adapter as (its loader takes these)
+LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # What a weight falls back to when its rows do not split into whole quant blocks (llama.cpp's
 # converter catches gguf.QuantError and writes F16).
