@@ -331,3 +331,35 @@ def _relative_delta(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]
     delta2 = float(((L.T @ L) * (R @ R.T)).sum())
     base2 = float((((U0 * S0).T @ (U0 * S0)) * (V0 @ V0.T)).sum())
     return max(delta2, 0.0) ** 0.5 / max(base2, 1e-300) ** 0.5
+
+
+LORA_FORMATS = ("peft", "gguf")
+
+
+def export(
+    directory: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    to: str = "peft",
+    dtype: str | None = None,
+    outtype: str | None = None,
+    base: str | Path | None = None,
+    force: bool = False,
+):
+    """`sorsa export-lora`: a PEFT LoRA dir (--to peft, export_lora) or a llama.cpp LoRA adapter
+    GGUF (--to gguf, gguf_lora.export_lora_gguf); options of the other format are refused."""
+    if to not in LORA_FORMATS:
+        raise InputError(f"--to {to!r} is not one of {', '.join(LORA_FORMATS)}; pass --to peft or --to gguf")
+    if to == "peft":
+        for flag, value in (("--outtype", outtype), ("--base", base)):
+            if value is not None:
+                raise InputError(f"{flag} applies to --to gguf; a PEFT LoRA takes --dtype")
+        return export_lora(directory, adapter, out, dtype=dtype or "float32", force=force)
+    if dtype is not None:
+        raise InputError(
+            "--dtype applies to --to peft; for a GGUF adapter choose the tensor type with --outtype"
+        )
+    from sorsa_tools.gguf_lora import export_lora_gguf
+
+    return export_lora_gguf(directory, adapter, out, outtype=outtype or "f16", base=base, force=force)
