@@ -51,7 +51,7 @@ def _default_output(output: Path | None, default) -> Path:
     if output is not None:
         return output
     output = default()
-    err.print(f"output: {output} (no -o given)", highlight=False, soft_wrap=True)
+    out.print(f"output: {output} (no -o given)", highlight=False, soft_wrap=True)
     return output
 
 

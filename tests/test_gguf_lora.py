@@ -229,7 +229,7 @@ def test_cli(case, tmp_path, monkeypatch):
     res = run("export-lora", str(dec), "--adapter", str(r), "--to", "gguf", "--base", str(base))
     assert res.exit_code == 0, res.stderr
     default = tmp_path / f"{dec.name}-{r.name}-lora.f16.gguf"
-    assert f"output: {default.name} (no -o given)" in res.stderr and default.is_file()
+    assert f"output: {default.name} (no -o given)" in res.stdout and default.is_file()
     assert "(checked)" in res.stdout and "32 (2 x 16)" in res.stdout
     args = ["export-lora", str(dec), "--adapter", str(r), "-o", str(tmp_path / "x.gguf")]
     assert_clean_error(
