@@ -311,6 +311,14 @@ def _plan(source: MergedSource, m: _Model, ot: OutType, n_vocab: int, warnings: 
     if (rp.get("rope_type") or "").lower() == "llama3":
         factors = _llama3_rope_factors(rp, m.head_dim)
         plans.append(_Planned("rope_freqs.weight", tuple(factors.shape), T.F32, None, generated=factors))
+    if m.spec.longrope and (rp.get("rope_type") or "").lower() in ("longrope", "su"):
+        for kind in ("long", "short"):  # llama.cpp picks one by the context size, HF by the sequence's
+            f = torch.tensor(rp[f"{kind}_factor"], dtype=torch.float32)
+            if f.numel() != _rope_dims(m.hp, rp, m.head_dim) // 2:
+                raise ExportError(
+                    f"rope {kind}_factor has {f.numel()} entries, not rope dims / 2; fix config.json"
+                )
+            plans.append(_Planned(f"rope_factors_{kind}.weight", tuple(f.shape), T.F32, None, generated=f))
 
     for hf, gname, shape in entries:
         if gname == "token_embd.weight" and shape[0] != n_vocab:
@@ -373,10 +381,18 @@ def _add_hparams(w: gguf.GGUFWriter, m: _Model, ot: OutType, n_vocab: int, name:
         ):
             if rp.get(key) is not None:
                 add(float(rp[key]))
+    elif rope_type in ("longrope", "su") and m.spec.longrope:  # + the rope_factors_* tensors
+        orig = int(rp.get("original_max_position_embeddings") or hp["original_max_position_embeddings"])
+        scale = int(hp.get("max_position_embeddings") or orig) / orig
+        attn = rp.get("attention_factor") or (
+            math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+        )
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(float(attn))
     elif rope_type not in ("default", "llama3"):  # llama3: the rope_freqs tensor
         raise ExportError(
             f"rope_type {rope_type!r} has no llama.cpp equivalent for {m.arch}; supported: default, "
-            "linear, yarn, llama3"
+            "linear, yarn, llama3" + (", longrope" if m.spec.longrope else "")
         )
     if m.spec.sliding_window and hp.get("sliding_window"):
         pattern = _swa_pattern(hp, m.n_layer)

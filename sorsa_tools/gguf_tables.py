@@ -44,6 +44,8 @@ class ArchSpec:
     # an HF config key for a sliding window that llama.cpp's graph for this family does not apply:
     # the export goes ahead (as llama.cpp's converter does) with a warning naming the window
     ignored_window_key: str | None = None
+    # Phi-3's longrope scaling: rope_factors_long / _short tensors and rope.scaling.attn_factor
+    longrope: bool = False
     # tensor-name prefixes of a multimodal wrapper, rewritten to the text model's
     prefix_rewrites: tuple[tuple[str, str], ...] = ()
     skip_prefixes: tuple[str, ...] = ()
@@ -111,7 +113,9 @@ ARCHS: dict[str, ArchSpec] = {
     # Phi-3: qkv_proj and gate_up_proj stay fused (llama.cpp's attn_qkv / ffn_up split them the way
     # transformers does: q, k, v rows; gate rows, then up rows); NEOX RoPE, so no q/k reorder. Its
     # sliding window is switched off in llama.cpp's phi3 graph
-    "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, ignored_window_key="sliding_window", family_tokenizer="llama"),
+    "phi3": ArchSpec(
+        gguf.MODEL_ARCH.PHI3, ignored_window_key="sliding_window", longrope=True, family_tokenizer="llama"
+    ),
     "gemma3_text": _GEMMA3,
     "gemma3": _GEMMA3,  # Gemma3ForConditionalGeneration: its text_config, vision tower left out
 }

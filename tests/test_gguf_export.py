@@ -223,6 +223,34 @@ def test_scaled_rope_logits_match_transformers(rope, tmp_path):
     assert np.abs(got - ref).max() < F32_TOL * np.abs(ref).max(), np.abs(got - ref).max()
 
 
+@pytest.mark.parametrize("original", [4096, 32], ids=["short-factors", "long-factors"])
+def test_phi3_longrope_logits_match_transformers(original, tmp_path):
+    """Phi-3's longrope (Phi-3-128k, 3.5, 4-mini): the factor tensors and the attention factor.
+    llama.cpp takes the long factors when its context exceeds original_max_position_embeddings,
+    transformers when the sequence does: 48 tokens in a 128-token context past 32 both take the
+    long ones, within 4096 both the short ones."""
+    rope = {"rope_type": "longrope", "partial_rotary_factor": 0.5, "original_max_position_embeddings": original,
+            "long_factor": [1.0, 2.0, 4.0, 8.0], "short_factor": [1.0, 1.1, 1.3, 1.5]}  # fmt: skip
+    src = build(tmp_path / "src", "phi3", rope=rope)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["original_max_position_embeddings"] = cfg["rope_parameters"]["original_max_position_embeddings"] = (
+        original
+    )
+    (src / "config.json").write_text(json.dumps(cfg))
+    ids = token_ids(src)
+    r = export_gguf(MergedSource.plain(src), tmp_path / "m.gguf", "f32")
+    kv, tensors = read_layout(r.path)
+    assert kv["phi3.rope.scaling.original_context_length"] == original
+    assert kv["phi3.rope.scaling.attn_factor"] == pytest.approx(
+        (1 + np.log(4) / np.log(32)) ** 0.5 if original == 32 else 1
+    )
+    assert tensors["rope_factors_long.weight"].shape == (4,) and tensors[
+        "rope_factors_short.weight"
+    ].shape == (4,)
+    got, ref = cpp_logits(r.path, ids), hf_logits(MergedSource.plain(src), src, ids)
+    assert np.abs(got - ref).max() < F32_TOL, np.abs(got - ref).max()  # measured 1.4e-6 (both)
+
+
 def test_q_k_permutation_matters(tiny, tmp_path, monkeypatch):
     """Without reordering q/k rows LLM_ARCH_LLAMA computes another network: the check above can fail."""
     import sorsa_tools.gguf_export as ge
