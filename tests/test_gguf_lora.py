@@ -240,3 +240,6 @@ def test_cli(case, tmp_path, monkeypatch):
     assert_clean_error(run(*args, "--outtype", "f16"), "--outtype applies to --to gguf")
     assert_clean_error(run(*args, "--to", "onnx"), "--to 'onnx' is not one of peft, gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == [default.name]
+    res = run("push", str(default), "--repo-id", "alice/lora-gguf", "--dry-run")  # its card: run over a base
+    assert res.exit_code == 0, res.stderr
+    assert f"llama-cli -m BASE.gguf --lora {default.name}" in res.stdout
