@@ -27,6 +27,7 @@ from sorsa_tools.cli_display import (
     human_bytes,
     kv_table,
     live,
+    lora_rows,
     out,
     plural,
 )
@@ -166,6 +167,8 @@ def main(
 DECOMPOSE_EPILOG = """[bold]Examples[/]
 
   sorsa decompose meta-llama/Llama-2-7b-hf --rank 128 -o llama2-7b-sorsa-r128
+
+  sorsa decompose meta-llama/Llama-2-7b-hf --rank 128      (-o ./Llama-2-7b-hf-sorsa-r128)
 
   sorsa decompose ./gemma3-270m --rank 64 --targets q_proj,v_proj -o gemma-qv-r64
 
@@ -464,6 +467,8 @@ MERGE_EPILOG = """[bold]Examples[/]
   sorsa merge llama2-sorsa-r128 --adapter run2 --to gguf --outtype q4_k_m -o llama2-ft.q4_k_m.gguf
 
   sorsa merge gemma-sorsa-r64 --to hf -o gemma-back      (DIR's own adapter: the original model)
+
+  sorsa merge gemma-sorsa-r64 --adapter run1 --to gguf      (-o ./gemma-sorsa-r64-run1.f16.gguf)
 """
 
 
@@ -599,33 +604,7 @@ def export_lora(
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     written = getattr(r, "out_dir", None) or r.path
     _wrote(written)
-    rows = [
-        ("LoRA rank / alpha", f"{r.rank} (2 x {r.sorsa_rank}) / {r.rank}: scale 1"),
-        ("modules", str(r.modules)),
-    ]
-    if to == "peft":
-        rows += [
-            (
-                "target_modules",
-                ", ".join(r.target_modules) if not r.exact_names else f"{r.modules} full names",
-            ),
-            ("applies to", f"the original base model {r.base_model}"),
-            ("dtype / size", f"{r.dtype} / {r.bytes / 2**20:.2f} MiB"),
-            ("max ||Delta W|| / ||U S Vt||", f"{r.max_relative_delta:.3f}"),
-        ]
-    else:
-        rows += [
-            ("architecture", r.arch),
-            (
-                "base GGUF",
-                f"{r.base_checked} (checked)" if r.base_checked else "not checked (pass --base BASE.gguf)",
-            ),
-            ("outtype / size", f"{r.outtype} / {r.bytes / 2**20:.2f} MiB"),
-        ]
-    rows += [
-        ("max check error", f"{r.max_check_error:.1e} (B A x vs Delta W x, relative)"),
-        ("time", f"{r.seconds:.1f} s"),
-    ]
+    rows = lora_rows(r, to)
     out.print(kv_table(f"sorsa export-lora --to {to} → {written}", rows))
 
 
