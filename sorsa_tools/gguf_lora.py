@@ -113,8 +113,6 @@ def _parts(path: Path, kv: dict) -> list[Path]:
 def check_base(base: str | Path, m: _Model, modules: list[_Module], d: Path) -> Path:
     """Refuse a base GGUF the adapter cannot apply to, before anything is written: another
     architecture, an adapter, a merged fine-tune, or weights missing or of other shapes."""
-    from sorsa_tools.errors import VerificationError as _Unreadable
-
     p = Path(base).expanduser()
     fix = f"pass the GGUF of the model {d} was decomposed from (`sorsa merge {d} --to gguf`)"
     if not p.is_file():
@@ -123,7 +121,7 @@ def check_base(base: str | Path, m: _Model, modules: list[_Module], d: Path) -> 
         kv, tensors = read_layout(p)
         for part in _parts(p, kv)[1:]:
             tensors.update(read_layout(part)[1])
-    except _Unreadable:
+    except VerificationError:  # read_layout's "not a valid GGUF file"
         raise InputError(f"--base {p} is not a readable GGUF file; {fix}") from None
     except FileNotFoundError as e:
         raise InputError(f"--base {p} is split and {Path(e.filename).name} is missing; {fix}") from None
