@@ -594,10 +594,11 @@ def test_byte_fallback_bpe_tokenization_matches_hf(kind, tiny, tmp_path):
     llm.close()
 
 
-def test_sentencepiece_tokenization_matches_sentencepiece(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "gemma", "phi3"])  # Gemma 1 and Phi-3 ship tokenizer.model
+def test_sentencepiece_tokenization_matches_sentencepiece(kind, tiny, tmp_path):
     """tokenizer.model read without the sentencepiece package; compared with sentencepiece itself."""
     spm = pytest.importorskip("sentencepiece")
-    src, _ = tiny("llama")
+    src, _ = tiny(kind)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(_texts(256)))
     spm.SentencePieceTrainer.train(
