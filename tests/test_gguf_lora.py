@@ -94,7 +94,7 @@ def lora_logits(base: Path, adapter: Path, ids: list[int]) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma2", "phi3"])  # q/k reorder, scale folded, fused
 def test_adapter_over_the_base_gives_the_merged_model(kind, case, tmp_path):
     src, dec, r, base, merged = case(kind)
     ids = token_ids(src)
@@ -111,13 +111,21 @@ def test_adapter_over_the_base_gives_the_merged_model(kind, case, tmp_path):
         if outtype == "f32":  # measured 9.5e-7 (llama), 1.3e-4 (gemma3: llama.cpp's fp16 GELU table)
             assert err < 1e-3, err
         assert top1 >= 0.95, top1
-        assert res.rank == 2 * RANK and res.modules == 14 and res.warnings == [] and res.base_checked == base
+        modules = 8 if kind == "phi3" else 14  # phi3: qkv_proj, o_proj, gate_up_proj, down_proj
+        assert (
+            res.rank == 2 * RANK
+            and res.modules == modules
+            and res.warnings == []
+            and res.base_checked == base
+        )
     kv, tensors = read_layout(res.path)
     assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora"
     assert kv["adapter.lora.alpha"] == 2 * RANK and kv["general.architecture"] == kind
     assert json.loads(kv["sorsa.provenance"])["adapter"] == "trained"
-    assert len(tensors) == 28 and {t.qtype.name for t in tensors.values()} == {"Q8_0"}
-    assert tensors["blk.0.attn_q.weight.lora_a"].shape == (32, 64)
+    assert len(tensors) == 2 * modules and {t.qtype.name for t in tensors.values()} == {"Q8_0"}
+    q, q_rows = ("attn_qkv", 128) if kind == "phi3" else ("attn_q", 64)
+    assert tensors[f"blk.0.{q}.weight.lora_a"].shape == (32, 64)
+    assert tensors[f"blk.0.{q}.weight.lora_b"].shape == (q_rows, 32)
     assert tensors["blk.1.ffn_down.weight.lora_b"].shape == (64, 32)
 
 
