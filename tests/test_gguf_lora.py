@@ -108,9 +108,9 @@ def test_adapter_over_the_base_gives_the_merged_model(kind, case, tmp_path):
         print(
             f"{kind} adapter {outtype}: max|dlogit| vs merge {err:.2e}, top-1 {top1:.3f} (moved {moved:.2f})"
         )
-        if outtype == "f32":  # measured 9.5e-7 (llama), 1.3e-4 (gemma3: llama.cpp's fp16 GELU table)
-            assert err < 1e-3, err
-        assert top1 >= 0.95, top1
+        if outtype == "f32":  # measured 2.3e-6 (llama, phi3), 1.8e-4 (Gemma: llama.cpp's fp16 GELU table)
+            assert err < 1e-3 and top1 == 1.0, (err, top1)
+        assert top1 >= 0.9, top1  # measured 0.958 to 1.000 (half and 8-bit factors)
         modules = 8 if kind == "phi3" else 14  # phi3: qkv_proj, o_proj, gate_up_proj, down_proj
         assert (
             res.rank == 2 * RANK
