@@ -193,8 +193,8 @@ def test_a_base_that_does_not_fit_is_refused_before_writing(case, tmp_path):
             export_lora_gguf(dec, r, out, base=bad)
         assert str(e.value) == message
         assert not out.exists() and not list(tmp_path.glob(".a.gguf*"))
-    # llama.cpp itself loads such a pair and then crashes (measured: a segmentation fault in
-    # decode, llama-cpp-python 0.3.36): the reason the check exists
+    # llama.cpp only logs its own refusal ("model arch and LoRA arch mismatch") and
+    # llama-cpp-python 0.3.36 then crashes in decode (a segmentation fault): the reason the check exists
     probe = (
         f"import llama_cpp; m = llama_cpp.Llama(model_path={str(gemma_base)!r}, lora_path={str(adapter)!r}, "
         "verbose=False, n_ctx=64); m.eval([1, 2, 3])"
