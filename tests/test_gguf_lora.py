@@ -210,7 +210,14 @@ def test_outtypes_llama_cpp_adapters_do_not_take(case, tmp_path):
         assert str(e.value) == (
             f"--outtype {bad!r} is not one llama.cpp takes for a LoRA adapter; pick one of f32, f16, bf16, q8_0"
         )
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ExportError) as e:
+        export_lora_gguf(dec, r, tmp_path / "a.bin")
+    assert str(e.value) == f"{tmp_path / 'a.bin'} does not end in .gguf; name the adapter file NAME.gguf"
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(ExportError) as e:
+        export_lora_gguf(dec, r, tmp_path / "d.gguf")
+    assert str(e.value) == f"{tmp_path / 'd.gguf'} is a directory; give a file path ending in .gguf"
+    assert [p.name for p in tmp_path.iterdir()] == ["d.gguf"]
 
 
 def test_existing_output_and_force(case, tmp_path):
