@@ -202,6 +202,35 @@ def test_a_base_that_does_not_fit_is_refused_before_writing(case, tmp_path):
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode != 0
 
 
+def test_an_untied_head_and_a_few_targets(tmp_path):
+    """--targets q_proj,v_proj,lm_head: the adapter holds those (output.weight included), and the
+    base + adapter is still the merged model."""
+    src = build(tmp_path / "src", "llama")
+    dec = tmp_path / "dec"
+    decompose(str(src), RANK, dec, svd="exact", check_sample=0, targets="q_proj,v_proj,lm_head")
+    r = _trained(dec, tmp_path / "run")
+    base, merged = (export_gguf(s, tmp_path / n, "f32").path for s, n in ((MergedSource(dec), "b.gguf"),
+                                                                         (MergedSource(dec, r), "m.gguf")))  # fmt: skip
+    a = export_lora_gguf(dec, r, tmp_path / "a.gguf", outtype="f32", base=base)
+    names = sorted(read_layout(a.path)[1])
+    assert names[:2] == ["blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b"] and len(names) == 10
+    assert "output.weight.lora_a" in names and "output.weight.lora_b" in names
+    ids = token_ids(src)
+    assert np.abs(lora_logits(base, a.path, ids) - cpp_logits(merged, ids)).max() < 1e-4  # measured 1.4e-6
+
+
+def test_a_split_base_is_checked_through_all_its_parts(case, tmp_path):
+    _, dec, r, _, _ = case("llama")
+    split = export_gguf(MergedSource(dec), tmp_path / "b.gguf", "f32", split_max_size=150_000).paths
+    assert len(split) == 3
+    assert export_lora_gguf(dec, r, tmp_path / "a.gguf", base=split[0]).base_checked == split[0]
+    split[2].unlink()
+    with pytest.raises(InputError) as e:
+        export_lora_gguf(dec, r, tmp_path / "a2.gguf", base=split[0])
+    assert str(e.value).startswith(f"--base {split[0]} is split and b-00003-of-00003.gguf is missing; pass")
+    assert not (tmp_path / "a2.gguf").exists()
+
+
 def test_outtypes_llama_cpp_adapters_do_not_take(case, tmp_path):
     _, dec, r, _, _ = case("llama")
     for bad in ("q4_k_m", "q4_0", "f8"):
