@@ -27,6 +27,7 @@ from sorsa_tools.cli_display import (
     human_bytes,
     kv_table,
     live,
+    lora_rows,
     out,
     plural,
 )
@@ -44,6 +45,15 @@ app = typer.Typer(
 def _fail(message: str, code: int) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _default_output(output: Path | None, default) -> Path:
+    """-o as given, or the command's default (printed, so that the user knows where to look)."""
+    if output is not None:
+        return output
+    output = default()
+    out.print(f"output: {output} (no -o given)", highlight=False, soft_wrap=True)
+    return output
 
 
 INTERRUPTED = {
@@ -158,7 +168,7 @@ DECOMPOSE_EPILOG = """[bold]Examples[/]
 
   sorsa decompose meta-llama/Llama-2-7b-hf --rank 128 -o llama2-7b-sorsa-r128
 
-  sorsa decompose meta-llama/Llama-2-7b --rank 128 -o Llama-2-7b-sorsa-r128   (Meta's own format)
+  sorsa decompose meta-llama/Llama-2-7b --rank 128      (Meta's own format; -o ./Llama-2-7b-sorsa-r128)
 
   sorsa decompose ./gemma3-270m --rank 64 --targets q_proj,v_proj -o gemma-qv-r64
 
@@ -177,7 +187,9 @@ def decompose(
         ),
     ],
     rank: Annotated[int, typer.Option("--rank", "-r", help="SORSA rank r (top-r singular triplets).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output directory \\[default: ./NAME-sorsa-rRANK].")
+    ] = None,
     revision: Annotated[str, typer.Option(help="Hub branch, tag or commit.")] = None,
     targets: Annotated[
         str, typer.Option(help="Comma-separated module names (q_proj,v_proj) or a regex on module names.")
@@ -209,7 +221,10 @@ def decompose(
 ) -> None:
     """Split every target weight W into a residual W_r (an HF checkpoint) and factors U, S, Vt."""
     from sorsa_tools.decompose import decompose as run
+    from sorsa_tools.outputs import decompose_output
 
+    default_out = output is None
+    output = _default_output(output, lambda: decompose_output(model, rank))
     with live("{task.description:<36.36}", "{task.fields[count]}") as p:
         r = run(
             model,
@@ -230,6 +245,7 @@ def decompose(
             check_sample=check_sample,
             force=force,
             progress=DecomposeBars(p),
+            output_is_default=default_out,
         )
     _wrote(r.out_dir)
     for w in r.warnings:
@@ -483,6 +499,8 @@ MERGE_EPILOG = """[bold]Examples[/]
   sorsa merge llama2-sorsa-r128 --adapter run2 --to gguf --outtype q4_k_m -o llama2-ft.q4_k_m.gguf
 
   sorsa merge gemma-sorsa-r64 --to hf -o gemma-back      (DIR's own adapter: the original model)
+
+  sorsa merge gemma-sorsa-r64 --adapter run1 --to gguf      (-o ./gemma-sorsa-r64-run1.f16.gguf)
 """
 
 
@@ -507,7 +525,14 @@ def _size(text: str | None) -> int | None:
 @handle_errors
 def merge(
     directory: Annotated[Path, typer.Argument(help="A decomposed directory (`sorsa decompose` output).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (hf) or .gguf file.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output directory (hf) or .gguf file \\[default: ./DIR-RUN-merged, ./DIR-RUN.OUTTYPE.gguf].",
+        ),
+    ] = None,
     adapter: Annotated[
         Path, typer.Option(help="A `sorsa train` run \\[default: DIR's own adapter, the original model].")
     ] = None,
@@ -528,7 +553,9 @@ def merge(
 ) -> None:
     """Fold W = W_r + U diag(S) Vt into dense weights: an HF checkpoint or a GGUF file."""
     from sorsa_tools.merge import merge as run
+    from sorsa_tools.outputs import merge_output
 
+    output = _default_output(output, lambda: merge_output(directory, adapter, to, outtype))
     with live("{task.description:<40.40}", "{task.fields[count]}") as p:
         r = run(
             directory,
@@ -563,9 +590,13 @@ EXPORT_LORA_EPILOG = """[bold]Examples[/]
 
   sorsa export-lora llama2-sorsa-r128 --adapter run2 --dtype bfloat16 -o llama2-lora-bf16
 
+  sorsa export-lora gemma-sorsa-r64 --adapter run1 --to gguf --outtype f16 \\
+      --base gemma-3-270m.f16.gguf -o gemma-gsm8k-lora.f16.gguf
+
 The LoRA (rank 2r, alpha 2r) applies to the ORIGINAL base model:
-PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT), vllm --lora-modules,
-llama.cpp --lora (after convert_lora_to_gguf.py).
+PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT), vllm --lora-modules;
+--to gguf: llama-cli -m BASE.gguf --lora OUT.gguf, where BASE.gguf is the original model's GGUF
+(`sorsa merge DIR --to gguf`, DIR's own adapter; --base checks that it fits).
 """
 
 
@@ -574,26 +605,39 @@ llama.cpp --lora (after convert_lora_to_gguf.py).
 def export_lora(
     directory: Annotated[Path, typer.Argument(help="The decomposed directory RUN was trained on.")],
     adapter: Annotated[Path, typer.Option("--adapter", help="A trained run (`sorsa train` output).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the PEFT LoRA adapter.")],
-    dtype: Annotated[str, typer.Option(help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="PEFT dir or .gguf file \\[default: ./DIR-RUN-lora, ./DIR-RUN-lora.OUTTYPE.gguf].",
+        ),
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="peft (a PEFT LoRA dir) or gguf (a llama.cpp adapter).")
+    ] = "peft",
+    dtype: Annotated[
+        str, typer.Option(help="peft: float32, float16 or bfloat16 \\[default: float32].")
+    ] = None,
+    outtype: Annotated[str, typer.Option(help="gguf: f32, f16, bf16 or q8_0 \\[default: f16].")] = None,
+    base: Annotated[
+        Path,
+        typer.Option(help="gguf: the original model's GGUF, checked (architecture, shapes) before writing."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in -o.")] = False,
 ) -> None:
-    """Write a trained adapter as a PEFT LoRA (rank 2r) for the ORIGINAL base model."""
-    from sorsa_tools.lora_export import export_lora as run
+    """Write a trained adapter as a LoRA (rank 2r) for the ORIGINAL base model: PEFT or llama.cpp GGUF."""
+    from sorsa_tools.lora_export import export as run
+    from sorsa_tools.outputs import lora_output
 
-    r = run(directory, adapter, output, dtype=dtype, force=force)
-    _wrote(r.out_dir)
-    rows = [
-        ("LoRA rank / alpha", f"{r.rank} (2 x {r.sorsa_rank}) / {r.rank}: scale 1"),
-        ("modules", str(r.modules)),
-        ("target_modules", ", ".join(r.target_modules) if not r.exact_names else f"{r.modules} full names"),
-        ("applies to", f"the original base model {r.base_model}"),
-        ("dtype / size", f"{r.dtype} / {r.bytes / 2**20:.2f} MiB"),
-        ("max check error", f"{r.max_check_error:.1e} (B A x vs Delta W x, relative)"),
-        ("max ||Delta W|| / ||U S Vt||", f"{r.max_relative_delta:.3f}"),
-        ("time", f"{r.seconds:.1f} s"),
-    ]
-    out.print(kv_table(f"sorsa export-lora → {r.out_dir}", rows))
+    output = _default_output(output, lambda: lora_output(directory, adapter, to, outtype))
+    r = run(directory, adapter, output, to=to, dtype=dtype, outtype=outtype, base=base, force=force)
+    for w in getattr(r, "warnings", None) or []:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    written = getattr(r, "out_dir", None) or r.path
+    _wrote(written)
+    rows = lora_rows(r, to)
+    out.print(kv_table(f"sorsa export-lora --to {to} → {written}", rows))
 
 
 eval_app = typer.Typer(

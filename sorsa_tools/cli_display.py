@@ -322,3 +322,32 @@ def humaneval_rows(r) -> list[tuple[str, str]]:
         rows.append(("missing", f"{s['problems_missing']} of 164 problems have no completion"))
     rows.append(("sandbox", f"network: {s['sandbox']['network'] or '-'}; uid {s['sandbox']['uid'] or 'own'}"))
     return rows
+
+
+def lora_rows(r, to: str) -> list[tuple[str, str]]:
+    """The result table of `sorsa export-lora` (r: a LoraExportResult or a LoraGGUFResult)."""
+    rows = [
+        ("LoRA rank / alpha", f"{r.rank} (2 x {r.sorsa_rank}) / {r.rank}: scale 1"),
+        ("modules", str(r.modules)),
+    ]
+    if to == "peft":
+        rows += [
+            (
+                "target_modules",
+                ", ".join(r.target_modules) if not r.exact_names else f"{r.modules} full names",
+            ),
+            ("applies to", f"the original base model {r.base_model}"),
+            ("dtype / size", f"{r.dtype} / {r.bytes / 2**20:.2f} MiB"),
+            ("max ||Delta W|| / ||U S Vt||", f"{r.max_relative_delta:.3f}"),
+        ]
+    else:
+        checked = f"{r.base_checked} (checked)" if r.base_checked else "not checked (pass --base BASE.gguf)"
+        rows += [
+            ("architecture", r.arch),
+            ("base GGUF", checked),
+            ("outtype / size", f"{r.outtype} / {r.bytes / 2**20:.2f} MiB"),
+        ]
+    return rows + [
+        ("max check error", f"{r.max_check_error:.1e} (B A x vs Delta W x, relative)"),
+        ("time", f"{r.seconds:.1f} s"),
+    ]

@@ -184,6 +184,25 @@ def _validate_targets(ckpt: Checkpoint, targets: list[str], rank: int) -> None:
         )
 
 
+def _same_model_and_rank(out: Path, fingerprint: str, rank: int) -> bool:
+    """Whether OUT is a decomposition (finished or partial) of the checkpoint with this fingerprint
+    at this rank: what a default -o may resume, find done, or replace with --force."""
+    for f, key in (
+        (out / CONFIG_FILE, ("base_model", "fingerprint")),
+        (out / PARTIAL_DIR / "job.json", ("source_fingerprint",)),
+    ):
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        got = cfg
+        for k in key:
+            got = got.get(k) if isinstance(got, dict) else None
+        if got == fingerprint and cfg.get("rank") == rank:
+            return True
+    return False
+
+
 def _clear_dir(out: Path, source: Path) -> None:
     check_replaceable(out, [source], replaces="decomposition")
     # the config first: it marks the dir finished, so a kill part-way must not leave it behind
@@ -231,6 +250,7 @@ def decompose(
     check_sample: int = 2,
     force: bool = False,
     progress: Progress | None = None,
+    output_is_default: bool = False,
 ) -> DecomposeResult:
     """Decompose every target weight of MODEL into W_r (written as an HF checkpoint) + U, S, Vt.
 
@@ -242,7 +262,9 @@ def decompose(
     On Llama-2-7B-shaped weights that is 4 steps, the matrix products of PEFT's
     `pissa_niter_4`, with S within 8e-5 of exact instead of 10 % (docs/BENCHMARKS.md).
     `check_sample` iterative modules also get an exact SVD, to record the accuracy reached;
-    every module records the estimate.
+    every module records the estimate. `output_is_default`: OUTPUT_DIR was not chosen by the user
+    (outputs.decompose_output), so an existing one is used only if it is a decomposition of this
+    model at this rank.
     """
     t0 = time.perf_counter()
     progress = progress or Progress()
@@ -304,6 +326,11 @@ def decompose(
     if existing == [PARTIAL_DIR] and not (partial / "job.json").exists() and not any(partial.iterdir()):
         partial.rmdir()  # killed before its job file was in place: nothing to keep
         existing = []
+    if existing and output_is_default and not _same_model_and_rank(out, ckpt.fingerprint(), rank):
+        raise OutputDirError(
+            f"{out} (the default -o for {model} at rank {rank}) already holds something else (e.g. "
+            f"{existing[0]}); pass -o DIR to write elsewhere"
+        )
     if existing and not force:
         done_cfg = out / CONFIG_FILE
         if done_cfg.exists() and _read_job_id(done_cfg) == job_id:

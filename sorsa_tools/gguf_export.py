@@ -41,6 +41,7 @@ from sorsa_tools.gguf_tables import (
     ARCHS,
     DROP_SUFFIXES,
     LOOKS_SPECIAL,
+    NAME_TRAPS,
     OUTTYPES,
     PRE_CHECK_TEXT,
     PRE_HASHES,
@@ -140,6 +141,14 @@ def _model(source: MergedSource) -> _Model:
                 f"{' or '.join(map(repr, allowed))}); "
                 "it cannot be exported to GGUF"
             )
+    for key in spec.needs:
+        if hp.get(key) is None:
+            raise ExportError(
+                f"{model_type} without {key} has no llama.cpp equivalent (its {model_type} graph always "
+                "applies one); it cannot be exported to GGUF"
+            )
+    if spec.swa_fixed_period:
+        _check_fixed_swa(model_type, hp, spec.swa_fixed_period)
     n_head = hp["num_attention_heads"]
     head_dim = hp.get("head_dim") or hp["hidden_size"] // n_head
     tied = bool(hp.get("tie_word_embeddings", model_type.startswith("gemma")))
@@ -153,6 +162,28 @@ def _model(source: MergedSource) -> _Model:
         head_dim,
         tied,
     )
+
+
+def _check_fixed_swa(model_type: str, hp: dict, period: int) -> None:
+    """llama.cpp's graph makes every `period`-th layer global and the others sliding: a config
+    laid out otherwise is another network there."""
+    want = [bool((i + 1) % period) for i in range(hp["num_hidden_layers"])]
+    if _swa_pattern(hp, hp["num_hidden_layers"], default_every=period) != want:
+        raise ExportError(
+            f"{model_type} with layer_types {hp.get('layer_types')} has no llama.cpp equivalent (its "
+            f"{model_type} graph makes layer i global where (i + 1) % {period} == 0, the others sliding); it cannot be "
+            "exported to GGUF"
+        )
+
+
+def _query_scale(m: _Model) -> float:
+    """What the queries are multiplied by so that llama.cpp's attention scale gives HF's
+    query_pre_attn_scalar**-0.5 (1.0 where the family has no such scalar)."""
+    spec, scalar = m.spec, m.hp.get("query_pre_attn_scalar")
+    if spec.query_scale_into is None or not scalar:
+        return 1.0
+    denom = m.hp["hidden_size"] / m.n_head if m.n_layer == spec.wide_scale_layers else m.head_dim
+    return math.sqrt(denom / scalar)
 
 
 def _rope(hp: dict) -> tuple[dict, dict | None]:
@@ -210,29 +241,67 @@ def _qtype_for(name: str, shape: tuple[int, ...], ot: OutType, has_output: bool)
     return base, None
 
 
+def gguf_name(m: _Model, tmap: gguf.TensorNameMap, hf: str, model_type: str | None) -> str | None:
+    """The GGUF name of checkpoint tensor `hf`, or None where llama.cpp takes no such tensor (one
+    it recomputes, a vision tower's, a head tied to token_embd)."""
+    spec = m.spec
+    if hf.endswith(DROP_SUFFIXES) or hf.startswith(spec.skip_prefixes):
+        return None
+    name = hf
+    for old, new in spec.prefix_rewrites:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+            break
+    if m.tied and name == "lm_head.weight":
+        return None  # llama.cpp reuses token_embd when output.weight is absent
+    gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+    if gname is None:
+        raise ExportError(
+            f"tensor {hf!r} has no place in llama.cpp's {m.arch} architecture; this checkpoint is "
+            f"not a plain {model_type} model and cannot be exported to GGUF"
+        )
+    return gname
+
+
+def row_maps(m: _Model, gname: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The linear maps of a tensor's rows that llama.cpp's layout needs (q/k reorder, the folded
+    query scale): applied to a weight, or equally to the B factor of a LoRA of it."""
+    spec, maps = m.spec, []
+    if spec.permute_qk and _PERMUTE_QK:
+        if gname.endswith(("attn_q.weight", "attn_q.bias")):
+            maps.append(lambda t, h=m.n_head: _permute(t, h))
+        elif gname.endswith(("attn_k.weight", "attn_k.bias")):
+            maps.append(lambda t, h=m.n_kv: _permute(t, h))
+    q_scale = _query_scale(m)
+    if q_scale != 1.0 and gname.endswith(spec.query_scale_into):  # type: ignore[arg-type]
+        maps.append(lambda t, s=q_scale: t * s)
+    return maps
+
+
+def chain(
+    steps: list[Callable[[torch.Tensor], torch.Tensor]],
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The steps applied in order, or None when there are none."""
+    if not steps:
+        return None
+
+    def transform(t: torch.Tensor, steps=tuple(steps)) -> torch.Tensor:
+        for s in steps:
+            t = s(t)
+        return t
+
+    return transform
+
+
 def _plan(source: MergedSource, m: _Model, ot: OutType, n_vocab: int, warnings: list[str]) -> list[_Planned]:
     spec = m.spec
     tmap = gguf.get_tensor_name_map(spec.gguf_arch, m.n_layer)
     rp, _ = _rope(m.hp)
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     for info in source.infos():
-        hf = info.name
-        if hf.endswith(DROP_SUFFIXES) or hf.startswith(spec.skip_prefixes):
-            continue
-        name = hf
-        for old, new in spec.prefix_rewrites:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-                break
-        if m.tied and name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise ExportError(
-                f"tensor {hf!r} has no place in llama.cpp's {m.arch} architecture; this checkpoint is "
-                "not a plain {0} model and cannot be exported to GGUF".format(source.config.get("model_type"))
-            )
-        entries.append((hf, gname, tuple(info.shape)))
+        gname = gguf_name(m, tmap, info.name, source.config.get("model_type"))
+        if gname is not None:
+            entries.append((info.name, gname, tuple(info.shape)))
     names = {g for _, g, _ in entries}
     for required in ("token_embd.weight", "output_norm.weight"):
         if required not in names:
@@ -242,36 +311,26 @@ def _plan(source: MergedSource, m: _Model, ot: OutType, n_vocab: int, warnings: 
     if (rp.get("rope_type") or "").lower() == "llama3":
         factors = _llama3_rope_factors(rp, m.head_dim)
         plans.append(_Planned("rope_freqs.weight", tuple(factors.shape), T.F32, None, generated=factors))
-
-    q_scale = 1.0
-    if spec.fold_query_scale and m.hp.get("query_pre_attn_scalar"):
-        # llama.cpp's gemma3 graph: 1/sqrt(head_dim), or 1/sqrt(n_embd/n_head) for the 62-layer 27B
-        denom = m.hp["hidden_size"] / m.n_head if m.n_layer == 62 else m.head_dim
-        q_scale = math.sqrt(denom / m.hp["query_pre_attn_scalar"])
+    if m.spec.longrope and (rp.get("rope_type") or "").lower() in ("longrope", "su"):
+        for kind in ("long", "short"):  # llama.cpp picks one by the context size, HF by the sequence's
+            f = torch.tensor(rp[f"{kind}_factor"], dtype=torch.float32)
+            if f.numel() != _rope_dims(m.hp, rp, m.head_dim) // 2:
+                raise ExportError(
+                    f"rope {kind}_factor has {f.numel()} entries, not rope dims / 2; fix config.json"
+                )
+            plans.append(_Planned(f"rope_factors_{kind}.weight", tuple(f.shape), T.F32, None, generated=f))
 
     for hf, gname, shape in entries:
         if gname == "token_embd.weight" and shape[0] != n_vocab:
             raise ExportError(f"internal: token_embd has {shape[0]} rows for {n_vocab} tokens")
         steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        if spec.permute_qk and _PERMUTE_QK:
-            if gname.endswith(("attn_q.weight", "attn_q.bias")):
-                steps.append(lambda t, h=m.n_head: _permute(t, h))
-            elif gname.endswith(("attn_k.weight", "attn_k.bias")):
-                steps.append(lambda t, h=m.n_kv: _permute(t, h))
-        if spec.norm_shift and hf.endswith("norm.weight"):
+        if spec.norm_shift and hf.endswith("norm.weight"):  # first: a folded scale multiplies 1 + w
             steps.append(lambda t, s=spec.norm_shift: t + s)
-        if q_scale != 1.0 and gname.endswith("attn_q_norm.weight"):
-            steps.append(lambda t, s=q_scale: t * s)
+        steps += row_maps(m, gname)
         qtype, note = _qtype_for(gname, shape, ot, has_output)
         if note:
             warnings.append(note)
-
-        def transform(t: torch.Tensor, steps=tuple(steps)) -> torch.Tensor:
-            for s in steps:
-                t = s(t)
-            return t
-
-        plans.append(_Planned(gname, shape, qtype, hf, transform if steps else None))
+        plans.append(_Planned(gname, shape, qtype, hf, chain(steps)))
     return plans
 
 
@@ -302,9 +361,9 @@ def _add_hparams(w: gguf.GGUFWriter, m: _Model, ot: OutType, n_vocab: int, name:
     w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps") or 1e-6))
     w.add_key_length(m.head_dim)
     w.add_value_length(m.head_dim)
-    w.add_rope_dimension_count(m.head_dim)
-    w.add_vocab_size(n_vocab)
     rp, swa = _rope(hp)
+    w.add_rope_dimension_count(_rope_dims(hp, rp, m.head_dim))
+    w.add_vocab_size(n_vocab)
     w.add_rope_freq_base(float(rp.get("rope_theta") or (1e6 if m.spec.sliding_window else 1e4)))
     rope_type = (rp.get("rope_type") or "default").lower()
     if rope_type == "linear":
@@ -322,10 +381,18 @@ def _add_hparams(w: gguf.GGUFWriter, m: _Model, ot: OutType, n_vocab: int, name:
         ):
             if rp.get(key) is not None:
                 add(float(rp[key]))
+    elif rope_type in ("longrope", "su") and m.spec.longrope:  # + the rope_factors_* tensors
+        orig = int(rp.get("original_max_position_embeddings") or hp["original_max_position_embeddings"])
+        scale = int(hp.get("max_position_embeddings") or orig) / orig
+        attn = rp.get("attention_factor") or (
+            math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+        )
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(float(attn))
     elif rope_type not in ("default", "llama3"):  # llama3: the rope_freqs tensor
         raise ExportError(
             f"rope_type {rope_type!r} has no llama.cpp equivalent for {m.arch}; supported: default, "
-            "linear, yarn, llama3"
+            "linear, yarn, llama3" + (", longrope" if m.spec.longrope else "")
         )
     if m.spec.sliding_window and hp.get("sliding_window"):
         pattern = _swa_pattern(hp, m.n_layer)
@@ -334,17 +401,26 @@ def _add_hparams(w: gguf.GGUFWriter, m: _Model, ot: OutType, n_vocab: int, name:
             w.add_sliding_window_pattern(pattern)
             if swa and swa.get("rope_theta"):
                 w.add_rope_freq_base_swa(float(swa["rope_theta"]))
-    if m.spec.sliding_window and hp.get("final_logit_softcapping"):
-        w.add_final_logit_softcapping(float(hp["final_logit_softcapping"]))
+    if m.spec.swa_fixed_period:  # the layout is llama.cpp's own (checked in _model)
+        w.add_sliding_window(int(hp["sliding_window"]))
+    for key in m.spec.softcaps:
+        if hp.get(key):
+            w.add_float32(f"{m.arch}.{key}", float(hp[key]))
     w.add_file_type(ot.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _swa_pattern(hp: dict, n_layer: int) -> list[bool]:
+def _rope_dims(hp: dict, rp: dict, head_dim: int) -> int:
+    """Rotated dimensions per head: all of them, or partial_rotary_factor of them (Phi-3/4)."""
+    factor = rp.get("partial_rotary_factor") or hp.get("partial_rotary_factor") or 1.0
+    return int(head_dim * factor)
+
+
+def _swa_pattern(hp: dict, n_layer: int, default_every: int = 1) -> list[bool]:
     types = hp.get("layer_types")
     if types:
         return [t == "sliding_attention" for t in types][:n_layer]
-    every = hp.get("sliding_window_pattern") or hp.get("_sliding_window_pattern") or 1
+    every = hp.get("sliding_window_pattern") or hp.get("_sliding_window_pattern") or default_every
     return [bool((i + 1) % every) for i in range(n_layer)]
 
 
@@ -658,13 +734,35 @@ class _Writer(gguf.GGUFWriter):
         return self.temp_names
 
 
+def model_name(name: str, tokens: list[str | bytes]) -> str:
+    """general.name, kept clear of llama.cpp's name-triggered token rules that this vocabulary
+    cannot satisfy (a fine-tune named phi3-... with a tokenizer of its own would not load)."""
+    have = {t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens}
+    for triggers, needed in NAME_TRAPS:
+        if any(n not in have for n in needed):
+            for trig in triggers:
+                name = re.sub(
+                    re.escape(trig),
+                    lambda mt: f"{mt.group()[:3]} {mt.group()[3:].lstrip('-')}",
+                    name,
+                    flags=re.I,
+                )
+    return name
+
+
 def _split_names(out: Path, n: int) -> list[Path]:
     if n == 1:
         return [out]
     return [out.with_name(gguf.gguf_writer.SHARD_NAME_FORMAT.format(out.stem, i + 1, n)) for i in range(n)]
 
 
-def _check_out(out: Path, force: bool, candidates: list[Path]) -> None:
+def _check_out(
+    out: Path,
+    force: bool,
+    candidates: list[Path],
+    writer: str = "`sorsa merge --to gguf`",
+    gtype: str = "model",
+) -> None:
     if not out.parent.is_dir():
         raise ExportError(f"the directory of {out} does not exist; create it or pick another -o path")
     for p in candidates:
@@ -672,24 +770,25 @@ def _check_out(out: Path, force: bool, candidates: list[Path]) -> None:
             raise OutputExistsError(
                 f"{p} already exists; pass --force to overwrite it or pick another -o path"
             )
-        if p.exists() and not _is_own_gguf(p):
+        if p.exists() and not _is_own_gguf(p, gtype):
             raise OutputExistsError(
-                f"{p} is not a GGUF that `sorsa merge --to gguf` wrote; --force only replaces one of "
+                f"{p} is not a GGUF that {writer} wrote; --force only replaces one of "
                 "those: pick another -o path"
             )
 
 
-def _is_own_gguf(p: Path) -> bool:
-    """A regular GGUF file that sorsa-tools wrote (what --force may replace)."""
+def _is_own_gguf(p: Path, gtype: str = "model") -> bool:
+    """A regular GGUF file that sorsa-tools wrote, of general.type `gtype` (what --force may
+    replace: a merge's model, or export-lora's adapter, never one for the other)."""
     if p.is_symlink() or not p.is_file():
         return False
     try:
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 return False
-        fields = gguf.GGUFReader(p).fields
-        return WRITER_KEY in fields or PROVENANCE_KEY in fields
-    except Exception:  # the reader raises ValueError, struct.error, IndexError on bad bytes
+        kv = read_layout(p)[0]
+        return (WRITER_KEY in kv or PROVENANCE_KEY in kv) and kv.get("general.type", "model") == gtype
+    except Exception:  # a file that does not parse as GGUF
         return False
 
 
@@ -706,8 +805,8 @@ def _write(
     progress: Callable[[str, int, int], None] | None,
 ) -> list[Path]:
     w = _Writer(out, arch=m.arch, split_max_size=split_max_size or 0)
-    name = (source.config.get("_name_or_path") or source.root.name) or "model"
-    _add_hparams(w, m, ot, n_vocab, str(name))
+    name = str(source.config.get("_name_or_path") or source.root.name or "model")
+    _add_hparams(w, m, ot, n_vocab, model_name(name, vocab.tokens))
     _add_vocab(w, vocab, source.root, n_vocab)
     w.add_string(WRITER_KEY, f"sorsa-tools {__version__}")  # marks a file --force may replace
     if provenance is not None:

@@ -25,16 +25,27 @@ class ArchSpec:
     permute_qk: bool = False
     # Gemma's RMSNorm multiplies by (1 + w); llama.cpp multiplies by w, so w + 1 is stored.
     norm_shift: float = 0.0
-    # Gemma 3 scales attention by query_pre_attn_scalar**-0.5 where llama.cpp uses head_dim**-0.5;
-    # the ratio is folded into q_norm (which comes after q_proj, so only it can carry a scale).
-    fold_query_scale: bool = False
+    # Gemma 2/3 scale attention by query_pre_attn_scalar**-0.5 where llama.cpp uses head_dim**-0.5
+    # (n_embd / n_head for the 27B, told apart by its layer count): the ratio is folded into this
+    # tensor, a per-row scale of the queries (Gemma 3's q_norm; Gemma 2 has none, so q itself)
+    query_scale_into: str | None = None
+    wide_scale_layers: int | None = None
     # per-layer sliding-window attention (written as window + per-layer pattern + SWA rope base)
     sliding_window: bool = False
+    # llama.cpp's graph fixes the layout instead (every n-th layer global, the first sliding):
+    # only the window is written, and a config with another layout is refused
+    swa_fixed_period: int | None = None
+    # HF config keys written under the same GGUF name ({arch}.KEY) when set
+    softcaps: tuple[str, ...] = ()
     # HF config keys that must hold one of these values for llama.cpp's graph to be the same network
     requires: dict[str, tuple] = field(default_factory=dict)
+    # HF config keys that must be set: llama.cpp's graph always applies them
+    needs: tuple[str, ...] = ()
     # an HF config key for a sliding window that llama.cpp's graph for this family does not apply:
     # the export goes ahead (as llama.cpp's converter does) with a warning naming the window
     ignored_window_key: str | None = None
+    # Phi-3's longrope scaling: rope_factors_long / _short tensors and rope.scaling.attn_factor
+    longrope: bool = False
     # tensor-name prefixes of a multimodal wrapper, rewritten to the text model's
     prefix_rewrites: tuple[tuple[str, str], ...] = ()
     skip_prefixes: tuple[str, ...] = ()
@@ -45,8 +56,10 @@ class ArchSpec:
 _GEMMA3 = ArchSpec(
     gguf.MODEL_ARCH.GEMMA3,
     norm_shift=1.0,
-    fold_query_scale=True,
+    query_scale_into="attn_q_norm.weight",
+    wide_scale_layers=62,
     sliding_window=True,
+    softcaps=("final_logit_softcapping",),
     # llama.cpp's gemma3 loader takes no attention biases (released Gemma 3 has none)
     requires={"attn_logit_softcapping": (None,), "attention_bias": (None, False)},
     prefix_rewrites=(
@@ -77,9 +90,42 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen3": ArchSpec(
         gguf.MODEL_ARCH.QWEN3, requires={"use_sliding_window": (None, False), "attention_bias": (None, False)}
     ),
+    # Gemma 1 (the paper's Gemma 7B): llama.cpp's gemma graph takes no biases (Gemma has none)
+    "gemma": ArchSpec(
+        gguf.MODEL_ARCH.GEMMA,
+        norm_shift=1.0,
+        requires={"attention_bias": (None, False)},
+        family_tokenizer="llama",
+    ),
+    # Gemma 2: logit soft-capping (both, always applied by llama.cpp), alternating sliding window,
+    # post-attention and post-FFN norms (named by gguf's tensor map)
+    "gemma2": ArchSpec(
+        gguf.MODEL_ARCH.GEMMA2,
+        norm_shift=1.0,
+        query_scale_into="attn_q.weight",
+        wide_scale_layers=46,
+        swa_fixed_period=2,
+        softcaps=("attn_logit_softcapping", "final_logit_softcapping"),
+        requires={"attention_bias": (None, False)},
+        needs=("attn_logit_softcapping", "final_logit_softcapping", "sliding_window"),
+        family_tokenizer="llama",
+    ),
+    # Phi-3: qkv_proj and gate_up_proj stay fused (llama.cpp's attn_qkv / ffn_up split them the way
+    # transformers does: q, k, v rows; gate rows, then up rows); NEOX RoPE, so no q/k reorder. Its
+    # sliding window is switched off in llama.cpp's phi3 graph
+    "phi3": ArchSpec(
+        gguf.MODEL_ARCH.PHI3, ignored_window_key="sliding_window", longrope=True, family_tokenizer="llama"
+    ),
     "gemma3_text": _GEMMA3,
     "gemma3": _GEMMA3,  # Gemma3ForConditionalGeneration: its text_config, vision tower left out
 }
+
+# llama.cpp's vocabulary loader gives the tokens of the second tuple special attributes when
+# general.name (lower-cased) contains a string of the first, and fails to load a file whose
+# vocabulary lacks one of them ("unordered_map::at"): such a name is written with a space instead
+NAME_TRAPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("phi-3", "phi3"), ("<unk>", "<s>", "</s>", "<|endoftext|>")),
+)
 
 # Checkpoint tensors llama.cpp has no use for (recomputed at load time).
 DROP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
@@ -127,6 +173,8 @@ _LLAMA_CPP = {
     }.items()
 }
 OUTTYPES: dict[str, OutType] = {**_PY, **_LLAMA_CPP}
+# what llama.cpp's convert_lora_to_gguf.py writes a LoRA adapter as (its loader takes these)
+LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # What a weight falls back to when its rows do not split into whole quant blocks (llama.cpp's
 # converter catches gguf.QuantError and writes F16).

@@ -496,6 +496,14 @@ def _usage(art: Artifact, repo_id: str, revision: str | None) -> str:
             + "out = model.generate(**inputs, max_new_tokens=256)\n"
             "print(tokenizer.decode(out[0], skip_special_tokens=True))\n```\n"
         )
+    if kind == "gguf" and (prov.get("export") or {}).get("format") == "llama.cpp-lora":
+        first = art.files[0][0]  # `sorsa export-lora --to gguf`: an adapter, run over the base's GGUF
+        return (
+            f"A llama.cpp LoRA adapter (`sorsa export-lora --to gguf`) for the GGUF of the original {base} "
+            "(not of a fine-tune), with [llama.cpp](https://github.com/ggml-org/llama.cpp):\n\n"
+            f"```bash\nhf download {repo_id} {first} --local-dir .{rev_sh}\n"
+            f"llama-cli -m BASE.gguf --lora {first}    # BASE.gguf: the original model's GGUF\n```\n"
+        )
     if kind == "gguf":
         names = " ".join(rel for rel, _, _ in art.files)
         first = art.files[0][0]

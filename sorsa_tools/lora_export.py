@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,40 @@ def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor) -> tupl
     return (U * b).float(), (Vt * a[:, None]).float()
 
 
+def trained_source(d: Path, run: Path, check_out: Callable[[], None] | None = None) -> MergedSource:
+    """DIR + RUN for a LoRA export: RUN a trained run of DIR whose factors moved (else the LoRA is
+    zero), DIR's initial factors verified. `check_out` runs once the inputs are known good."""
+    if not run.is_dir():
+        raise NotDecomposedError(f"no such directory: {run}; pass the output of `sorsa train` as --adapter")
+    src = MergedSource(d, run)  # refuses a non-decomposed DIR and an adapter of another decomposition
+    acfg = src.adapter_config
+    if acfg.get("kind") != "trained":
+        raise InputError(
+            f"{run} holds {acfg.get('kind', 'an unknown')!r} factors, not a trained run: their LoRA would be "
+            f"zero; pass the output of `sorsa train {d} --data FILE -o RUN`"
+        )
+    if check_out is not None:
+        check_out()
+    verify_checksums(d, src.decomposition, [ADAPTER_FILE])  # the init factors: Delta W's other half
+    init = SafetensorsFile(d / ADAPTER_FILE)
+    for m in src.targets:  # untrained check first, so that nothing is written for a no-op
+        new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
+        if not all(torch.equal(a.float(), b.float()) for a, b in zip(new, old, strict=True)):
+            return src
+    raise InputError(
+        f"the adapter in {run} equals {d}'s initial factors (Delta W = 0, the LoRA would do nothing); "
+        "train it first (`sorsa train` with --max-steps > 0 and lr > 0)"
+    )
+
+
+def delta_factors(src: MergedSource, init: SafetensorsFile, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in float32 of one module, B @ A = U'S'Vt' - U S Vt exactly (rank 2r, balanced halves)."""
+    new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
+    B1, A1 = balanced_factors(*new)
+    B0, A0 = balanced_factors(*old)
+    return torch.cat([A1, A0], dim=0), torch.cat([B1, -B0], dim=1)
+
+
 def _delta_apply(
     new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...], x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,32 +185,12 @@ def export_lora(
         raise InputError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
     d, run, out = (Path(p).expanduser() for p in (directory, adapter, out))
-    if not run.is_dir():
-        raise NotDecomposedError(f"no such directory: {run}; pass the output of `sorsa train` as --adapter")
-    src = MergedSource(d, run)  # refuses a non-decomposed DIR and an adapter of another decomposition
-    acfg = src.adapter_config
-    if acfg.get("kind") != "trained":
-        raise InputError(
-            f"{run} holds {acfg.get('kind', 'an unknown')!r} factors, not a trained run: their LoRA would be "
-            f"zero; pass the output of `sorsa train {d} --data FILE -o RUN`"
-        )
-    _check_paths(out, force, [d, run])
-    verify_checksums(d, src.decomposition, [ADAPTER_FILE])  # the init factors: Delta W's other half
+    src = trained_source(d, run, lambda: _check_paths(out, force, [d, run]))
     init = SafetensorsFile(d / ADAPTER_FILE)
     targets = src.targets
     r = int(src.decomposition["rank"])
     shapes = {m: tuple(src.info(m + ".weight").shape) for m in targets}
-
-    moved, max_rel = 0, 0.0
-    for m in targets:  # untrained check first, so that nothing is written for a no-op
-        new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
-        if not all(torch.equal(a.float(), b.float()) for a, b in zip(new, old, strict=True)):
-            moved += 1
-    if moved == 0:
-        raise InputError(
-            f"the adapter in {run} equals {d}'s initial factors (Delta W = 0, the LoRA would do nothing); "
-            "train it first (`sorsa train` with --max-steps > 0 and lr > 0)"
-        )
+    max_rel = 0.0
 
     live = _live_names(src)
     peft_name = {m: live_module_name(m, live) or m for m in targets}
@@ -200,11 +215,7 @@ def export_lora(
         weights = tmp / LORA_WEIGHTS_FILE
         with StreamWriter(weights, specs, metadata={"format": "pt"}) as w:
             for m in targets:
-                new, old = src.factors(m), tuple(init.read_tensor(n) for n in factor_names(m))
-                B1, A1 = balanced_factors(*new)
-                B0, A0 = balanced_factors(*old)
-                A = torch.cat([A1, A0], dim=0).to(tdtype)
-                B = torch.cat([B1, -B0], dim=1).to(tdtype)
+                A, B = (t.to(tdtype) for t in delta_factors(src, init, m))
                 if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                     raise VerificationError(
                         f"{m}: the LoRA factors overflow {dtype}; export with --dtype float32 (or bfloat16)"
@@ -320,3 +331,35 @@ def _relative_delta(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]
     delta2 = float(((L.T @ L) * (R @ R.T)).sum())
     base2 = float((((U0 * S0).T @ (U0 * S0)) * (V0 @ V0.T)).sum())
     return max(delta2, 0.0) ** 0.5 / max(base2, 1e-300) ** 0.5
+
+
+LORA_FORMATS = ("peft", "gguf")
+
+
+def export(
+    directory: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    to: str = "peft",
+    dtype: str | None = None,
+    outtype: str | None = None,
+    base: str | Path | None = None,
+    force: bool = False,
+):
+    """`sorsa export-lora`: a PEFT LoRA dir (--to peft, export_lora) or a llama.cpp LoRA adapter
+    GGUF (--to gguf, gguf_lora.export_lora_gguf); options of the other format are refused."""
+    if to not in LORA_FORMATS:
+        raise InputError(f"--to {to!r} is not one of {', '.join(LORA_FORMATS)}; pass --to peft or --to gguf")
+    if to == "peft":
+        for flag, value in (("--outtype", outtype), ("--base", base)):
+            if value is not None:
+                raise InputError(f"{flag} applies to --to gguf; a PEFT LoRA takes --dtype")
+        return export_lora(directory, adapter, out, dtype=dtype or "float32", force=force)
+    if dtype is not None:
+        raise InputError(
+            "--dtype applies to --to peft; for a GGUF adapter choose the tensor type with --outtype"
+        )
+    from sorsa_tools.gguf_lora import export_lora_gguf
+
+    return export_lora_gguf(directory, adapter, out, outtype=outtype or "f16", base=base, force=force)

@@ -29,7 +29,16 @@ def python_owns_ctrl_c():
 
 
 def _config(kind: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, PhiConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        Phi3Config,
+        PhiConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=128,
@@ -48,6 +57,12 @@ def _config(kind: str):
         return Qwen3Config(**common, head_dim=16)
     if kind == "gemma3":
         return Gemma3TextConfig(**{**common, "head_dim": 16, "num_key_value_heads": 1})
+    if kind == "gemma":
+        return GemmaConfig(**{**common, "head_dim": 16})
+    if kind == "gemma2":
+        return Gemma2Config(**{**common, "head_dim": 16})
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**common, pad_token_id=0, eos_token_id=2)
     if kind == "phi":  # not in the target table: exercises the generic rule
         return PhiConfig(**{k: v for k, v in common.items()})
     raise ValueError(kind)
