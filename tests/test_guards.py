@@ -66,7 +66,9 @@ def test_messages_name_what_each_path_should_be(tiny_lm_decomposed, run_dir, tmp
     assert_clean_error(res, "is a trained run, not a decomposition", f"pass its DIR ({dec})", "--adapter")
     assert_clean_error(run("inspect", str(tmp_path / "nope")), "a decomposed dir", "or a trained run")
     res = run("train", str(dec), "--data", str(tmp_path), "-o", str(tmp_path / "r"))
-    assert_clean_error(res, f"--data {tmp_path}: a folder with no .parquet, .arrow, .csv, .tsv or .jsonl files")
+    assert_clean_error(
+        res, f"--data {tmp_path}: a folder with no .parquet, .arrow, .csv, .tsv or .jsonl files"
+    )
     res = run("decompose", str(dec.parent), "--rank", "4", "--niter", "8", "--max-niter", "4", "-o", "x")
     assert_clean_error(res, "--max-niter 4 is below --niter 8")
 

@@ -189,7 +189,7 @@ def test_data_file_changed_after_the_scan_is_a_clear_error(tiny_lm_decomposed, t
         ds.read([1, 2])
     assert str(e.value).startswith(expected)
     f.write_text("".join(lines))
-    st = ds._stamp
+    st = ds.source._stamp
     os.utime(f, ns=(st[1], st[1]))  # put back as it was: reads again
     assert ds.read([1, 2]) == before
 
