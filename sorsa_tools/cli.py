@@ -302,6 +302,27 @@ TRAIN_EPILOG = """[bold]Examples[/]
 """
 
 
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="JSONL, Parquet, Arrow or CSV file or folder, or a Hub dataset id (read through `datasets`).",
+    ),
+]
+SplitOpt = Annotated[
+    str,
+    typer.Option(help='Split of a table or Hub dataset, with slicing: "train[:100000]" \\[default: train].'),
+]
+SubsetOpt = Annotated[str, typer.Option(help="Subset (config name) of a Hub dataset.")]
+RevisionOpt = Annotated[str, typer.Option(help="Branch, tag or commit of a Hub dataset.")]
+
+
+def _data_spec(data: str, split: str | None, subset: str | None, revision: str | None):
+    from sorsa_tools.io.records import DataSpec
+
+    return DataSpec(data, split, subset, revision)
+
+
 def _data_where(data: dict) -> str:
     """Where a run's data came from: its path, or a Hub dataset's id, split and revision."""
     where = data.get("path") or data.get("dataset")
@@ -313,22 +334,11 @@ def _data_where(data: dict) -> str:
 @handle_errors
 def train(
     directory: Annotated[Path, typer.Argument(help="A decomposed directory (`sorsa decompose` output).")],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data",
-            help="JSONL, Parquet, Arrow or CSV file or folder, or a Hub dataset id (read through `datasets`).",
-        ),
-    ],
+    data: DataOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory for the trained adapter.")],
-    split: Annotated[
-        str,
-        typer.Option(
-            help=r'Split of a table or Hub dataset, with slicing: "train[:100000]" \[default: train].'
-        ),
-    ] = None,
-    subset: Annotated[str, typer.Option(help="Subset (config name) of a Hub dataset.")] = None,
-    data_revision: Annotated[str, typer.Option(help="Branch, tag or commit of a Hub dataset.")] = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    data_revision: RevisionOpt = None,
     fields: Annotated[
         str,
         typer.Option(
@@ -409,7 +419,6 @@ def train(
     from transformers.utils import logging as hf_logging
 
     from sorsa_tools.distributed import launch_rank
-    from sorsa_tools.io.records import DataSpec
     from sorsa_tools.train import TrainConfig
     from sorsa_tools.train import train as run
 
@@ -451,7 +460,7 @@ def train(
         with display as p:
             r = run(
                 directory,
-                DataSpec(data, split, subset, data_revision),
+                _data_spec(data, split, subset, data_revision),
                 output,
                 config=cfg,
                 device=device,
@@ -673,8 +682,16 @@ def eval_gsm8k(
         ),
     ],
     data: Annotated[
-        Path, typer.Option("--data", help="GSM-8K-style JSONL (question, answer with '#### N').")
+        str,
+        typer.Option(
+            "--data",
+            help="GSM-8K records (question, answer with '#### N'): a JSONL, Parquet, Arrow or CSV file or "
+            "folder, or a Hub dataset id.",
+        ),
     ],
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    data_revision: RevisionOpt = None,
     adapter: Annotated[
         Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
     ] = None,
@@ -708,6 +725,7 @@ def eval_gsm8k(
 
     opts = dict(adapter=adapter, fields=fields, template=template, limit=limit, batch_size=batch_size)
     opts |= dict(max_new_tokens=max_new_tokens, metric=metric, device=device, dtype=dtype, output=output)
+    data = _data_spec(data, split, subset, data_revision)
     r = _run_eval(evaluate_gsm8k, model, data, force=force, **opts)
     if as_json:
         return _eval_report(r, True, "", [])
@@ -763,8 +781,16 @@ def eval_math(
         ),
     ],
     data: Annotated[
-        Path, typer.Option("--data", help="MATH records: a JSONL file or MATH's directory of .json files.")
+        str,
+        typer.Option(
+            "--data",
+            help="MATH records: a JSONL file, MATH's directory of .json files, a Parquet/Arrow/CSV file or "
+            "folder, or a Hub dataset id.",
+        ),
     ],
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    data_revision: RevisionOpt = None,
     adapter: Annotated[
         Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
     ] = None,
@@ -800,7 +826,7 @@ def eval_math(
     opts |= dict(
         max_new_tokens=max_new_tokens, metric=metric, device=device, dtype=dtype, output=output, force=force
     )
-    r = _run_eval(evaluate_math, model, data, **opts)
+    r = _run_eval(evaluate_math, model, _data_spec(data, split, subset, data_revision), **opts)
     _eval_report(
         r,
         as_json,

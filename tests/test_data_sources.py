@@ -237,3 +237,25 @@ def test_bad_conversations_name_the_record(tmp_path):
         with pytest.raises(DataError, match=msg):
             Dataset(f, t)
     assert chat.is_conversation([{"role": "user"}]) and not chat.is_conversation("text")
+
+
+def test_eval_reads_tables_through_the_same_loader(tmp_path, tiny_lm_decomposed):
+    """eval gsm8k on a Parquet split scores what it scores on the JSONL; eval math reads tables too."""
+    from sorsa_tools.evaluate import evaluate_gsm8k
+    from sorsa_tools.evaluate.math_eval import read_math_records
+
+    src, _ = tiny_lm_decomposed("llama")
+    rows = [json.loads(x) for x in GSM8K_SLICE.read_text().splitlines()[:6]]
+    jl = tmp_path / "g.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet")
+    kw = dict(metric="nll", device="cpu", batch_size=2)
+    a = evaluate_gsm8k(src, jl, output=tmp_path / "a.jsonl", **kw)
+    b = evaluate_gsm8k(src, DataSpec(str(tmp_path / "g.parquet")), output=tmp_path / "b.jsonl", **kw)
+    assert a.n == b.n == 6 and b.nll == pytest.approx(a.nll, rel=1e-6)
+    assert b.summary["data"]["kind"] == "parquet" and b.summary["data"]["rows"] == 6
+
+    math_rows = [{"problem": "1+1?", "solution": "\\boxed{2}", "subject": "Algebra", "level": 1}] * 3
+    pq.write_table(pa.Table.from_pylist(math_rows), tmp_path / "m.parquet")
+    got = list(read_math_records(DataSpec(str(tmp_path / "m.parquet"), split="train[:2]")))
+    assert [w for w, _ in got] == ["m.parquet row 1", "m.parquet row 2"] and got[0][1]["subject"] == "Algebra"

@@ -226,7 +226,7 @@ def test_cli_refuses_bad_data(tiny_lm_decomposed, tmp_path):
     bad.write_text('{"problem": "1+1?", "solution": "It is two."}\n')
     err(bad, "no reference answer", "--metric nll")
     (tmp_path / "m.parquet").write_bytes(b"PAR1" + bytes(range(256)))
-    err(tmp_path / "m.parquet", "is a Parquet file", "JSONL or a directory")
+    err(tmp_path / "m.parquet", "not readable as parquet")
     (tmp_path / "latin1.jsonl").write_bytes('{"problem": "caf\xe9"}\n'.encode("latin-1"))
     err(tmp_path / "latin1.jsonl", "not UTF-8")
     bad.write_text('["a", "b"]\n')

@@ -18,14 +18,13 @@ tokenization, prompt + " " + answer + EOS for the paper template), so that the N
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sorsa_tools.data import Dataset, check_data_file, parse_fields
+from sorsa_tools.data import Dataset, parse_fields
 from sorsa_tools.device import resolve_device
 from sorsa_tools.errors import DataError
 from sorsa_tools.evaluate import backends
@@ -43,6 +42,7 @@ from sorsa_tools.evaluate.report import (
     write_results,
 )
 from sorsa_tools.format import sha256_of
+from sorsa_tools.io.records import DataSpec, open_source
 from sorsa_tools.prompts import render_prompt
 
 TASK = "gsm8k"
@@ -176,24 +176,25 @@ def evaluate_gsm8k(
     check_options(limit, batch_size, max_new_tokens, metric, template, output)
     spec = resolve_model(model, adapter)
     dev = resolve_device(device)
-    data = Path(data).expanduser()
-    check_data_file(data, "a GSM-8K-style JSONL file")
-    inputs = [data] + ([Path(spec.path)] if spec.kind == "gguf" else [])
+    source = open_source(data if isinstance(data, DataSpec) else DataSpec(str(data)))
+    inputs = ([source.path] if source.path is not None else []) + (
+        [Path(spec.path)] if spec.kind == "gguf" else []
+    )
     items_file, _ = plan_outputs(output, default_output(spec), inputs, force)
 
     backend = backends.open_backend(spec, dev, dtype)
     tok = backend.tokenizer
     ds = Dataset(
-        data, tok, parse_fields(fields), template, MAX_LENGTH, fields_hint="pass --fields QUESTION,ANSWER"
+        source, tok, parse_fields(fields), template, MAX_LENGTH, fields_hint="pass --fields QUESTION,ANSWER"
     )
     if ds.fields.prompt is None:
         raise DataError(
-            f"{data}: sorsa eval gsm8k needs a question and an answer field, not one text field "
+            f"{ds.path or source.name}: sorsa eval gsm8k needs a question and an answer field, not one text field "
             f"({ds.fields.response!r}); pass --fields QUESTION,ANSWER"
         )
     n = len(ds) if limit is None else min(limit, len(ds))
     idx = list(range(n))
-    records = _read_records(ds, idx)
+    records = ds.records(idx)
     prompt_len = [ds.lengths[i] - ds.response_tokens[i] for i in idx]
     truncated = sum(1 for i in idx if ds.truncated[i])
     if metric in ("accuracy", "both"):
@@ -260,7 +261,11 @@ def evaluate_gsm8k(
         "model": str(spec.path.resolve()),
         "model_kind": MODEL_KINDS[spec.kind],
         "adapter": str(spec.adapter.resolve()) if spec.adapter else None,
-        "data": {"path": str(data.resolve()), "sha256": sha256_of(data), "examples": len(ds)},
+        "data": {
+            **ds.describe(),
+            **({"sha256": sha256_of(ds.path)} if source.kind == "jsonl" else {}),
+            "examples": len(ds),
+        },
         "limit": limit,
         "template": template,
         "fields": ds.fields.describe(),
@@ -305,19 +310,10 @@ def _check_gold(ds: Dataset, idx: list[int], records: list[dict]) -> None:
     """An answer with no number cannot be scored: every such item would count as wrong."""
     bad = [i for i, rec in zip(idx, records, strict=True) if gold_answer(rec[ds.fields.response]) is None]
     if bad:
-        line = ds.path.read_bytes()[: ds.offsets[bad[0]]].count(b"\n") + 1
+        n = ds.source.line_of(ds.offsets[bad[0]])
+        where = f"line {n}" if ds.source.kind == "jsonl" else f"row {n}"
         raise DataError(
-            f"{ds.path}: {len(bad)} of {len(idx)} answers ({ds.fields.response!r}) hold no number "
-            f"(first: line {line}); accuracy needs GSM-8K-style answers ending in '#### N': fix them, "
+            f"{ds.path or ds.source.name}: {len(bad)} of {len(idx)} answers ({ds.fields.response!r}) hold no "
+            f"number (first: {where}); accuracy needs GSM-8K-style answers ending in '#### N': fix them, "
             "or pass --metric nll"
         )
-
-
-def _read_records(ds: Dataset, indices: list[int]) -> list[dict]:
-    """The JSON objects of examples (indices into the usable ones), read back by byte offset."""
-    out = []
-    with open(ds.path, "rb") as f:
-        for i in indices:
-            f.seek(ds.offsets[i])
-            out.append(json.loads(f.readline()))
-    return out

@@ -43,6 +43,7 @@ from sorsa_tools.evaluate.report import (
     write_results,
 )
 from sorsa_tools.format import sha256_of
+from sorsa_tools.io.records import ARROW_KINDS, FOLDER_KINDS, DataSpec, _hub_id, open_source
 from sorsa_tools.prompts import render_prompt
 
 TASK = "math"
@@ -163,10 +164,29 @@ def _problem_order(p: Path) -> tuple:
     return (*p.parent.parts, int(p.stem) if p.stem.isdigit() else float("inf"), p.stem)
 
 
-def read_math_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each MATH record under path: `where` names it in errors and results
-    (file:line, or the .json file relative to the directory)."""
-    path = Path(path).expanduser()
+def _is_table(spec: DataSpec) -> bool:
+    """Data for the shared loader (io.records): a table file or folder, or a Hub id."""
+    path = Path(spec.data).expanduser()
+    if path.is_dir():  # MATH's own layout is .json files; a folder of tables or a saved dataset is not
+        return not any(path.rglob("*.json")) and any(
+            f.suffix.lower() in FOLDER_KINDS for f in path.rglob("*")
+        )
+    return path.suffix.lower() in ARROW_KINDS or (not path.exists() and _hub_id(spec.data))
+
+
+def read_math_records(data: str | Path | DataSpec) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each MATH record that `data` names: `where` names it in errors and
+    results (file:line, the .json file relative to the directory, or a table's row). MATH's own
+    layouts (JSONL, .json files) are read here; tables and Hub ids through the loader training uses."""
+    spec = data if isinstance(data, DataSpec) else DataSpec(str(data))
+    if _is_table(spec):
+        source = open_source(spec)
+        for _, n, rec in source.scan():
+            yield source.where(n), rec
+        return
+    if spec.options():
+        raise DataError(f"{spec.options()}: for Parquet, Arrow, CSV and Hub data, not MATH's JSON files")
+    path = Path(spec.data).expanduser()
     if not path.exists():
         raise DataError(
             f"data not found: {path}; pass MATH as a JSONL file or a directory of its .json files"
@@ -197,10 +217,11 @@ def read_math_records(path: str | Path) -> Iterator[tuple[str, dict]]:
                 ) from None
 
 
-def _checked(path: Path, prompt: str, response: str) -> list[tuple[str, dict]]:
+def _checked(spec: DataSpec, prompt: str, response: str) -> list[tuple[str, dict]]:
     out = []
+    path = Path(spec.data).expanduser()
     try:
-        for where, rec in read_math_records(path):
+        for where, rec in read_math_records(spec):
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: a MATH record must be a JSON object, got {type(rec).__name__}")
             for name in (prompt, response):
@@ -274,7 +295,8 @@ def evaluate_math(
     progress = progress or EvalProgress()
     check_options(limit, batch_size, max_new_tokens, metric, template, output)
     spec = resolve_model(model, adapter, TASK)
-    data = Path(data).expanduser()
+    spec_data = data if isinstance(data, DataSpec) else DataSpec(str(data))
+    data = Path(spec_data.data).expanduser()  # a local path, or a Hub id as written
     f = parse_fields(fields) if fields else None
     if f is not None and (f.prompt is None or f.context is not None):
         raise DataError(
@@ -283,14 +305,14 @@ def evaluate_math(
     prompt_f, response_f = (f.prompt, f.response) if f else FIELDS
     if metric != "nll":
         _verifier()  # missing: one line now, not after the generation
-    records = _checked(data, prompt_f, response_f)[:limit]
+    records = _checked(spec_data, prompt_f, response_f)[:limit]
     golds = [gold_answer(r, response_f) for _, r in records]
     if metric != "nll" and (bad := [w for (w, _), g in zip(records, golds, strict=True) if g is None]):
         raise DataError(
             f"{data}: {len(bad)} of {len(records)} records have no reference answer (first: {bad[0]}): "
             "no 'answer' field and no \\boxed{} in the solution; add one, or pass --metric nll"
         )
-    inputs = [data] + ([Path(spec.path)] if spec.kind == "gguf" else [])
+    inputs = ([data] if data.exists() else []) + ([Path(spec.path)] if spec.kind == "gguf" else [])
     items_file, _ = plan_outputs(output, default_output(spec, TASK), inputs, force)
     backend = backends.open_backend(spec, resolve_device(device), dtype)
     with tempfile.TemporaryDirectory(prefix="sorsa-math-") as tmp:
@@ -309,7 +331,8 @@ def evaluate_math(
             backend, ds, records, golds, metric, template, batch_size, max_new_tokens, stop_strings, progress
         )
         data_info = {
-            "path": str(data.resolve()),
+            **({"path": str(data.resolve())} if data.exists() else {"dataset": spec_data.data}),
+            **{k: v for k, v in (("split", spec_data.split), ("subset", spec_data.subset)) if v},
             "records_sha256": sha256_of(staged),
             "examples": len(records),
         }
@@ -364,7 +387,7 @@ def _rows(records: list, golds: list, run: dict, prompt_f: str) -> list[dict]:
         row = {
             "index": i,
             "id": rec.get("unique_id") or where,
-            "type": rec.get("type"),
+            "type": rec.get("type") or rec.get("subject"),  # MATH's "type"; MATH-500's "subject"
             "level": rec.get("level"),
         }
         row |= {"problem": rec[prompt_f], "gold": gold}
