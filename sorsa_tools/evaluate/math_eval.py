@@ -43,7 +43,7 @@ from sorsa_tools.evaluate.report import (
     write_results,
 )
 from sorsa_tools.format import sha256_of
-from sorsa_tools.io.records import ARROW_KINDS, FOLDER_KINDS, DataSpec, _hub_id, open_source
+from sorsa_tools.io.records import ARROW_KINDS, FOLDER_KINDS, DataSpec, _hub_id, _is_saved, open_source
 from sorsa_tools.prompts import render_prompt
 
 TASK = "math"
@@ -167,7 +167,9 @@ def _problem_order(p: Path) -> tuple:
 def _is_table(spec: DataSpec) -> bool:
     """Data for the shared loader (io.records): a table file or folder, or a Hub id."""
     path = Path(spec.data).expanduser()
-    if path.is_dir():  # MATH's own layout is .json files; a folder of tables or a saved dataset is not
+    if _is_saved(path):  # a Dataset.save_to_disk folder (its state.json is not a MATH record)
+        return True
+    if path.is_dir():  # MATH's own layout is .json files; a folder of tables is not
         return not any(path.rglob("*.json")) and any(
             f.suffix.lower() in FOLDER_KINDS for f in path.rglob("*")
         )
