@@ -259,3 +259,26 @@ def test_eval_reads_tables_through_the_same_loader(tmp_path, tiny_lm_decomposed)
     pq.write_table(pa.Table.from_pylist(math_rows), tmp_path / "m.parquet")
     got = list(read_math_records(DataSpec(str(tmp_path / "m.parquet"), split="train[:2]")))
     assert [w for w, _ in got] == ["m.parquet row 1", "m.parquet row 2"] and got[0][1]["subject"] == "Algebra"
+
+
+def test_hub_failures_are_one_line_with_the_way_out():
+    """What the Hub says for a gated, missing or misnamed dataset (datasets' own messages) becomes
+    one line that names the fix (these need the network, so they are checked on the messages)."""
+    from sorsa_tools.io.records import _hub_error
+
+    spec = DataSpec("org/name")
+    cases = [
+        (
+            "Dataset 'org/name' is a gated dataset on the Hub. You must be authenticated to access it.",
+            "accept its terms on the Hub and log in (hf auth login or HF_TOKEN)",
+        ),
+        (
+            "Dataset 'org/name' doesn't exist on the Hub or cannot be accessed.",
+            "check the id (owner/name) and --data-revision (no local file or folder org/name either)",
+        ),
+        ("Unknown split \"dev\". Should be one of ['train', 'test'].", "pass one of those to --split"),
+        ("BuilderConfig 'x' not found. Available: ['main', 'socratic']", "pass one of those to --subset"),
+    ]
+    for message, how in cases:
+        e = _hub_error(spec, ValueError(message + "\nmore detail"))
+        assert str(e) == f"--data org/name: {message.splitlines()[0].rstrip('.')}; {how}"
