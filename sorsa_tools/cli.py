@@ -23,6 +23,7 @@ from sorsa_tools.cli_display import (
     EvalBar,
     MergeBar,
     TrainBar,
+    decompose_quant_rows,
     err,
     human_bytes,
     kv_table,
@@ -173,6 +174,9 @@ DECOMPOSE_EPILOG = """[bold]Examples[/]
   sorsa decompose ./gemma3-270m --rank 64 --targets q_proj,v_proj -o gemma-qv-r64
 
   sorsa decompose ./model --rank 64 --svd exact --residual-dtype float32 -o out
+
+  sorsa decompose ./gemma3-270m --rank 64 --quantize nf4 --quant-iters 5 -o gemma-qsorsa-r64
+      (QSORSA: the residual in bitsandbytes NF4, the factors absorb its error)
 """
 
 
@@ -218,6 +222,16 @@ def decompose(
     force: Annotated[
         bool, typer.Option("--force", help="Replace whatever the output directory holds.")
     ] = False,
+    quantize: Annotated[
+        str, typer.Option(help="Store W_r quantized: nf4 or int8 (bitsandbytes' format; QSORSA).")
+    ] = None,
+    quant_iters: Annotated[
+        int, typer.Option(help="Rounds of quantize-then-refit the factors (QPiSSA's T; 5 is its strong one).")
+    ] = 1,
+    quant_block_size: Annotated[int, typer.Option(help="NF4 block size \\[default: 64].")] = None,
+    double_quant: Annotated[
+        bool, typer.Option("--double-quant/--no-double-quant", help="NF4: quantize the block scales too.")
+    ] = True,
 ) -> None:
     """Split every target weight W into a residual W_r (an HF checkpoint) and factors U, S, Vt."""
     from sorsa_tools.decompose import decompose as run
@@ -246,6 +260,10 @@ def decompose(
             force=force,
             progress=DecomposeBars(p),
             output_is_default=default_out,
+            quantize=quantize,
+            quant_iters=quant_iters,
+            quant_block_size=quant_block_size,
+            double_quant=double_quant,
         )
     _wrote(r.out_dir)
     for w in r.warnings:
@@ -276,6 +294,7 @@ def decompose(
             "n/a" if r.max_s_est_error is None else f"{r.max_s_est_error:.2e} (all modules)",
         ),
         ("max reconstruction error", f"{r.max_reconstruction_error:.1e}"),
+        *decompose_quant_rows(r.quantization),
     ]
     out.print(kv_table(title, rows))
     if r.resumed_shards:
