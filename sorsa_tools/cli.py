@@ -1169,6 +1169,7 @@ def inspect(
         rows.append(
             ("max S error vs exact", f"{d['max_s_rel_error']:.2e} ({d['s_error_sampled_modules']} sampled)")
         )
+    rows.extend(decompose_quant_rows(d.get("quantization")))
     tr = d.get("training")
     if tr:  # a trained run: its SVD and residual live in the decomposition it names
         rows = [r for r in rows if r[0] not in ("svd", "residual weights")]

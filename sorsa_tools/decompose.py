@@ -423,7 +423,8 @@ def decompose(
         for m in target_list
         if _method_for(svd, ckpt.info(m + ".weight").shape, rank, oversample) in ITERATIVE
     ]
-    sample = {iterative[i] for i in _sample_positions(len(iterative), check_sample)} if iterative else set()
+    checked = target_list if qs else iterative  # quantized: every module has a nuclear norm to sample
+    sample = {checked[i] for i in _sample_positions(len(checked), check_sample)} if checked else set()
     ctx = _Ctx(rank, svd, oversample, niter, tol, max_niter, seed, dev, cdt, fdt, res_dtypes, sample, qs)
     todo = [s for s, d in zip(ckpt.shards, shard_done, strict=True) if not d]
     if todo:

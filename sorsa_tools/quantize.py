@@ -31,7 +31,9 @@ Per-format knowledge lives in `FORMATS`.
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,12 +74,24 @@ class QuantSettings:
 
 
 def _bnb():
+    """bitsandbytes.functional, imported with its import-time kernel-lookup warnings quieted (on a
+    CPU with AVX512-BF16 it looks for an optional Hub kernel and logs when it cannot have it; its
+    own CPU code is used then, which is what every number here was measured with)."""
+    noisy = [logging.getLogger(n) for n in ("bitsandbytes", "kernels")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as F
+
+        importlib.import_module("bitsandbytes.backends.cpu.ops")  # where the lookup runs, on first use
     except ImportError:
         raise MissingDependencyError(
             f"the quantized residual needs bitsandbytes, which is not installed: {INSTALL}"
         ) from None
+    finally:
+        for lg, lv in zip(noisy, levels, strict=True):
+            lg.setLevel(lv)
     return F
 
 

@@ -1,0 +1,218 @@
+"""QSORSA: the quantized residual (bitsandbytes NF4 / int8), the QPiSSA alternation, and the DIR
+that transformers loads as a pre-quantized checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("bitsandbytes")
+
+from sorsa_tools import quantize as qz  # noqa: E402
+from sorsa_tools.cli import app  # noqa: E402
+from sorsa_tools.decompose import decompose  # noqa: E402
+from sorsa_tools.io.checkpoint import open_checkpoint  # noqa: E402
+from sorsa_tools.svd import exact_svd, residual  # noqa: E402
+
+runner = CliRunner()
+NF4_HALF_GAP = (1.0 - 0.6961928009986877) / 2  # the widest gap of the NF4 code, halved
+
+
+def decaying(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = min(out_f, in_f)
+    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=g))
+    return (u * torch.logspace(0, -2, k)) @ v.T * 0.05
+
+
+def one_line_error(res, *needles: str) -> str:
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stdout
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_nf4_round_trip_within_the_code_bound():
+    W = decaying(96, 128)
+    s = qz.settings("nf4")
+    t = qz.quantize(W, s)
+    D = qz.dequantize(t, s)
+    blocks = (W - D).reshape(-1, 64).abs().amax(1)
+    absmax = W.reshape(-1, 64).abs().amax(1)
+    # the code's widest half-gap, plus the 8-bit rounding of each block's absmax (double quant)
+    assert bool((blocks <= absmax * (NF4_HALF_GAP + 0.01)).all())
+    assert float(blocks.max()) > 0.5 * NF4_HALF_GAP * float(absmax.min())  # it is really 4 bits
+    assert [k for k in t] == [n for n, _, _ in qz.specs((96, 128), s)]
+    assert qz.packed_state_json(t["weight.quant_state.bitsandbytes__nf4"])["shape"] == [96, 128]
+
+
+def test_int8_round_trip_within_half_a_step():
+    W = decaying(64, 96)
+    s = qz.settings("int8")
+    D = qz.dequantize(qz.quantize(W, s), s).float()
+    step = W.abs().amax(1, keepdim=True) / 127
+    assert bool(((W - D).abs() <= step * 0.5 + W.abs() * 2**-10).all())  # + W's rounding to fp16
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_more_iterations_absorb_more(fmt):
+    W = decaying(128, 192)
+
+    def reduction(iters: int) -> float:
+        s = qz.settings(fmt, iters)
+        a = qz.absorb(W, s, torch.float32, lambda M: exact_svd(M, 16))
+        return qz.error_reduction(
+            residual(W - a.dequantized, a.factors), qz.qlora_error(W, s, torch.float32), qz.nuclear
+        )
+
+    r1, r5 = reduction(1), reduction(5)
+    assert 0.05 < r1 <= r5 < 1.0, (r1, r5)
+
+
+def test_decompose_nf4_writes_a_checkpoint_transformers_loads(tiny_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_factory("llama")
+    out = tmp_path / "q"
+    r = decompose(str(src), 8, out, quantize="nf4", quant_iters=2, svd="exact", check_sample=1)
+    cfg = json.loads((out / "sorsa_config.json").read_text())
+    q = cfg["quantization"]
+    assert q["format"] == "nf4" and q["iters"] == 2 and q["block_size"] == 64 and q["double_quant"]
+    assert r.quantization["mean_error_reduction_fro"] == q["mean_error_reduction_fro"] > 0.3
+    m = cfg["modules"]["model.layers.0.self_attn.q_proj"]
+    assert m["quant_error"] < m["qlora_error"] and len(m["quant_error_by_iter"]) == 2
+    assert sum(s["error_reduction_nuclear"] is not None for s in cfg["modules"].values()) == 1
+    hf = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (
+        hf["quant_method"] == "bitsandbytes"
+        and hf["load_in_4bit"]
+        and "lm_head" in hf["llm_int8_skip_modules"]
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    lin = model.model.layers[0].self_attn.q_proj
+    assert type(lin).__name__ == "Linear4bit"
+    ckpt = open_checkpoint(out)
+    name = "model.layers.0.self_attn.q_proj"
+    stored = {
+        k.removeprefix(name + "."): ckpt.shard_of(k).read_tensor(k)
+        for k in ckpt.weight_map
+        if k.startswith(name + ".weight")
+    }
+    D = qz.dequantize(stored, qz.settings("nf4"))
+    import bitsandbytes.functional as F
+
+    assert torch.equal(F.dequantize_4bit(lin.weight.data, lin.weight.quant_state), D)  # what it loaded
+    x = torch.randn(3, D.shape[1])
+    with torch.no_grad():  # bnb's CPU 4-bit matmul rounds more than float32 (measured 1e-2 relative)
+        y, want = lin(x), x @ D.T
+    assert float((y - want).norm() / want.norm()) < 3e-2
+    # the untouched tensors are the source's, byte for byte
+    src_ckpt = open_checkpoint(src)
+    e = "model.embed_tokens.weight"
+    assert torch.equal(ckpt.shard_of(e).read_tensor(e), src_ckpt.shard_of(e).read_tensor(e))
+
+
+def test_decompose_int8_loads_as_linear8bit(tiny_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q8"
+    decompose(str(tiny_factory("llama")), 8, out, quantize="int8", svd="exact")
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(model.model.layers[1].mlp.down_proj).__name__ == "Linear8bitLt"
+    cfg = json.loads((out / "sorsa_config.json").read_text())
+    assert cfg["quantization"]["mean_quant_error"] < cfg["quantization"]["mean_qlora_error"]
+
+
+def _decompose(*args: str):
+    return runner.invoke(app, ["decompose", *args])
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--quantize", "nf3"], ["--quantize must be one of nf4, int8", "'nf3'"]),
+        (["--quantize", "nf4", "--quant-iters", "0"], ["--quant-iters must be 1 or more"]),
+        (["--quant-iters", "3"], ["need --quantize"]),
+        (["--quantize", "nf4", "--residual-dtype", "bfloat16"], ["--residual-dtype does not apply"]),
+        (["--quantize", "int8", "--quant-block-size", "64"], ["does not apply to int8"]),
+        (
+            ["--quantize", "nf4", "--quant-block-size", "4096"],
+            ["does not split into nf4 blocks of 4096", "mlp"],
+        ),
+    ],
+)
+def test_bad_quantize_options_are_one_line(tiny_factory, tmp_path, extra, needles):
+    out = tmp_path / "o"
+    res = _decompose(str(tiny_factory("llama")), "--rank", "4", "-o", str(out), *extra)
+    one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_missing_bitsandbytes_names_the_pip_command(tiny_factory, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    out = tmp_path / "o"
+    res = _decompose(str(tiny_factory("llama")), "--rank", "4", "-o", str(out), "--quantize", "nf4")
+    one_line_error(res, "pip install bitsandbytes")
+    assert not out.exists()
+
+
+def test_quantized_source_and_other_settings_on_resume_are_refused(tiny_factory, tmp_path):
+    src = tiny_factory("llama")
+    out = tmp_path / "q"
+    assert (
+        _decompose(str(src), "--rank", "4", "-o", str(out), "--quantize", "nf4", "--svd", "exact").exit_code
+        == 0
+    )
+    one_line_error(_decompose(str(out), "--rank", "4", "-o", str(tmp_path / "o2")), "already")
+    merged = tmp_path / "bnb"
+    shutil.copytree(src, merged)
+    cfg = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(
+        json.dumps({**cfg, "quantization_config": {"quant_method": "bitsandbytes"}})
+    )
+    one_line_error(_decompose(str(merged), "--rank", "4", "-o", str(tmp_path / "o3")), "already quantized")
+    assert not (tmp_path / "o3").exists()
+    # a partial run with other quantize settings: named, not resumed
+    (out / "sorsa_config.json").unlink()
+    partial = out / ".sorsa-partial"
+    partial.mkdir(exist_ok=True)
+    job = {
+        "job_id": "x",
+        "source_fingerprint": "f",
+        "quantization": {"format": "nf4", "block_size": 64, "double_quant": True, "iters": 1},
+    }
+    (partial / "job.json").write_text(json.dumps(job))
+    line = one_line_error(
+        _decompose(str(src), "--rank", "4", "-o", str(out), "--quantize", "nf4", "--quant-iters", "5"),
+        "quantization",
+        "--force",
+    )
+    assert "'iters': 1" in line and "'iters': 5" in line
+
+
+def test_plain_decompose_job_is_unchanged(tiny_factory, tmp_path):
+    """No --quantize: no quantization key, so existing decompositions keep their job ids."""
+    out = tmp_path / "p"
+    decompose(str(tiny_factory("llama")), 4, out, svd="exact")
+    cfg = json.loads((out / "sorsa_config.json").read_text())
+    assert "quantization" not in cfg
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_inspect_shows_the_quantizer(tiny_factory, tmp_path):
+    out = tmp_path / "q"
+    decompose(str(tiny_factory("llama")), 4, out, quantize="nf4", svd="exact")
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 0, res.stdout
+    assert "nf4" in res.stdout and "error reduction vs QLoRA" in res.stdout
