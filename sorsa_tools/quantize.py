@@ -73,6 +73,11 @@ class QuantSettings:
         return cls(d["format"], d.get("block_size"), bool(d.get("double_quant")), int(d.get("iters", 1)))
 
 
+def require_backend():
+    """bitsandbytes, or MissingDependencyError naming the pip command (before any model loads)."""
+    return _bnb()
+
+
 def _bnb():
     """bitsandbytes.functional, imported with its import-time kernel-lookup warnings quieted (on a
     CPU with AVX512-BF16 it looks for an optional Hub kernel and logs when it cannot have it; its

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from sorsa_tools.io.checkpoint import open_checkpoint  # noqa: E402
 from sorsa_tools.svd import exact_svd, residual  # noqa: E402
 
 runner = CliRunner()
+GSM8K = Path(__file__).resolve().parent.parent / "examples" / "data" / "gsm8k_train_256.jsonl"
 NF4_HALF_GAP = (1.0 - 0.6961928009986877) / 2  # the widest gap of the NF4 code, halved
 
 
@@ -216,3 +218,69 @@ def test_inspect_shows_the_quantizer(tiny_factory, tmp_path):
     res = runner.invoke(app, ["inspect", str(out)])
     assert res.exit_code == 0, res.stdout
     assert "nf4" in res.stdout and "error reduction vs QLoRA" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def quantized_lm(tmp_path_factory):
+    """(source, NF4 QSORSA DIR at rank 8) of a tiny model with a tokenizer, for training."""
+    from conftest import make_tiny_lm
+
+    src = make_tiny_lm(tmp_path_factory.mktemp("qlm"))
+    out = tmp_path_factory.mktemp("qlm-sorsa") / "d"
+    decompose(str(src), 8, out, quantize="nf4", svd="exact", check_sample=0)
+    return src, out
+
+
+def test_train_on_a_quantized_residual_keeps_it_quantized(quantized_lm, tmp_path):
+    from safetensors.torch import load_file
+
+    from sorsa_tools.model import load_sorsa_model
+    from sorsa_tools.train import TrainConfig, train
+
+    src, dec = quantized_lm
+    model, layers, _ = load_sorsa_model(dec, trainable=True)
+    ckpt = open_checkpoint(dec)
+    stored = sum(
+        ckpt.info(n).nbytes
+        for m in layers
+        for n in ckpt.weight_map
+        if n.startswith(m + ".weight") or n == m + ".SCB"
+    )
+    assert sum(layer.residual_quant.nbytes for layer in layers.values()) == stored  # the quantized size
+    assert all(layer.weight.numel() == 0 for layer in layers.values())  # no dense W_r anywhere
+    assert not any(type(mod).__name__ == "Linear4bit" for mod in model.modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("sorsa_U", "sorsa_S", "sorsa_Vt") for n in trainable)
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        max_length=384, batch_size=4, lr=1e-2, warmup_ratio=0.1, max_steps=16, grad_checkpointing=True
+    )
+    train(dec, GSM8K, run, config=cfg, device="cpu")
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    first, last = sum(x["loss"] for x in log[:4]) / 4, sum(x["loss"] for x in log[-4:]) / 4
+    assert last < first - 0.02, (first, last)
+    new, old = load_file(run / "sorsa_adapter.safetensors"), load_file(dec / "sorsa_adapter.safetensors")
+    assert all(not torch.equal(new[k], old[k]) for k in new)
+
+
+def test_offload_residual_is_refused_on_a_quantized_dir(quantized_lm, tmp_path):
+    _, dec = quantized_lm
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(dec),
+            "--data",
+            str(GSM8K),
+            "-o",
+            str(tmp_path / "r"),
+            "--offload-residual",
+            "--max-steps",
+            "1",
+        ],
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.stderr + res.stdout
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]  # after train's CPU warning
+    assert len(errors) == 1 and "--offload-residual does not apply" in errors[0] and "nf4" in errors[0]
+    assert not (tmp_path / "r").exists()
