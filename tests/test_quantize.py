@@ -284,3 +284,53 @@ def test_offload_residual_is_refused_on_a_quantized_dir(quantized_lm, tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]  # after train's CPU warning
     assert len(errors) == 1 and "--offload-residual does not apply" in errors[0] and "nf4" in errors[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_merge_folds_dequantized_residual_plus_factors(quantized_lm, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sorsa_tools.merge import merge
+    from sorsa_tools.model import load_sorsa_model
+
+    src, dec = quantized_lm
+    out = tmp_path / "merged"
+    merge(dec, out, to="hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    merged = {}
+    for f in out.glob("*.safetensors"):
+        merged.update(load_file(f))
+    assert not any(k.endswith(("absmax", "quant_map", "bitsandbytes__nf4")) for k in merged)
+    m = "model.layers.1.mlp.down_proj"
+    ckpt = open_checkpoint(dec)
+    from sorsa_tools.qresidual import read_quantized
+
+    s = qz.QuantSettings.from_json(json.loads((dec / "sorsa_config.json").read_text())["quantization"])
+    shape = tuple(merged[m + ".weight"].shape)
+    D = qz.dequantize(read_quantized(ckpt, m, shape, s), s).float()
+    a = load_file(dec / "sorsa_adapter.safetensors")
+    want = D + (a[m + ".sorsa_U"] * a[m + ".sorsa_S"]) @ a[m + ".sorsa_Vt"]
+    assert torch.allclose(merged[m + ".weight"], want, atol=1e-6)
+    # the merged model is the model trained: the SORSA layers over the quantized residual
+    x = torch.randint(3, 384, (2, 12))
+    sorsa, _, _ = load_sorsa_model(dec)
+    dense = AutoModelForCausalLM.from_pretrained(out)
+    orig = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        ys, yd, yo = sorsa(x).logits, dense(x).logits, orig(x).logits
+    assert torch.allclose(ys, yd, atol=1e-4), float((ys - yd).abs().max())
+    assert 0 < float((yd - yo).norm() / yo.norm()) < 0.2  # close to the original, by the quantization error
+
+
+def test_merge_to_gguf_from_a_quantized_dir(quantized_lm, tmp_path):
+    pytest.importorskip("gguf")
+    from gguf import GGUFReader
+
+    from sorsa_tools.merge import merge
+
+    _, dec = quantized_lm
+    out = tmp_path / "m.gguf"
+    merge(dec, out, to="gguf", outtype="f32")
+    names = [t.name for t in GGUFReader(out).tensors]
+    assert "blk.0.attn_q.weight" in names and not any("absmax" in n for n in names)
