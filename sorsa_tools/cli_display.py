@@ -347,6 +347,15 @@ def lora_rows(r, to: str) -> list[tuple[str, str]]:
             ("base GGUF", checked),
             ("outtype / size", f"{r.outtype} / {r.bytes / 2**20:.2f} MiB"),
         ]
+    gap = getattr(r, "quantization_gap", None)
+    if gap and gap.get("mean_rel_error") is not None:
+        rows.append(
+            (
+                "vs the trained model",
+                f"off by the {gap['format']} error the factors did not absorb: mean "
+                f"{gap['mean_rel_error']:.2%}, max {gap['max_rel_error']:.2%} of ||W||_F per module",
+            )
+        )
     return rows + [
         ("max check error", f"{r.max_check_error:.1e} (B A x vs Delta W x, relative)"),
         ("time", f"{r.seconds:.1f} s"),

@@ -334,3 +334,35 @@ def test_merge_to_gguf_from_a_quantized_dir(quantized_lm, tmp_path):
     merge(dec, out, to="gguf", outtype="f32")
     names = [t.name for t in GGUFReader(out).tensors]
     assert "blk.0.attn_q.weight" in names and not any("absmax" in n for n in names)
+
+
+def test_export_lora_from_a_quantized_dir_reports_the_gap(quantized_lm, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sorsa_tools.model import load_sorsa_model
+    from sorsa_tools.train import TrainConfig, train
+
+    src, dec = quantized_lm
+    run = tmp_path / "run"
+    train(
+        dec, GSM8K, run, config=TrainConfig(max_length=256, batch_size=2, lr=1e-2, max_steps=3), device="cpu"
+    )
+    out = tmp_path / "lora"
+    res = runner.invoke(app, ["export-lora", str(dec), "--adapter", str(run), "-o", str(out)])
+    assert res.exit_code == 0, res.stdout + res.stderr
+    assert "vs the trained model" in res.stdout and "nf4" in res.stdout
+    prov = json.loads((out / "sorsa_provenance.json").read_text())
+    gap = prov["export"]["quantization_gap"]
+    dcfg = json.loads((dec / "sorsa_config.json").read_text())
+    assert gap["mean_rel_error"] == pytest.approx(dcfg["quantization"]["mean_quant_error"])
+    # PEFT on the original base: the trained model up to that gap
+    x = torch.randint(3, 384, (2, 12))
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src), out)
+    trained, _, _ = load_sorsa_model(dec, run)
+    base = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        yl, yt, yb = lora(x).logits, trained(x).logits, base(x).logits
+    off = float((yl - yt).norm() / yt.norm())
+    assert 0 < off < 0.2, off
+    assert float((yl - yb).abs().max()) > 1e-4  # the LoRA carries the training
