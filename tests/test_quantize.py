@@ -366,3 +366,40 @@ def test_export_lora_from_a_quantized_dir_reports_the_gap(quantized_lm, tmp_path
     off = float((yl - yt).norm() / yt.norm())
     assert 0 < off < 0.2, off
     assert float((yl - yb).abs().max()) > 1e-4  # the LoRA carries the training
+
+
+def test_eval_and_analyze_read_a_quantized_dir(quantized_lm, tmp_path):
+    from sorsa_tools.train import TrainConfig, train
+
+    _, dec = quantized_lm
+    run = tmp_path / "run"
+    train(
+        dec, GSM8K, run, config=TrainConfig(max_length=256, batch_size=2, lr=1e-2, max_steps=2), device="cpu"
+    )
+    out = tmp_path / "e.jsonl"
+    res = runner.invoke(
+        app,
+        ["eval", "gsm8k", str(dec), "--adapter", str(run), "--data", str(GSM8K), "--limit", "2"]
+        + ["--metric", "nll", "--device", "cpu", "-o", str(out)],
+    )
+    assert res.exit_code == 0, res.stdout + res.stderr
+    nll = json.loads(out.with_suffix(".json").read_text())["nll"]
+    assert 0 < nll < 10
+    res = runner.invoke(
+        app,
+        [
+            "analyze",
+            str(dec),
+            "--adapter",
+            str(run),
+            "--json",
+            "-",
+            "--modules",
+            "q_proj",
+            "--plot",
+            str(tmp_path / "a.png"),
+        ],
+    )
+    assert res.exit_code == 0, res.stdout + res.stderr
+    mods = json.loads(res.stdout)["modules"]
+    assert len(mods) == 2 and all(m["results"][0]["delta_sigma"] > 0 for m in mods)
