@@ -175,10 +175,12 @@ def main() -> None:
         "decompose_s": None,
         "error_reduction": None,
     }
+    qlora = f"QLoRA (PEFT LoRA, NF4 base, lr {a.lora_lr:g})"
+    res[qlora] = qlora_run(a, work, train_file)
+    print(qlora, res[qlora], flush=True)
     for label, opts in SORSA_RUNS.items():
         res[label] = sorsa_run(a, label, opts, work, train_file)
         print(label, res[label], flush=True)
-    res[f"QLoRA (PEFT LoRA, NF4 base, lr {a.lora_lr:g})"] = qlora_run(a, work, train_file)
     rows = [
         "| run | held-out NLL | train loss (last 3 steps) | error reduction vs QLoRA (Frobenius) |",
         "|---|---|---|---|",

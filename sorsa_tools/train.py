@@ -782,6 +782,7 @@ def _train(
             "target_modules": dcfg["target_modules"],
             "base_model": dcfg.get("base_model", {}),
             "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
+            **({"quantization": dcfg["quantization"]} if dcfg.get("quantization") else {}),  # QSORSA
             "dtypes": {
                 "factors": "float32",
                 "residual": dcfg.get("dtypes", {}).get("residual"),

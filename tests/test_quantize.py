@@ -262,6 +262,8 @@ def test_train_on_a_quantized_residual_keeps_it_quantized(quantized_lm, tmp_path
     assert last < first - 0.02, (first, last)
     new, old = load_file(run / "sorsa_adapter.safetensors"), load_file(dec / "sorsa_adapter.safetensors")
     assert all(not torch.equal(new[k], old[k]) for k in new)
+    rcfg = json.loads((run / "sorsa_config.json").read_text())
+    assert rcfg["quantization"]["format"] == "nf4"  # inspect RUN shows what it was trained over
 
 
 def test_offload_residual_is_refused_on_a_quantized_dir(quantized_lm, tmp_path):
