@@ -293,7 +293,10 @@ def decompose(
             "max S error (estimate)",
             "n/a" if r.max_s_est_error is None else f"{r.max_s_est_error:.2e} (all modules)",
         ),
-        ("max reconstruction error", f"{r.max_reconstruction_error:.1e}"),
+        (
+            "max quantization error left" if r.quantization else "max reconstruction error",
+            f"{r.max_reconstruction_error:.1e}" + (" (of ||W||_F)" if r.quantization else ""),
+        ),
         *decompose_quant_rows(r.quantization),
     ]
     out.print(kv_table(title, rows))
@@ -1164,7 +1167,8 @@ def inspect(
             ("energy captured", f"mean {d['mean_energy_captured']:.2%}, min {d['min_energy_captured']:.2%}")
         )
     if d["max_reconstruction_error"] is not None:
-        rows.append(("max reconstruction error", f"{d['max_reconstruction_error']:.2e}"))
+        label = "max quantization error left" if d.get("quantization") else "max reconstruction error"
+        rows.append((label, f"{d['max_reconstruction_error']:.2e}"))
     if d["max_s_rel_error"] is not None:
         rows.append(
             ("max S error vs exact", f"{d['max_s_rel_error']:.2e} ({d['s_error_sampled_modules']} sampled)")
