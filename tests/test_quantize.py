@@ -405,3 +405,29 @@ def test_eval_and_analyze_read_a_quantized_dir(quantized_lm, tmp_path):
     assert res.exit_code == 0, res.stdout + res.stderr
     mods = json.loads(res.stdout)["modules"]
     assert len(mods) == 2 and all(m["results"][0]["delta_sigma"] > 0 for m in mods)
+
+
+def test_interrupted_quantized_decompose_resumes_bit_identically(tiny_factory, tmp_path, monkeypatch):
+    import sorsa_tools.decompose as D
+
+    src = tiny_factory("llama")
+    kw = dict(quantize="nf4", quant_iters=2, svd="exact")
+    clean = tmp_path / "clean"
+    decompose(str(src), 4, clean, **kw)
+    real, calls = D._write_residual, []
+
+    def dies_midway(w, m, res):
+        calls.append(m)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        real(w, m, res)
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(D, "_write_residual", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        decompose(str(src), 4, out, **kw)
+    monkeypatch.setattr(D, "_write_residual", real)
+    r = decompose(str(src), 4, out, **kw)
+    assert r.resumed_shards > 0
+    for f in sorted(clean.glob("*.safetensors")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
