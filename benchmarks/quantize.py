@@ -165,7 +165,11 @@ def main() -> None:
     if a.record:
         record(
             f"quantize-{a.format}-{'gemma' if a.gemma else ''}{'llama7b' if a.llama7b else ''}",
-            "## Quantization error reduction, QSORSA vs QLoRA vs LoftQ (`benchmarks/quantize.py`)\n\n"
+            "## Quantization error reduction, QSORSA vs QLoRA vs LoftQ, "
+            + ("Gemma 3 270M" if a.gemma else "")
+            + (" and " if a.gemma and a.llama7b else "")
+            + ("Llama-2-7B shapes" if a.llama7b else "")
+            + " (`benchmarks/quantize.py`)\n\n"
             + (__doc__ or "").split("\n\n    python")[0].split("\n", 2)[2]
             + "\n\n"
             + body,
