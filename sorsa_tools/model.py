@@ -153,8 +153,14 @@ def _attach_quantized(model, name, lin, qres, factors, factor_dtype) -> SORSALin
 
 
 def check_quantized_options(d: Path, cfg: dict, offload_residual: bool) -> None:
-    """Options that cannot apply to a quantized residual, refused before anything is written."""
-    if cfg.get("quantization") and offload_residual:
+    """Options that cannot apply to a quantized residual, and a missing bitsandbytes, refused
+    before anything is written."""
+    if not cfg.get("quantization"):
+        return
+    from sorsa_tools import quantize as qz
+
+    qz.require_backend()
+    if offload_residual:
         raise InputError(
             f"--offload-residual does not apply to {d}: its residual is quantized "
             f"({cfg['quantization']['format']}) and stays on the device; drop the flag"

@@ -431,3 +431,14 @@ def test_interrupted_quantized_decompose_resumes_bit_identically(tiny_factory, t
     assert r.resumed_shards > 0
     for f in sorted(clean.glob("*.safetensors")):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_train_without_bitsandbytes_names_the_pip_command(quantized_lm, tmp_path, monkeypatch):
+    _, dec = quantized_lm
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    res = runner.invoke(
+        app, ["train", str(dec), "--data", str(GSM8K), "-o", str(tmp_path / "r"), "--max-steps", "1"]
+    )
+    assert res.exit_code == 2 and "pip install bitsandbytes" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()
