@@ -442,3 +442,30 @@ def test_train_without_bitsandbytes_names_the_pip_command(quantized_lm, tmp_path
     )
     assert res.exit_code == 2 and "pip install bitsandbytes" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_multimodal_gemma3_quantized_residual_trains_and_merges(tmp_path_factory, tmp_path):
+    """Checkpoint names (language_model.model.layers.N) vs the built model's: the skip list, the
+    quantized tensors and the merge line up (the vision tower stays unquantized)."""
+    from test_multimodal import gemma_mm
+    from transformers import AutoModelForCausalLM
+
+    from sorsa_tools.merge import merge
+    from sorsa_tools.model import load_sorsa_model
+
+    src = gemma_mm.__wrapped__(tmp_path_factory)
+    dec = tmp_path / "dec"
+    decompose(str(src), 4, dec, quantize="nf4", svd="exact", check_sample=0)
+    skip = json.loads((dec / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert any("vision" in s for s in skip)
+    model = AutoModelForCausalLM.from_pretrained(dec, device_map="cpu")
+    kinds = {type(m).__name__ for n, m in model.named_modules() if "vision" in n}
+    assert "Linear4bit" not in kinds  # the vision tower is not quantized
+    sorsa, layers, _ = load_sorsa_model(dec)
+    assert len(layers) == 14 and all(layer.residual_quant is not None for layer in layers.values())
+    merge(dec, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        a, b = sorsa.eval()(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-4
