@@ -123,6 +123,47 @@ def table(title: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def decompose_cost(work: Path, layers: int) -> str:
+    """Wall time and peak RSS of `sorsa decompose` at rank 128 on a Llama-2-7B-shaped checkpoint of
+    `layers` layers (benchmarks/decompose.py's generator), plain and with --quantize nf4 at T = 1
+    and 5, each in its own process (the library reports its own peak RSS)."""
+    import json
+    import subprocess
+
+    from decompose import generate
+
+    src = work / f"llama7b-synth-{layers}layers"
+    generate(src, layers, 1)
+    code = (
+        "import json, sys; from sorsa_tools.decompose import decompose; "
+        "r = decompose(sys.argv[1], 128, sys.argv[2], force=True, check_sample=0, **json.loads(sys.argv[3])); "
+        "print(json.dumps({'s': r.seconds, 'rss': r.peak_rss_bytes}))"
+    )
+    rows = ["| decompose, rank 128 | wall time (s) | peak RSS (GiB) |", "|---|---|---|"]
+    for label, opts in (
+        ("plain (bf16 residual)", {}),
+        ("--quantize nf4 --quant-iters 1", {"quantize": "nf4"}),
+        ("--quantize nf4 --quant-iters 5", {"quantize": "nf4", "quant_iters": 5}),
+    ):
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", code, str(src), str(work / "out-q"), json.dumps(opts)],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        r = json.loads(out)
+        rows.append(f"| {label} | {r['s']:.0f} | {r['rss'] / 2**30:.2f} |")
+    return (
+        f"**`sorsa decompose` cost, Llama-2-7B shapes, {layers} of 32 layers ({7 * layers} matrices, "
+        "--check-sample 0)**\n\n" + "\n".join(rows) + "\n"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemma", default=None, help="a Gemma 3 270M HF dir (examples/prepare_gemma3_270m.py)")
@@ -132,6 +173,8 @@ def main() -> None:
     ap.add_argument("--iters", default="1,5")
     ap.add_argument("--format", default="nf4", choices=sorted(qz.FORMATS))
     ap.add_argument("--svd", default="exact", choices=sorted(SVDS), help="top-r SVD of every method")
+    ap.add_argument("--decompose-layers", type=int, default=0, help="time decompose on this many 7B layers")
+    ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
     ranks = [int(x) for x in a.ranks.split(",")]
@@ -160,20 +203,23 @@ def main() -> None:
                 res,
             )
         )
+    if a.decompose_layers:
+        work = Path(a.workdir).resolve()
+        work.mkdir(exist_ok=True)
+        parts.append(decompose_cost(work, a.decompose_layers))
     body = "\n".join(parts)
     print(body)
     if a.record:
-        record(
-            f"quantize-{a.format}-{'gemma' if a.gemma else ''}{'llama7b' if a.llama7b else ''}",
-            "## Quantization error reduction, QSORSA vs QLoRA vs LoftQ, "
-            + ("Gemma 3 270M" if a.gemma else "")
-            + (" and " if a.gemma and a.llama7b else "")
-            + ("Llama-2-7B shapes" if a.llama7b else "")
-            + " (`benchmarks/quantize.py`)\n\n"
-            + (__doc__ or "").split("\n\n    python")[0].split("\n", 2)[2]
-            + "\n\n"
-            + body,
+        weights = " and ".join(
+            n for n, on in (("Gemma 3 270M", a.gemma), ("Llama-2-7B shapes", a.llama7b)) if on
         )
+        if weights:
+            head = f"## Quantization error reduction, QSORSA vs QLoRA vs LoftQ, {weights} (`benchmarks/quantize.py`)"
+            head += "\n\n" + (__doc__ or "").split("\n\n    python")[0].split("\n", 2)[2]
+        else:
+            head = "## `sorsa decompose --quantize` cost (`benchmarks/quantize.py`)"
+        section = f"quantize-{a.format}-{'gemma' if a.gemma else ''}{'llama7b' if a.llama7b else ''}"
+        record(section + ("-decompose" if a.decompose_layers else ""), head + "\n\n" + body)
 
 
 if __name__ == "__main__":
