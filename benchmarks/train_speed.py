@@ -45,6 +45,8 @@ LABELS = {
     "sorsa_official": "official SORSA layer (dense delta, autograd regularizer)",
     "sorsa_offload": "sorsa train step, --offload-residual (W_r streamed from pinned host memory)",
     "sorsa_g0": "sorsa train step, gamma 0 (regularizer off: its cost is the difference)",
+    "sorsa_nf4": "sorsa train step, QSORSA NF4 residual (bitsandbytes, dequantized per layer)",
+    "qlora": "PEFT QLoRA (LoRA on a bitsandbytes NF4 base)",
 }
 
 
@@ -83,6 +85,49 @@ def random_factors(out_f: int, in_f: int, r: int, g: torch.Generator, device: st
     return U.to(device), S.to(device), Vt.to(device)
 
 
+def quantize_residuals(model, names: list[str], fac: dict, device: str) -> list:
+    """The sorsa_nf4 flow: each target's W_r (here the random weight) to NF4 as `decompose
+    --quantize nf4` stores it, held as a QuantizedResidual; the dense weight is dropped."""
+    from sorsa_tools import quantize as qz
+    from sorsa_tools.layer import SORSALinear
+    from sorsa_tools.qresidual import QuantizedResidual
+
+    s = qz.settings("nf4")
+    layers = []
+    for n in names:
+        lin = model.get_submodule(n)
+        q = {k: v.to(device) for k, v in qz.quantize(lin.weight.data, s).items()}
+        layer = SORSALinear.from_quantized(QuantizedResidual(q, s, tuple(lin.weight.shape)), *fac[n])
+        parent, _, child_name = n.rpartition(".")
+        setattr(model.get_submodule(parent), child_name, layer)
+        layers.append(layer)
+    return layers
+
+
+def nf4_base(model, names: list[str], device: str) -> None:
+    """The qlora flow: every target nn.Linear becomes bitsandbytes' Linear4bit (NF4, double quant,
+    bf16 compute), as `BitsAndBytesConfig(load_in_4bit=True)` makes them."""
+    import bitsandbytes as bnb
+
+    cdt = torch.bfloat16 if device == "cuda" else torch.float32
+    for n in names:
+        lin = model.get_submodule(n)
+        q = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=False,
+            compute_dtype=cdt,
+            quant_type="nf4",
+            compress_statistics=True,
+        )
+        q.weight = bnb.nn.Params4bit(
+            lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
+        q = q.to(device)
+        parent, _, child_name = n.rpartition(".")
+        setattr(model.get_submodule(parent), child_name, q)
+
+
 class OfficialSORSALinear(nn.Module):
     """The official implementation's forward: W_r x + ((U * S) @ Vt) x, the dense delta rebuilt
     on every call."""
@@ -115,12 +160,16 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
     n_params = sum(q.numel() for q in model.parameters())
     gamma = 0.0 if flow == "sorsa_g0" else 4e-4
     flow = "sorsa" if flow == "sorsa_g0" else flow
-    if flow in ("sorsa", "sorsa_official", "sorsa_offload"):
+    if flow in ("sorsa", "sorsa_official", "sorsa_offload", "sorsa_nf4"):
         from sorsa_tools.layer import SORSALinear
         from sorsa_tools.model import attach_sorsa
 
         fac = {n: random_factors(*model.get_submodule(n).weight.shape, r, g, device) for n in names}
-        if flow in ("sorsa", "sorsa_offload"):
+        if flow == "sorsa_nf4":
+            layers = quantize_residuals(model, names, fac, device)
+            if cuda:
+                torch.cuda.empty_cache()
+        elif flow in ("sorsa", "sorsa_offload"):
             layers = list(attach_sorsa(model, fac).values())
             if flow == "sorsa_offload":
                 from sorsa_tools.offload import ResidualStore
@@ -141,6 +190,10 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
     else:
         from peft import LoraConfig, get_peft_model
 
+        if flow == "qlora":
+            nf4_base(model, names, device)
+            if cuda:
+                torch.cuda.empty_cache()
         init = "pissa_niter_4" if flow == "pissa" else True
         net = get_peft_model(
             model,
@@ -165,7 +218,7 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
             "position_ids": torch.arange(T).expand(B, T),
             "labels": ids,
         }
-        if flow in ("sorsa", "sorsa_offload"):
+        if flow in ("sorsa", "sorsa_offload", "sorsa_nf4"):
             from sorsa_tools.train import optimizer_step
 
             optimizer_step(model, layers, opt, sched, [batch], 1.0, gamma / 1e-5, device)

@@ -32,6 +32,7 @@ from sorsa_tools.cli_display import (
     DecomposeBars,
     MergeBar,
     TrainBar,
+    decompose_quant_rows,
     err,
     human_bytes,
     kv_table,
@@ -75,6 +76,9 @@ DECOMPOSE_EPILOG = """[bold]Examples[/]
   sorsa decompose ./gemma3-270m --rank 64 --targets q_proj,v_proj -o gemma-qv-r64
 
   sorsa decompose ./model --rank 64 --svd exact --residual-dtype float32 -o out
+
+  sorsa decompose ./gemma3-270m --rank 64 --quantize nf4 --quant-iters 5 -o gemma-qsorsa-r64
+      (QSORSA: the residual in bitsandbytes NF4, the factors absorb its error)
 """
 
 
@@ -120,6 +124,16 @@ def decompose(
     force: Annotated[
         bool, typer.Option("--force", help="Replace whatever the output directory holds.")
     ] = False,
+    quantize: Annotated[
+        str, typer.Option(help="Store W_r quantized: nf4 or int8 (bitsandbytes' format; QSORSA).")
+    ] = None,
+    quant_iters: Annotated[
+        int, typer.Option(help="Rounds of quantize-then-refit the factors (QPiSSA's T; 5 is its strong one).")
+    ] = 1,
+    quant_block_size: Annotated[int, typer.Option(help="NF4 block size \\[default: 64].")] = None,
+    double_quant: Annotated[
+        bool, typer.Option("--double-quant/--no-double-quant", help="NF4: quantize the block scales too.")
+    ] = True,
 ) -> None:
     """Split every target weight W into a residual W_r (an HF checkpoint) and factors U, S, Vt."""
     from sorsa_tools.decompose import decompose as run
@@ -148,6 +162,10 @@ def decompose(
             force=force,
             progress=DecomposeBars(p),
             output_is_default=default_out,
+            quantize=quantize,
+            quant_iters=quant_iters,
+            quant_block_size=quant_block_size,
+            double_quant=double_quant,
         )
     _wrote(r.out_dir)
     for w in r.warnings:
@@ -177,7 +195,11 @@ def decompose(
             "max S error (estimate)",
             "n/a" if r.max_s_est_error is None else f"{r.max_s_est_error:.2e} (all modules)",
         ),
-        ("max reconstruction error", f"{r.max_reconstruction_error:.1e}"),
+        (
+            "max quantization error left" if r.quantization else "max reconstruction error",
+            f"{r.max_reconstruction_error:.1e}" + (" (of ||W||_F)" if r.quantization else ""),
+        ),
+        *decompose_quant_rows(r.quantization),
     ]
     out.print(kv_table(title, rows))
     if r.resumed_shards:
@@ -760,11 +782,13 @@ def inspect(
             ("energy captured", f"mean {d['mean_energy_captured']:.2%}, min {d['min_energy_captured']:.2%}")
         )
     if d["max_reconstruction_error"] is not None:
-        rows.append(("max reconstruction error", f"{d['max_reconstruction_error']:.2e}"))
+        label = "max quantization error left" if d.get("quantization") else "max reconstruction error"
+        rows.append((label, f"{d['max_reconstruction_error']:.2e}"))
     if d["max_s_rel_error"] is not None:
         rows.append(
             ("max S error vs exact", f"{d['max_s_rel_error']:.2e} ({d['s_error_sampled_modules']} sampled)")
         )
+    rows.extend(decompose_quant_rows(d.get("quantization")))
     tr = d.get("training")
     if tr:  # a trained run: its SVD and residual live in the decomposition it names
         rows = [r for r in rows if r[0] not in ("svd", "residual weights")]

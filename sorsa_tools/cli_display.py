@@ -347,7 +347,40 @@ def lora_rows(r, to: str) -> list[tuple[str, str]]:
             ("base GGUF", checked),
             ("outtype / size", f"{r.outtype} / {r.bytes / 2**20:.2f} MiB"),
         ]
+    gap = getattr(r, "quantization_gap", None)
+    if gap and gap.get("mean_rel_error") is not None:
+        rows.append(
+            (
+                "vs the trained model",
+                f"off by the {gap['format']} error the factors did not absorb: mean "
+                f"{gap['mean_rel_error']:.2%}, max {gap['max_rel_error']:.2%} of ||W||_F per module",
+            )
+        )
     return rows + [
         ("max check error", f"{r.max_check_error:.1e} (B A x vs Delta W x, relative)"),
         ("time", f"{r.seconds:.1f} s"),
+    ]
+
+
+def decompose_quant_rows(q: dict | None) -> list[tuple[str, str]]:
+    """The QSORSA lines of decompose's and inspect's tables (none for a plain residual)."""
+    if not q:
+        return []
+
+    def pct(v) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    block = f", block {q['block_size']}" if q.get("block_size") else ""
+    dq = ", double quant" if q.get("double_quant") else ""
+    return [
+        ("quantized residual", f"{q['format']} (bitsandbytes{block}{dq}), T = {q['iters']}"),
+        (
+            "quant. error (rel. Frobenius)",
+            f"{q['mean_quant_error']:.4f} vs QLoRA {q['mean_qlora_error']:.4f}",
+        ),
+        (
+            "error reduction vs QLoRA",
+            f"{pct(q['mean_error_reduction_fro'])} Frobenius, "
+            f"{pct(q['mean_error_reduction_nuclear_sampled'])} nuclear (sampled)",
+        ),
     ]

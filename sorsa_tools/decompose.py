@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from sorsa_tools import __version__
+from sorsa_tools import quantize as qz
 from sorsa_tools.arch import select_targets
 from sorsa_tools.device import resolve_device
 from sorsa_tools.errors import (
@@ -125,6 +126,7 @@ class DecomposeResult:
     already_done: bool = False
     warnings: list[str] = field(default_factory=list)
     all_exact: bool = False  # every module took the exact SVD: its S error is 0 by construction
+    quantization: dict | None = None  # QSORSA: settings and mean error figures (sorsa_config's)
 
 
 @dataclass
@@ -133,7 +135,7 @@ class _Done:
 
     name: str
     factors: Factors
-    residual: torch.Tensor
+    residual: torch.Tensor | dict[str, torch.Tensor] | None  # quantized: the format's tensors
     stats: dict
 
 
@@ -182,6 +184,38 @@ def _validate_targets(ckpt: Checkpoint, targets: list[str], rank: int) -> None:
             f"--rank {rank} is larger than min(out, in) = {limit} of {worst} ({out_f}x{in_f}); "
             f"choose a rank of at most {limit}, or leave that module out with --targets"
         )
+
+
+def _quant_settings(
+    fmt: str | None, iters: int, block_size: int | None, double_quant: bool, residual_dtype: str | None
+) -> qz.QuantSettings | None:
+    if fmt is None:
+        if iters != 1 or block_size is not None:
+            raise InputError("--quant-iters and --quant-block-size need --quantize nf4|int8")
+        return None
+    if residual_dtype is not None:
+        raise InputError(
+            f"--residual-dtype does not apply with --quantize {fmt} (the residual is stored as {fmt}); drop one"
+        )
+    return qz.settings(fmt, iters, block_size, double_quant)
+
+
+def _refuse_other_quantization(out: Path, partial: Path, job: dict) -> None:
+    """A resume (or a finished dir) made with other --quantize settings: say which, not just 'other files'."""
+    for f in (partial / "job.json", out / CONFIG_FILE):
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        old = cfg.get("quantization")
+        old = {k: old.get(k) for k in ("format", "block_size", "double_quant", "iters")} if old else None
+        new = job.get("quantization")
+        new = {k: new.get(k) for k in ("format", "block_size", "double_quant", "iters")} if new else None
+        if cfg.get("source_fingerprint", (cfg.get("base_model") or {}).get("fingerprint")) and old != new:
+            raise OutputDirError(
+                f"{out} holds a decomposition made with quantization {old or 'none'}, not {new or 'none'}; "
+                "rerun with its settings to resume it, or pass --force to replace it"
+            )
 
 
 def _same_model_and_rank(out: Path, fingerprint: str, rank: int) -> bool:
@@ -251,6 +285,10 @@ def decompose(
     force: bool = False,
     progress: Progress | None = None,
     output_is_default: bool = False,
+    quantize: str | None = None,
+    quant_iters: int = 1,
+    quant_block_size: int | None = None,
+    double_quant: bool = True,
 ) -> DecomposeResult:
     """Decompose every target weight of MODEL into W_r (written as an HF checkpoint) + U, S, Vt.
 
@@ -264,7 +302,8 @@ def decompose(
     `check_sample` iterative modules also get an exact SVD, to record the accuracy reached;
     every module records the estimate. `output_is_default`: OUTPUT_DIR was not chosen by the user
     (outputs.decompose_output), so an existing one is used only if it is a decomposition of this
-    model at this rank.
+    model at this rank. `quantize` ("nf4" or "int8") stores W_r quantized (bitsandbytes' format)
+    after `quant_iters` rounds of the QPiSSA alternation (quantize.absorb).
     """
     t0 = time.perf_counter()
     progress = progress or Progress()
@@ -281,6 +320,7 @@ def decompose(
     cdt = _dtype_arg(compute_dtype, "--compute-dtype", COMPUTE_DTYPES)
     fdt = _dtype_arg(factor_dtype, "--factor-dtype", FLOAT_DTYPES)
     rdt = _dtype_arg(residual_dtype, "--residual-dtype", FLOAT_DTYPES)
+    qs = _quant_settings(quantize, quant_iters, quant_block_size, double_quant, residual_dtype)
 
     src = resolve_model(model, revision)
     if (src.path / CONFIG_FILE).is_file():
@@ -289,9 +329,16 @@ def decompose(
             f"original model, or get it back first with `sorsa merge {model} --to hf -o ORIGINAL`"
         )
     ckpt = open_source(src.path)
+    if ckpt.config.get("quantization_config"):
+        method = ckpt.config["quantization_config"].get("quant_method", "quantized")
+        raise InputError(
+            f"{model} is already quantized ({method}); decompose (and --quantize) the unquantized model"
+        )
     shapes = {n: ckpt.info(n).shape for n in ckpt.weight_map}
     target_list, warnings = select_targets(ckpt.config, shapes, targets)
     _validate_targets(ckpt, target_list, rank)
+    for m in target_list if qs else []:
+        qz.check_shape(m, tuple(ckpt.info(m + ".weight").shape), qs)
 
     out = Path(output_dir).expanduser()
     if out.resolve() == src.path.resolve():
@@ -315,6 +362,8 @@ def decompose(
         "factor_dtype": factor_dtype,
         "residual_dtype": residual_dtype,
     }
+    if qs is not None:  # only then: plain decompositions keep their job ids
+        job["quantization"] = qs.as_json()
     job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
     partial = out / PARTIAL_DIR
 
@@ -337,8 +386,9 @@ def decompose(
             shutil.rmtree(partial, ignore_errors=True)  # killed after the config, before this cleanup
             stats = json.loads(done_cfg.read_text())["modules"]
             n = len(ckpt.shards)
-            return _result(out, stats, rank, t0, svd, dev, n, n, True, warnings, tol)
+            return _result(out, stats, rank, t0, svd, dev, n, n, True, warnings, tol, qs)
         if not (partial / "job.json").exists() or _read_job_id(partial / "job.json") != job_id:
+            _refuse_other_quantization(out, partial, job)
             raise OutputDirError(
                 f"{out} already holds other files (e.g. {existing[0]}); choose a new or empty "
                 "directory, or pass --force to replace its contents"
@@ -351,7 +401,7 @@ def decompose(
 
     shard_done = [_shard_is_done(out, partial, s.path.name) for s in ckpt.shards]
     target_set = set(target_list)
-    out_sizes = {s.path.name: _out_shard_bytes(s, target_set, res_dtypes) for s in ckpt.shards}
+    out_sizes = {s.path.name: _out_shard_bytes(s, target_set, res_dtypes, qs) for s in ckpt.shards}
     need = sum(sz for s, sz in out_sizes.items() if not shard_done[ckpt.shard_names.index(s)])
     need += 2 * sum(_factor_bytes(ckpt.info(m + ".weight").shape, rank, fdt) for m in target_list)
     free = shutil.disk_usage(out).free
@@ -373,8 +423,9 @@ def decompose(
         for m in target_list
         if _method_for(svd, ckpt.info(m + ".weight").shape, rank, oversample) in ITERATIVE
     ]
-    sample = {iterative[i] for i in _sample_positions(len(iterative), check_sample)} if iterative else set()
-    ctx = _Ctx(rank, svd, oversample, niter, tol, max_niter, seed, dev, cdt, fdt, res_dtypes, sample)
+    checked = target_list if qs else iterative  # quantized: every module has a nuclear norm to sample
+    sample = {checked[i] for i in _sample_positions(len(checked), check_sample)} if checked else set()
+    ctx = _Ctx(rank, svd, oversample, niter, tol, max_niter, seed, dev, cdt, fdt, res_dtypes, sample, qs)
     todo = [s for s, d in zip(ckpt.shards, shard_done, strict=True) if not d]
     if todo:
         _run_pipeline(ckpt, todo, target_set, ctx, out, partial, progress)
@@ -395,6 +446,7 @@ def decompose(
         False,
         warnings,
         tol,
+        qs,
     )
 
 
@@ -405,7 +457,9 @@ def _read_job_id(path: Path) -> str | None:
         return None
 
 
-def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings, tol=None) -> DecomposeResult:
+def _result(
+    out, stats, rank, t0, svd, dev, shards, resumed, already, warnings, tol=None, qs=None
+) -> DecomposeResult:
     energies = [s["energy_captured"] for s in stats.values()]
     errs = [s["s_max_rel_error"] for s in stats.values() if s.get("s_max_rel_error") is not None]
     iterative = [s for s in stats.values() if s.get("method") in ITERATIVE]
@@ -455,6 +509,7 @@ def _result(out, stats, rank, t0, svd, dev, shards, resumed, already, warnings, 
         already_done=already,
         warnings=warnings,
         all_exact=all_exact,
+        quantization=_quantization_summary(qs, stats) if qs else None,
     )
 
 
@@ -472,20 +527,22 @@ def _shard_is_done(out: Path, partial: Path, shard: str) -> bool:
     )
 
 
-def _out_dtype_code(info, target_set, res_dtypes) -> str:
+def _out_specs(info, target_set, res_dtypes, qs: qz.QuantSettings | None) -> list[tuple[str, str, tuple]]:
+    """The output tensors (name, dtype code, shape) that one source tensor becomes: a target weight
+    its residual (quantized: the format's tensors, quantize.specs), anything else itself."""
     m = info.name.removesuffix(".weight")
-    if info.name.endswith(".weight") and m in target_set:
-        return DTYPE_CODES[res_dtypes[m]]
-    return info.dtype
+    if not (info.name.endswith(".weight") and m in target_set):
+        return [(info.name, info.dtype, tuple(info.shape))]
+    if qs is not None:
+        return [(f"{m}.{suffix}", code, shape) for suffix, code, shape in qz.specs(tuple(info.shape), qs)]
+    return [(info.name, DTYPE_CODES[res_dtypes[m]], tuple(info.shape))]
 
 
-def _out_shard_bytes(shard: SafetensorsFile, target_set, res_dtypes) -> int:
+def _out_shard_bytes(shard: SafetensorsFile, target_set, res_dtypes, qs=None) -> int:
     total = 0
     for info in shard.tensors.values():
-        code = _out_dtype_code(info, target_set, res_dtypes)
-        total += (
-            info.numel * torch.empty((), dtype=DTYPES[code]).element_size() if code in DTYPES else info.nbytes
-        )
+        for _, code, shape in _out_specs(info, target_set, res_dtypes, qs):
+            total += math.prod(shape) * torch.empty((), dtype=DTYPES[code]).element_size()
     return total
 
 
@@ -507,6 +564,7 @@ class _Ctx:
     factor_dtype: torch.dtype
     res_dtypes: dict[str, torch.dtype]
     sample: set[str]
+    quant: qz.QuantSettings | None = None
 
 
 def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
@@ -520,8 +578,10 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
     del src
     t0 = time.perf_counter()
     require_finite(W, name)
-    method = _method_for(ctx.svd, W.shape, ctx.rank, ctx.oversample)
-    f = None
+    if ctx.quant is not None:
+        return _compute_quantized(m, W, ctx, t0)
+    f, method = _svd(W, ctx, m)
+    niter_used, est_error = f.niter, f.est_error
     if method != "exact":
         g = torch.Generator().manual_seed(_module_seed(ctx.seed, m))
         try:
@@ -532,14 +592,6 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
             method = "exact"
         else:
             method = f.method or method
-    if f is None:
-        try:
-            f = exact_svd(W, ctx.rank)
-        except torch.linalg.LinAlgError as e:
-            raise CheckpointError(
-                f"{m}: the SVD did not converge ({str(e).splitlines()[0]}); run again with --compute-dtype float64"
-            ) from None
-    niter_used, est_error = f.niter, f.est_error
     # round the factors to their storage dtype first, so that W_r + the *stored* factors == W
     stored = [t.to(ctx.factor_dtype) for t in (f.U, f.S, f.Vt)]
     f = Factors(*(t.to(cdt) for t in stored))
@@ -581,6 +633,78 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
     factors = Factors(*(t.to(ctx.factor_dtype).cpu() for t in (f.U, f.S, f.Vt)))
     del W
     return _Done(m, factors, W_r, stats)
+
+
+def _svd(W: torch.Tensor, ctx: _Ctx, m: str) -> tuple[Factors, str]:
+    """The top-r SVD of W by the method --svd picks for its shape (exact where cheap)."""
+    method = _method_for(ctx.svd, W.shape, ctx.rank, ctx.oversample)
+    f = None
+    if method != "exact":
+        g = torch.Generator().manual_seed(_module_seed(ctx.seed, m))
+        try:
+            f = ITERATIVE[method](
+                W, ctx.rank, ctx.oversample, ctx.niter, g, tol=ctx.tol or None, max_niter=ctx.max_niter
+            )
+        except torch.linalg.LinAlgError:  # an ill-conditioned small eigenproblem: exact instead
+            method = "exact"
+        else:
+            method = f.method or method
+    if f is None:
+        try:
+            f = exact_svd(W, ctx.rank)
+        except torch.linalg.LinAlgError as e:
+            raise CheckpointError(
+                f"{m}: the SVD did not converge ({str(e).splitlines()[0]}); run again with --compute-dtype float64"
+            ) from None
+    return f, method
+
+
+def _compute_quantized(m: str, W: torch.Tensor, ctx: _Ctx, t0: float) -> _Done:
+    """QSORSA: the factors absorb what the quantizer loses (quantize.absorb), and the residual is
+    stored as the quantizer's tensors. Records the error against QLoRA's (W quantized whole)."""
+    last: dict = {}
+
+    def svd(M: torch.Tensor) -> Factors:
+        f, last["method"] = _svd(M, ctx, m)
+        last["niter"], last["est"] = f.niter, f.est_error
+        return f
+
+    def stored(f: Factors) -> Factors:  # the factors as they will be stored
+        return Factors(*(t.to(ctx.factor_dtype).to(W.dtype) for t in (f.U, f.S, f.Vt)))
+
+    a = qz.absorb(W, ctx.quant, ctx.res_dtypes[m], svd, stored)
+    f, method = a.factors, last["method"]
+    err = residual(W - a.dequantized, f)
+    base = qz.qlora_error(W, ctx.quant, ctx.res_dtypes[m])
+    fro = float(torch.linalg.matrix_norm(W))
+    for what, t in (("U", f.U), ("S", f.S), ("Vt", f.Vt), ("dequant(Q)", a.dequantized)):
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"{m}: {what} is not finite after quantization; choose --factor-dtype float32")
+    stats = {
+        "shape": list(W.shape),
+        "method": method,
+        "niter": last["niter"] if method in ITERATIVE else None,
+        "s_est_error": last["est"] if method in ITERATIVE and last["est"] is not None else 0.0,
+        "svd_seconds": round(time.perf_counter() - t0, 4),
+        "reconstruction_error": a.errors[-1],  # relative Frobenius: the quantization error left
+        "energy_captured": energy_captured(f.S, W),
+        "sigma_1": float(f.S[0]),
+        "sigma_r": float(f.S[-1]),
+        "s_max_rel_error": None,
+        "quant_error": a.errors[-1],
+        "quant_error_by_iter": a.errors,
+        "qlora_error": float(torch.linalg.matrix_norm(base)) / max(fro, 1e-30),
+        "error_reduction_fro": qz.error_reduction(err, base, lambda t: float(torch.linalg.matrix_norm(t))),
+        "error_reduction_nuclear": None,
+    }
+    if m in ctx.sample:  # full SVDs: the nuclear-norm reduction (the PiSSA paper's) and the S accuracy
+        stats["error_reduction_nuclear"] = qz.error_reduction(err, base, qz.nuclear)
+        exact = exact_singular_values(W - a.dequantized)[: ctx.rank].double()
+        rel = (f.S.double() - exact).abs() / exact.clamp_min(torch.finfo(torch.float64).tiny)
+        stats["s_max_rel_error"] = float(rel.max())
+        stats["s_mean_rel_error"] = float(rel.mean())
+    factors = Factors(*(t.to(ctx.factor_dtype).cpu() for t in (f.U, f.S, f.Vt)))
+    return _Done(m, factors, a.tensors, stats)
 
 
 def _cpu_split(device) -> tuple[int, int]:
@@ -643,8 +767,9 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
             for shard in shards:
                 done: dict[str, _Done] = {}
                 specs = [
-                    (i.name, _out_dtype_code(i, target_set, ctx.res_dtypes), i.shape)
+                    spec
                     for i in shard.tensors.values()
+                    for spec in _out_specs(i, target_set, ctx.res_dtypes, ctx.quant)
                 ]
                 dest = out / shard.path.name
                 with StreamWriter(dest, specs, shard.metadata) as w:
@@ -654,9 +779,7 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
                             submit_until(pos + workers + LOOKAHEAD)
                             d = computes.pop(info.name).result()
                             pos += 1
-                            w.write(info.name, d.residual)
-                            w.flush()
-                            check_read_back(w.tmp, *w.span(info.name), d.residual, info.name)
+                            _write_residual(w, m, d.residual)
                             d.residual = None
                             done[m] = d
                             progress.advance(1, info.nbytes, m)
@@ -665,8 +788,8 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
                             progress.advance(0, info.nbytes, info.name)
                     tmp = w.finish_to_temp()
                     written = SafetensorsFile(tmp)  # the header and layout parse back
-                    if [(t.name, t.shape) for t in written.tensors.values()] != [
-                        (t.name, t.shape) for t in shard.tensors.values()
+                    if [(t.name, tuple(t.shape)) for t in written.tensors.values()] != [
+                        (n, tuple(sh)) for n, _, sh in specs
                     ]:
                         raise VerificationError(
                             f"{tmp.name}: written tensor list differs from {shard.path.name}"
@@ -684,6 +807,15 @@ def _run_pipeline(ckpt, shards, target_set, ctx: _Ctx, out: Path, partial: Path,
         finally:
             for f in computes.values():
                 f.cancel()
+
+
+def _write_residual(w: StreamWriter, m: str, res: torch.Tensor | dict[str, torch.Tensor]) -> None:
+    """W_r (or its quantized tensors, in the order of their specs) into the shard, each read back."""
+    for suffix, t in res.items() if isinstance(res, dict) else [("weight", res)]:
+        name = f"{m}.{suffix}"
+        w.write(name, t)
+        w.flush()
+        check_read_back(w.tmp, *w.span(name), t, name)
 
 
 def _copy_tensor(w: StreamWriter, shard, info) -> None:
@@ -729,22 +861,30 @@ def _finalize(
         total = sum(f.size - f.data_start for f in written)
         index = dict(ckpt.index)
         index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+        if job.get("quantization"):  # the quantizer's extra tensors (absmax, ...) sit beside their weight
+            index["weight_map"] = {n: f.path.name for f in written for n in f.tensors}
         atomic_write_json(out / INDEX_NAME, index)
     ckpt.write_side_files(out)
-    res_dtypes = sorted(
-        {
-            _dtype_name(
-                DTYPES[SafetensorsFile(out / ckpt.weight_map[m + ".weight"]).tensors[m + ".weight"].dtype]
-            )
-            for m in targets
-        }
-    )
+    qs = qz.QuantSettings.from_json(job["quantization"]) if job.get("quantization") else None
+    if qs is None:
+        res_dtypes = sorted(
+            {
+                _dtype_name(
+                    DTYPES[SafetensorsFile(out / ckpt.weight_map[m + ".weight"]).tensors[m + ".weight"].dtype]
+                )
+                for m in targets
+            }
+        )
+    else:
+        res_dtypes = [qs.format]
+        _write_quantization_config(ckpt, out, targets, qs)
     src_dtypes = sorted({_dtype_name(DTYPES[ckpt.info(m + ".weight").dtype]) for m in targets})
     for m in targets:
         stats[m]["shard"] = ckpt.weight_map[m + ".weight"]
     config = {
         "format_version": FORMAT_VERSION,
         "kind": "decomposition",
+        **({"quantization": _quantization_summary(qs, stats)} if qs else {}),
         "job_id": job_id,
         "rank": rank,
         "target_modules": targets,
@@ -778,6 +918,46 @@ def _finalize(
         if (out / CONFIG_FILE).is_file():
             mark_complete(out)
     shutil.rmtree(partial, ignore_errors=True)
+
+
+def _write_quantization_config(ckpt: Checkpoint, out: Path, targets, qs: qz.QuantSettings) -> None:
+    """config.json gains bitsandbytes' `quantization_config`, so that transformers loads DIR as
+    the quantized model it is; every 2-D weight that is not a target stays unquantized."""
+    target_set = set(targets)
+    skip = sorted(
+        {
+            n.removesuffix(".weight")
+            for n in ckpt.weight_map
+            if n.endswith(".weight")
+            and n.removesuffix(".weight") not in target_set
+            and len(ckpt.info(n).shape) == 2
+        }
+        | {"lm_head"}
+    )
+    src_dtype = _dtype_name(DTYPES[ckpt.info(targets[0] + ".weight").dtype])
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = qz.hf_quantization_config(qs, src_dtype, skip)
+    atomic_write_json(out / "config.json", cfg)
+    if json.loads((out / "config.json").read_text()).get("quantization_config") != cfg["quantization_config"]:
+        raise VerificationError(f"{out / 'config.json'} did not read back as written; check the disk")
+
+
+def _quantization_summary(qs: qz.QuantSettings, stats: dict) -> dict:
+    """sorsa_config.json's `quantization`: the settings and the error figures over all modules."""
+
+    def mean(key: str) -> float | None:
+        vals = [s[key] for s in stats.values() if s.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        **qs.as_json(),
+        "serialization": "bitsandbytes (transformers' pre-quantized layout, quantization_config in config.json)",
+        "mean_quant_error": mean("quant_error"),
+        "mean_qlora_error": mean("qlora_error"),
+        "mean_error_reduction_fro": mean("error_reduction_fro"),
+        "mean_error_reduction_nuclear_sampled": mean("error_reduction_nuclear"),
+        "definition": "1 - ||W - (dequant(Q) + U S Vt)|| / ||W - dequant(quant(W))|| (PiSSA paper: nuclear norm)",
+    }
 
 
 class _CallableModule(types.ModuleType):

@@ -44,7 +44,7 @@ from sorsa_tools.gguf_export import (
 from sorsa_tools.gguf_tables import LORA_OUTTYPES, OUTTYPES, QUANT_FALLBACK
 from sorsa_tools.io.placement import mark_complete, remove_stale_temps
 from sorsa_tools.io.safetensors_file import SafetensorsFile
-from sorsa_tools.lora_export import PROBES, _delta_apply, delta_factors, trained_source
+from sorsa_tools.lora_export import PROBES, _delta_apply, delta_factors, quantization_gap, trained_source
 from sorsa_tools.source import MergedSource, provenance
 
 T = gguf.GGMLQuantizationType
@@ -66,6 +66,7 @@ class LoraGGUFResult:
     max_check_error: float  # max |B A x - Delta W x| / max(|U'S'Vt' x|, |U S Vt x|) over probes
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    quantization_gap: dict | None = None  # QSORSA: lora_export.quantization_gap
 
 
 @dataclass
@@ -239,6 +240,7 @@ def export_lora_gguf(
         max_check_error=err,
         seconds=time.perf_counter() - t0,
         warnings=warnings,
+        quantization_gap=quantization_gap(src.decomposition),
     )
 
 

@@ -50,6 +50,7 @@ def describe(directory: str | Path) -> dict:
         "max_reconstruction_error": max(recon) if recon else None,
         "max_s_rel_error": max(s_err) if s_err else None,
         "s_error_sampled_modules": len(s_err),
+        "quantization": cfg.get("quantization"),  # QSORSA: the quantizer and its error figures
         "training": cfg.get("training"),
         "decomposition": cfg.get("decomposition"),
         "tool": cfg.get("tool", {}),

@@ -42,6 +42,7 @@ class SORSALinear(nn.Module):
         self.sorsa_Vt = nn.Parameter(Vt.to(factor_dtype))
         self.residual_store = None  # set by offload.ResidualStore: W_r then lives in host memory
         self.residual_index = -1
+        self.residual_quant = None  # a qresidual.QuantizedResidual: W_r kept quantized (QSORSA)
 
     @classmethod
     def from_linear(
@@ -57,12 +58,34 @@ class SORSALinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.data
         return cls(linear.weight.data, U.to(dev), S.to(dev), Vt.to(dev), bias, factor_dtype)
 
+    @classmethod
+    def from_quantized(
+        cls,
+        qres,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vt: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        factor_dtype: torch.dtype = torch.float32,
+    ) -> SORSALinear:
+        """A layer over a quantized W_r (qresidual.QuantizedResidual): no dense weight is held."""
+        shape_only = torch.empty((), dtype=factor_dtype).expand(qres.shape)  # no memory behind it
+        layer = cls(shape_only, U, S, Vt, bias, factor_dtype)
+        layer.weight = nn.Parameter(torch.empty(0, dtype=factor_dtype), requires_grad=False)
+        layer.residual_quant = qres
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight, self.bias, self.sorsa_Vt, self.sorsa_S, self.sorsa_U)
         if not torch.is_autocast_enabled(x.device.type):  # autocast casts by itself
             params = tuple(None if p is None else p.to(x.dtype) for p in params)
         W, b, Vt, S, U = params
         h = F.linear(x, Vt) * S
+        if self.residual_quant is not None:
+            from sorsa_tools.qresidual import quantized_matmul
+
+            base = quantized_matmul(x, self.residual_quant)
+            return (base if b is None else base + b) + F.linear(h, U)
         if self.residual_store is not None:
             from sorsa_tools.offload import residual_matmul
 
@@ -72,6 +95,10 @@ class SORSALinear(nn.Module):
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W_r + U diag(S) Vt, computed in float32 and cast once."""
+        if self.residual_quant is not None:
+            w = self.residual_quant.dequantize().float()
+            w = w + (self.sorsa_U.float() * self.sorsa_S.float()) @ self.sorsa_Vt.float()
+            return w.to(dtype or torch.float32)
         w = self.weight.float() + (self.sorsa_U.float() * self.sorsa_S.float()) @ self.sorsa_Vt.float()
         return w.to(dtype or self.weight.dtype)
 

@@ -59,6 +59,24 @@ class LoraExportResult:
     max_relative_delta: float  # largest ||Delta W||_F / ||U S Vt||_F: how far training moved a module
     base_model: str | None
     seconds: float
+    quantization_gap: dict | None = None  # QSORSA: how far the LoRA on W is from the trained model
+
+
+def quantization_gap(decomposition: dict) -> dict | None:
+    """A QSORSA DIR was trained on dequant(Q) + U S Vt, not on W: the LoRA on the original W is off
+    by W - dequant(Q) - U S Vt, the quantization error the factors did not absorb (it is not
+    low-rank, so no LoRA holds it). Per module relative Frobenius, as decompose measured it."""
+    q = decomposition.get("quantization")
+    if not q:
+        return None
+    errs = [s["quant_error"] for s in (decomposition.get("modules") or {}).values() if "quant_error" in s]
+    return {
+        "format": q["format"],
+        "mean_rel_error": sum(errs) / len(errs) if errs else None,
+        "max_rel_error": max(errs) if errs else None,
+        "meaning": "||W - (dequant(Q) + U S Vt)||_F / ||W||_F per module: the LoRA applies to W, "
+        "the trained model to dequant(Q) + U' S' Vt'",
+    }
 
 
 def _live_names(src) -> set[str]:
@@ -254,6 +272,7 @@ def export_lora(
             "lora_alpha": 2 * r,
             "dtype": dtype,
             "applies_to": "the original base model (Delta W = U'S'Vt' - U S Vt of the SORSA factors)",
+            "quantization_gap": quantization_gap(src.decomposition),
             "adapter": run.resolve().name,
             "decomposition": d.resolve().name,
             "max_check_error": max_err,
@@ -280,6 +299,7 @@ def export_lora(
         max_relative_delta=max_rel,
         base_model=base_id,
         seconds=time.perf_counter() - t0,
+        quantization_gap=quantization_gap(src.decomposition),
     )
 
 

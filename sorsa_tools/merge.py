@@ -188,10 +188,11 @@ def merge_to_hf(
         tmp.mkdir()
         stream = source.pipeline([i.name for i in infos], work, lookahead=4)
         for shard in ckpt.shards:
-            specs = [(i.name, DTYPE_CODES[dtypes[i.name]], i.shape) for i in shard.tensors.values()]
+            infos_here = source.shard_infos(shard)
+            specs = [(i.name, DTYPE_CODES[dtypes[i.name]], i.shape) for i in infos_here]
             with StreamWriter(tmp / shard.path.name, specs, shard.metadata) as w:
                 checks = []
-                for info in shard.tensors.values():
+                for info in infos_here:
                     t, err = next(stream)
                     w.write(info.name, t)
                     w.flush()
@@ -254,14 +255,17 @@ def _write_side_files(source: MergedSource, tmp: Path, dtype: str | None, out_na
             **(index.get("metadata") or {}),
             "total_size": sum(f.size - f.data_start for f in written),
         }
+        if source.quantization is not None:  # the quantizer's tensors are gone: list what was written
+            index["weight_map"] = {n: f.path.name for f in written for n in f.tensors}
         atomic_write_json(tmp / INDEX_NAME, index)
     for p in ckpt.side_files():
         if p.name in (PROVENANCE_FILE, CARD_FILE):  # the base model's card does not describe this one
             continue
-        if p.name == "config.json" and dtype is not None:
+        if p.name == "config.json" and (dtype is not None or source.quantization is not None):
             cfg = json.loads(p.read_text())
+            cfg.pop("quantization_config", None)  # merged weights are dense
             for key in ("torch_dtype", "dtype"):
-                if key in cfg or key == "dtype":
+                if dtype is not None and (key in cfg or key == "dtype"):
                     cfg[key] = dtype
             atomic_write_json(tmp / p.name, cfg)
         else:

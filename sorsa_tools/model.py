@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sorsa_tools.arch import live_module_name
-from sorsa_tools.errors import AdapterMismatchError, NotDecomposedError
+from sorsa_tools.errors import AdapterMismatchError, InputError, NotDecomposedError
 from sorsa_tools.format import ADAPTER_FILE, CONFIG_FILE, factor_names, read_config, verify_checksums
 from sorsa_tools.io.checkpoint import open_checkpoint
 from sorsa_tools.io.safetensors_file import SafetensorsFile
@@ -107,8 +107,10 @@ def attach_sorsa(
     model: nn.Module,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     factor_dtype: torch.dtype = torch.float32,
+    quantized: dict | None = None,
 ) -> dict[str, SORSALinear]:
-    """Replace each target nn.Linear (holding W_r) by a SORSALinear with the given factors."""
+    """Replace each target nn.Linear (holding W_r) by a SORSALinear with the given factors.
+    `quantized` ({module: qresidual.QuantizedResidual}): W_r comes from there, kept quantized."""
     layers = {}
     live = dict(model.named_modules())
     for m, (U, S, Vt) in factors.items():  # keyed by checkpoint names, as the adapter file is
@@ -116,6 +118,9 @@ def attach_sorsa(
         if name is None:
             raise NotDecomposedError(f"the model has no module {m}; the adapter belongs to another model")
         lin = live[name]
+        if quantized is not None:
+            layers[m] = _attach_quantized(model, name, lin, quantized[m], (U, S, Vt), factor_dtype)
+            continue
         if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != (U.shape[0], Vt.shape[1]):
             raise AdapterMismatchError(
                 f"{m}: adapter shapes {tuple(U.shape)}/{tuple(Vt.shape)} do not fit {type(lin).__name__} "
@@ -126,6 +131,54 @@ def attach_sorsa(
         setattr(parent, child, layer)
         layers[m] = layer
     return layers
+
+
+def _attach_quantized(model, name, lin, qres, factors, factor_dtype) -> SORSALinear:
+    """A SORSALinear over a quantized W_r in place of transformers' bitsandbytes linear."""
+    U, S, Vt = factors
+    if (getattr(lin, "out_features", None), getattr(lin, "in_features", None)) != tuple(
+        qres.shape
+    ) or qres.shape != (
+        U.shape[0],
+        Vt.shape[1],
+    ):
+        raise AdapterMismatchError(
+            f"{name}: the quantized residual {qres.shape} does not fit the adapter or the model; re-decompose"
+        )
+    bias = None if getattr(lin, "bias", None) is None else lin.bias.data
+    layer = SORSALinear.from_quantized(qres, U, S, Vt, bias, factor_dtype)
+    parent, child = _parent(model, name)
+    setattr(parent, child, layer)
+    return layer
+
+
+def check_quantized_options(d: Path, cfg: dict, offload_residual: bool) -> None:
+    """Options that cannot apply to a quantized residual, and a missing bitsandbytes, refused
+    before anything is written."""
+    if not cfg.get("quantization"):
+        return
+    from sorsa_tools import quantize as qz
+
+    qz.require_backend()
+    if offload_residual:
+        raise InputError(
+            f"--offload-residual does not apply to {d}: its residual is quantized "
+            f"({cfg['quantization']['format']}) and stays on the device; drop the flag"
+        )
+
+
+def _quantized_residuals(d: Path, cfg: dict) -> dict | None:
+    """{module: QuantizedResidual} of a `decompose --quantize` DIR, read as stored; None otherwise."""
+    if not cfg.get("quantization"):
+        return None
+    from sorsa_tools import quantize as qz
+    from sorsa_tools.qresidual import QuantizedResidual, read_quantized
+
+    qz.require_backend()  # also quiets its import-time kernel lookup before transformers imports it
+    s = qz.QuantSettings.from_json(cfg["quantization"])
+    ckpt = open_checkpoint(d)
+    shapes = {m: tuple(cfg["modules"][m]["shape"]) for m in cfg["target_modules"]}
+    return {m: QuantizedResidual(read_quantized(ckpt, m, shapes[m], s), s, shapes[m]) for m in shapes}
 
 
 def load_sorsa_model(
@@ -151,9 +204,11 @@ def load_sorsa_model(
     acfg = check_adapter(cfg, adapter) if adapter is not None else cfg
     src = Path(adapter).expanduser() if adapter is not None else d
     open_checkpoint(d)  # every shard's header and size checked: one line, not the loader's traceback
+    check_quantized_options(d, cfg, offload_residual)
+    quantized = _quantized_residuals(d, cfg)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     model.requires_grad_(False)
-    layers = attach_sorsa(model, read_adapter(src, cfg["target_modules"]), factor_dtype)
+    layers = attach_sorsa(model, read_adapter(src, cfg["target_modules"]), factor_dtype, quantized)
     if offload_residual:
         from sorsa_tools.offload import ResidualStore
 

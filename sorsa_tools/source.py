@@ -18,10 +18,11 @@ from typing import TypeVar
 
 import torch
 
+from sorsa_tools import quantize as qz
 from sorsa_tools.errors import AdapterMismatchError
 from sorsa_tools.format import ADAPTER_FILE, factor_names, verify_checksums
 from sorsa_tools.io.checkpoint import Checkpoint, open_checkpoint
-from sorsa_tools.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
+from sorsa_tools.io.safetensors_file import DTYPE_CODES, DTYPES, SafetensorsFile, TensorInfo
 from sorsa_tools.model import check_adapter, read_decomposition, read_factors
 
 R = TypeVar("R")
@@ -38,7 +39,7 @@ class MergedSource:
             check_adapter(self.decomposition, adapter) if adapter is not None else self.decomposition
         )
         self.adapter_dir = Path(adapter).expanduser() if adapter is not None else d
-        self._init(open_checkpoint(d), self.decomposition["target_modules"])
+        self._init(open_checkpoint(d), self.decomposition["target_modules"], self.decomposition)
         verify_checksums(self.adapter_dir, self.adapter_config, [ADAPTER_FILE])
         self._adapter = SafetensorsFile(self.adapter_dir / ADAPTER_FILE)
         for m in self.targets:
@@ -59,12 +60,35 @@ class MergedSource:
         self._init(open_checkpoint(Path(path).expanduser()), [])
         return self
 
-    def _init(self, ckpt: Checkpoint, targets: list[str]) -> None:
+    def _init(self, ckpt: Checkpoint, targets: list[str], decomposition: dict | None = None) -> None:
         self.checkpoint = ckpt
         self.root: Path = ckpt.root
         self.config: dict = ckpt.config
         self.targets: list[str] = list(targets)
         self._target_weights = {m + ".weight" for m in self.targets}
+        self._init_quantized(decomposition or {})
+
+    def _init_quantized(self, decomposition: dict) -> None:
+        """A QSORSA DIR: each target weight is seen as the dense W_r it dequantizes to (in the source
+        dtype), and the quantizer's other tensors (absmax, ...) are not seen at all."""
+        q = decomposition.get("quantization")
+        self.quantization = qz.QuantSettings.from_json(q) if q else None
+        self._dense: dict[str, TensorInfo] = {}
+        self._hidden: set[str] = set()
+        if self.quantization is None:
+            return
+        code = DTYPE_CODES[getattr(torch, (decomposition.get("dtypes") or {}).get("source", ["float32"])[0])]
+        for m in self.targets:
+            shape = tuple(decomposition["modules"][m]["shape"])
+            packed = self.checkpoint.info(m + ".weight")
+            self._dense[m + ".weight"] = TensorInfo(m + ".weight", code, shape, packed.start, packed.end)
+            self._hidden |= {
+                f"{m}.{sfx}" for sfx, _, _ in qz.specs(shape, self.quantization) if sfx != "weight"
+            }
+
+    def shard_infos(self, shard) -> list[TensorInfo]:
+        """The tensors of one shard as the merged model has them (a quantized W_r as dense)."""
+        return [self._dense.get(i.name, i) for i in shard.tensors.values() if i.name not in self._hidden]
 
     def verify_residual(self) -> None:
         """The residual shards against the sha256 decompose recorded (a plain checkpoint has none):
@@ -75,13 +99,13 @@ class MergedSource:
     def infos(self) -> Iterator[TensorInfo]:
         """Every tensor, shard by shard, in file order (the order that reads the disk once)."""
         for shard in self.checkpoint.shards:
-            yield from shard.tensors.values()
+            yield from self.shard_infos(shard)
 
     def names(self) -> list[str]:
         return [i.name for i in self.infos()]
 
     def info(self, name: str) -> TensorInfo:
-        return self.checkpoint.info(name)
+        return self._dense.get(name) or self.checkpoint.info(name)
 
     def is_target(self, name: str) -> bool:
         return name in self._target_weights
@@ -95,7 +119,14 @@ class MergedSource:
 
     def read_raw(self, name: str) -> Raw:
         """(the tensor as stored, the target's float32 factors or None): the disk part of read()."""
-        t = self.checkpoint.shard_of(name).read_tensor(name)
+        if name in self._dense:  # QSORSA: W_r = dequant(Q), the weight the model was trained with
+            from sorsa_tools.qresidual import read_quantized
+
+            m = name.removesuffix(".weight")
+            q = read_quantized(self.checkpoint, m, self._dense[name].shape, self.quantization)
+            t = qz.dequantize(q, self.quantization).float()
+        else:
+            t = self.checkpoint.shard_of(name).read_tensor(name)
         if name not in self._target_weights:
             return t, None
         return t, tuple(f.float() for f in self.factors(name.removesuffix(".weight")))  # type: ignore[return-value]

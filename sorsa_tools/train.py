@@ -51,7 +51,13 @@ from sorsa_tools.io.safetensors_file import (
     write_tensors,
 )
 from sorsa_tools.layer import regularizer_grad_
-from sorsa_tools.model import adapter_tensors, load_sorsa_model, read_adapter, read_decomposition
+from sorsa_tools.model import (
+    adapter_tensors,
+    check_quantized_options,
+    load_sorsa_model,
+    read_adapter,
+    read_decomposition,
+)
 from sorsa_tools.optim import SCALINGS, sorsa_optimizer
 
 CKPT_DIR = "checkpoint"
@@ -640,6 +646,7 @@ def _train(
 ) -> TrainResult:
     dev = d.device
     dcfg = read_decomposition(decomp)
+    check_quantized_options(decomp, dcfg, cfg.offload_residual)
     open_checkpoint(decomp)  # before run.json is written: a truncated shard leaves nothing behind
     fields = parse_fields(cfg.fields)
     from transformers import AutoTokenizer
@@ -775,6 +782,7 @@ def _train(
             "target_modules": dcfg["target_modules"],
             "base_model": dcfg.get("base_model", {}),
             "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
+            **({"quantization": dcfg["quantization"]} if dcfg.get("quantization") else {}),  # QSORSA
             "dtypes": {
                 "factors": "float32",
                 "residual": dcfg.get("dtypes", {}).get("residual"),
