@@ -828,14 +828,19 @@ def _write(
 
         stream = source.pipeline([p.source for p in plans if p.generated is None], work)  # type: ignore[misc]
         done = 0
-        for p in plans:
-            data = _encode(p.generated, p.qtype) if p.generated is not None else next(stream)
-            if data.nbytes != p.nbytes:
-                raise ExportError(f"internal: {p.name} encoded to {data.nbytes} bytes, planned {p.nbytes}")
-            yield data
-            done += p.nbytes
-            if progress is not None:
-                progress(p.name, done, total)
+        try:
+            for p in plans:
+                data = _encode(p.generated, p.qtype) if p.generated is not None else next(stream)
+                if data.nbytes != p.nbytes:
+                    raise ExportError(
+                        f"internal: {p.name} encoded to {data.nbytes} bytes, planned {p.nbytes}"
+                    )
+                yield data
+                done += p.nbytes
+                if progress is not None:
+                    progress(p.name, done, total)
+        finally:
+            stream.close()  # now, not whenever the garbage collector gets to it
 
     return _write_out(w, out, blocks())
 

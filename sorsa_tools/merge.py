@@ -184,6 +184,7 @@ def merge_to_hf(
         return out_t, (_check_fold(name, out_t, raw) if raw[1] is not None else None)
 
     verify = ThreadPoolExecutor(1, thread_name_prefix="sorsa-verify")
+    stream = None
     try:
         tmp.mkdir()
         stream = source.pipeline([i.name for i in infos], work, lookahead=4)
@@ -210,6 +211,8 @@ def merge_to_hf(
         _check_output(source, tmp, dtypes)
         swap_dir_into_place(tmp, out)
     except BaseException:
+        if stream is not None:
+            stream.close()  # now, not whenever the garbage collector gets to it
         verify.shutdown(cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise

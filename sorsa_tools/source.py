@@ -150,26 +150,33 @@ class MergedSource:
         """work(name, read(name), raw) for each name in order: the reads run on an I/O thread and
         fold + work on a compute thread, `lookahead` tensors ahead of the consumer, so the disk,
         the cores and the consumer's writes overlap (torch and file I/O release the GIL)."""
-        with ThreadPoolExecutor(1, "sorsa-read") as io, ThreadPoolExecutor(1, "sorsa-fold") as cpu:
-            pending: deque = deque()
-            todo = iter(names)
+        # not `with`: a generator dropped unfinished is closed by the garbage collector, possibly
+        # inside another thread's start-up, where joining the workers deadlocks; so only a stream
+        # run to its end waits for them, one left early cancels what is queued and lets them end
+        io, cpu = ThreadPoolExecutor(1, "sorsa-read"), ThreadPoolExecutor(1, "sorsa-fold")
+        pending: deque = deque()
+        todo = iter(names)
+        finished = False
 
-            def submit() -> None:
-                n = next(todo, None)
-                if n is not None:
-                    r = io.submit(self.read_raw, n)
-                    pending.append(cpu.submit(lambda: work(n, self.fold(r.result()), r.result())))
+        def submit() -> None:
+            n = next(todo, None)
+            if n is not None:
+                r = io.submit(self.read_raw, n)
+                pending.append(cpu.submit(lambda: work(n, self.fold(r.result()), r.result())))
 
-            try:
-                for _ in range(lookahead + 1):
-                    submit()
-                while pending:
-                    f = pending.popleft()
-                    submit()
-                    yield f.result()
-            finally:
-                for f in pending:
-                    f.cancel()
+        try:
+            for _ in range(lookahead + 1):
+                submit()
+            while pending:
+                f = pending.popleft()
+                submit()
+                yield f.result()
+            finished = True
+        finally:
+            for f in pending:
+                f.cancel()
+            io.shutdown(wait=finished, cancel_futures=True)
+            cpu.shutdown(wait=finished, cancel_futures=True)
 
 
 PAPER_URL = "https://arxiv.org/abs/2409.00055"
