@@ -215,6 +215,10 @@ TRAIN_EPILOG = """[bold]Examples[/]
 
   sorsa train DIR --data notes.jsonl --fields text --template raw --max-steps 500 -o run3
 
+  sorsa train DIR --data meta-math/MetaMathQA --split "train[:100000]" --fields query,response -o run5
+
+  sorsa train DIR --data chats.parquet -o run6      (messages records: the chat template, loss on assistant turns)
+
   sorsa train DIR --data gsm8k/train.jsonl -o run1 --resume      (continue an interrupted run)
 
   sorsa train DIR --data gsm8k/train.jsonl -o run1 --save-every 100 --keep-adapters
