@@ -582,16 +582,6 @@ def _compute(name: str, read: Future, ctx: _Ctx) -> _Done:
         return _compute_quantized(m, W, ctx, t0)
     f, method = _svd(W, ctx, m)
     niter_used, est_error = f.niter, f.est_error
-    if method != "exact":
-        g = torch.Generator().manual_seed(_module_seed(ctx.seed, m))
-        try:
-            f = ITERATIVE[method](
-                W, ctx.rank, ctx.oversample, ctx.niter, g, tol=ctx.tol or None, max_niter=ctx.max_niter
-            )
-        except torch.linalg.LinAlgError:  # an ill-conditioned small eigenproblem: exact instead
-            method = "exact"
-        else:
-            method = f.method or method
     # round the factors to their storage dtype first, so that W_r + the *stored* factors == W
     stored = [t.to(ctx.factor_dtype) for t in (f.U, f.S, f.Vt)]
     f = Factors(*(t.to(cdt) for t in stored))
