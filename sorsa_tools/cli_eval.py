@@ -14,6 +14,29 @@ import typer
 from sorsa_tools.cli_common import RevisionOpt, SplitOpt, SubsetOpt, _data_spec, _wrote, handle_errors
 from sorsa_tools.cli_display import EvalBar, err, kv_table, live, out
 
+# options every eval command takes, with one help text each
+ModelArg = Annotated[
+    Path,
+    typer.Argument(help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."),
+]
+AdapterOpt = Annotated[
+    Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
+]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per batch (HF models).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
+]
+ItemsOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Per-item JSONL; the summary goes beside it as .json.")
+]
+TemplateOpt = Annotated[str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")]
+
+
 eval_app = typer.Typer(
     help="Evaluate a model on a benchmark: GSM-8K, MATH (accuracy, answer NLL), HumanEval (pass@k).",
     no_args_is_help=True,
@@ -39,12 +62,7 @@ GGUF, else in the current directory) and the summary beside it (eval_gsm8k.json)
 @eval_app.command("gsm8k", epilog=EVAL_GSM8K_EPILOG)
 @handle_errors
 def eval_gsm8k(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."
-        ),
-    ],
+    model: ModelArg,
     data: Annotated[
         str,
         typer.Option(
@@ -56,33 +74,22 @@ def eval_gsm8k(
     split: SplitOpt = None,
     subset: SubsetOpt = None,
     data_revision: RevisionOpt = None,
-    adapter: Annotated[
-        Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
-    ] = None,
+    adapter: AdapterOpt = None,
     fields: Annotated[
         str, typer.Option(help="QUESTION,ANSWER fields \\[default: detected as in sorsa train].")
     ] = None,
-    template: Annotated[
-        str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")
-    ] = "paper",
+    template: TemplateOpt = "paper",
     limit: Annotated[int, typer.Option(help="Evaluate the first N examples \\[default: all].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch (HF models).")] = 8,
+    batch_size: BatchOpt = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per answer.")] = 256,
     metric: Annotated[
         str, typer.Option(help="accuracy (generation), nll (reference answers, teacher forced) or both.")
     ] = "both",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU."),
-    ] = "auto",
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Per-item JSONL; the summary goes beside it as .json.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
-    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    output: ItemsOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """GSM-8K: greedy-answer accuracy (95 % Wilson interval) and the NLL of the reference answers."""
     from sorsa_tools.evaluate import evaluate_gsm8k
@@ -138,12 +145,7 @@ eval gsm8k (eval_math.jsonl + eval_math.json), with accuracy per subject and lev
 @eval_app.command("math", epilog=EVAL_MATH_EPILOG)
 @handle_errors
 def eval_math(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."
-        ),
-    ],
+    model: ModelArg,
     data: Annotated[
         str,
         typer.Option(
@@ -155,32 +157,22 @@ def eval_math(
     split: SplitOpt = None,
     subset: SubsetOpt = None,
     data_revision: RevisionOpt = None,
-    adapter: Annotated[
-        Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
-    ] = None,
+    adapter: AdapterOpt = None,
     fields: Annotated[
         str, typer.Option(help="PROBLEM,SOLUTION fields \\[default: problem,solution].")
     ] = None,
-    template: Annotated[
-        str, typer.Option(help="paper (Listing 1), raw, or chat (the tokenizer's template).")
-    ] = "paper",
+    template: TemplateOpt = "paper",
     limit: Annotated[int, typer.Option(help="Evaluate the first N problems \\[default: all].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch (HF models).")] = 8,
+    batch_size: BatchOpt = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per solution.")] = 512,
     metric: Annotated[
         str, typer.Option(help="accuracy (generation), nll (reference solutions) or both.")
     ] = "both",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU.")
-    ] = "auto",
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Per-item JSONL; the summary goes beside it as .json.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
-    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    output: ItemsOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """MATH: greedy-answer accuracy (overall, per subject and level; 95 % Wilson intervals) and solution NLL."""
     from sorsa_tools.cli_display import math_rows
@@ -216,18 +208,11 @@ code; it is not a security boundary: run code you do not trust in a container or
 @eval_app.command("humaneval", epilog=EVAL_HUMANEVAL_EPILOG)
 @handle_errors
 def eval_humaneval(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="A merged or original HF dir, a decomposed DIR (see --adapter), or a .gguf file."
-        ),
-    ] = None,
+    model: ModelArg = None,
     completions: Annotated[
         Path, typer.Option(help="Grade these completions (JSONL: task_id, completion) instead of a model's.")
     ] = None,
-    adapter: Annotated[
-        Path, typer.Option(help="A `sorsa train` run, evaluated unmerged on MODEL = its decomposed DIR.")
-    ] = None,
+    adapter: AdapterOpt = None,
     template: Annotated[
         str, typer.Option(help="paper (Listing 2), raw (code completion) or chat.")
     ] = "paper",
@@ -240,7 +225,7 @@ def eval_humaneval(
     top_p: Annotated[float, typer.Option(help="Top-p when sampling.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
     limit: Annotated[int, typer.Option(help="The first N problems \\[default: all 164].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch (HF models).")] = 8,
+    batch_size: BatchOpt = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per completion.")] = 512,
     timeout: Annotated[float, typer.Option(help="Wall-clock seconds per completion's tests.")] = 10.0,
     memory_mb: Annotated[int, typer.Option(help="Address-space limit per completion (MiB).")] = 1024,
@@ -253,18 +238,14 @@ def eval_humaneval(
             help="Interpreter the tests run under \\[default: this one]; as root, one nobody can read."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="HF models: float32, bfloat16, float16; auto: bf16 on CUDA, f32 on CPU.")
-    ] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     output: Annotated[
         Path,
         typer.Option("--output", "-o", help="Per-completion JSONL; the summary goes beside it as .json."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace the results of an earlier eval at the same place.")
-    ] = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """HumanEval: pass@k of generated code, each completion tested in a contained process."""
     from sorsa_tools.cli_display import humaneval_rows
