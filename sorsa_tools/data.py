@@ -152,11 +152,12 @@ class Dataset:
 
     # -- scanning -------------------------------------------------------------------------------
     def _scan(self) -> None:
-        pending: list[tuple[int, dict]] = []
+        pending: list[tuple[int, str, dict]] = []  # (key, where it is, record)
         where = self.source.where
         for key, n, rec in self.source.scan():
+            at = where(n)
             if self.fields is None:
-                self.fields = _detect_fields(rec, where(n), self._fields_hint)
+                self.fields = _detect_fields(rec, at, self._fields_hint)
             if (
                 self.fields.prompt is None
                 and not self.fields.chat
@@ -165,12 +166,12 @@ class Dataset:
                 self.fields = replace(self.fields, chat=True)  # --fields NAME of a conversation column
             if self.fields.chat and self._render is None:
                 self._start_chat()
-            self._check_fields(rec, where(n))
-            pending.append((key, rec))
+            self._check_fields(rec, at)
+            pending.append((key, at, rec))
             if len(pending) >= _SCAN_BATCH:
-                self._measure(pending, where)
+                self._measure(pending)
                 pending = []
-        self._measure(pending, where)
+        self._measure(pending)
         name = self.path or self.source.name
         if self.n_records == 0:
             raise DataError(f"{name} holds no examples (empty); pass data with one record per example")
@@ -225,17 +226,13 @@ class Dataset:
                     f"{e.start}); fix or remove the record"
                 ) from None
 
-    def _measure(self, pending: list[tuple[int, dict]], where) -> None:
+    def _measure(self, pending: list[tuple[int, str, dict]]) -> None:
+        """Encode a batch of scanned records and keep each usable one's key and lengths (the scan
+        already knows where each record is: errors name it without reading the file again)."""
         if not pending:
             return
-        for (off, _), (ids, labels, truncated) in zip(
-            pending,
-            self._encode(
-                [r for _, r in pending],
-                [where(self.source.line_of(k)) for k, _ in pending] if self.fields.chat else None,
-            ),
-            strict=True,
-        ):
+        encoded = self._encode([r for _, _, r in pending], [w for _, w, _ in pending])
+        for (off, _, _), (ids, labels, truncated) in zip(pending, encoded, strict=True):
             self.n_records += 1
             n_resp = sum(1 for x in labels[1:] if x != IGNORE)  # targets: a row's first token is none
             if n_resp == 0:
