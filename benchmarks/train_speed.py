@@ -8,12 +8,20 @@ calls `sorsa_tools.train.optimizer_step`, the very function `sorsa train` runs.
 
     python benchmarks/train_speed.py --preset 7b --record          # the GPU machine
     python benchmarks/train_speed.py --preset cpu-small --record   # this 2-core CPU
+
+The memory of a model too large for the machine, from a slice of its layers (CPU, bf16 as on the
+GPU): every flow runs at 1, 2 and 3 layers of the 7B shape, the step's peak RSS above the process's
+start is fitted as fixed + per-layer x layers, and the fit gives the whole model's figure:
+
+    python benchmarks/train_speed.py --preset 7b --layers-fit 1,2,3 --cpu-dtype bf16 --steps 1 \
+        --flows lora,sorsa,qlora,sorsa_nf4 --record
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -109,7 +117,7 @@ def nf4_base(model, names: list[str], device: str) -> None:
     bf16 compute), as `BitsAndBytesConfig(load_in_4bit=True)` makes them."""
     import bitsandbytes as bnb
 
-    cdt = torch.bfloat16 if device == "cuda" else torch.float32
+    cdt = next(model.parameters()).dtype if device == "cpu" else torch.bfloat16
     for n in names:
         lin = model.get_submodule(n)
         q = bnb.nn.Linear4bit(
@@ -142,13 +150,36 @@ class OfficialSORSALinear(nn.Module):
         return F.linear(x, self.weight) + F.linear(x, delta.to(x.dtype))
 
 
+def proc_status_gib(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (Linux), in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 2**30
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Restart VmHWM at the current RSS (Linux >= 4.0), so the peak is the training step's and
+    not the model build's (which makes the weights in float32 before casting them)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
     flow, _, batch = flow.partition(":")  # "flow:B" runs flow at micro-batch B
     if batch:
         p = {**p, "batch": int(batch)}
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cpu_bf16 = not cuda and p.get("cpu_dtype") == "bf16"  # the GPU's dtypes, for memory on the CPU
+    dtype = torch.bfloat16 if cuda or cpu_bf16 else torch.float32
+    import peft  # noqa: F401  (the libraries every flow loads count in the start, not the step)
+    import transformers  # noqa: F401
+
+    start_gib = proc_status_gib("VmRSS") if not cuda else 0.0
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
@@ -221,10 +252,11 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
         if flow in ("sorsa", "sorsa_offload", "sorsa_nf4"):
             from sorsa_tools.train import optimizer_step
 
-            optimizer_step(model, layers, opt, sched, [batch], 1.0, gamma / 1e-5, device)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+                optimizer_step(model, layers, opt, sched, [batch], 1.0, gamma / 1e-5, device)
             return
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda or cpu_bf16):
             loss = net(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -241,6 +273,7 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
         opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step_peak = not cuda and reset_peak_rss()
     for ids in batches[:2]:  # warm-up
         step(ids)
     sync()
@@ -270,12 +303,86 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         )
         / 2**30,
+        # CPU: the peak RSS of the steps alone (warm-up included) above the process's start
+        "step_peak_gib": proc_status_gib("VmHWM") - start_gib if step_peak else None,
+        "layers": p["layers"],
         "params": n_params,
         "batch": p["batch"],
         "trainable": sum(q.numel() for q in params),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
     Path(result).write_text(json.dumps(out))
+
+
+def run_child(flow: str, p: dict, work: Path, profile: bool, note: str = "") -> dict:
+    """One flow in its own process; its result JSON."""
+    tag = flow.replace(":", "-b") + f"-l{p['layers']}"
+    out = work / f"train-speed-{tag}.json"
+    out.unlink(missing_ok=True)
+    print(f"running {flow}{note} ...", flush=True)
+    cmd = [sys.executable, __file__, "--child", flow, json.dumps(p), str(out)]
+    if profile:
+        cmd.append(str(work / f"train-speed-{tag}.profile.txt"))
+    # a fixed mmap threshold: glibc then returns every freed tensor to the OS at once, so RSS follows
+    # the live tensors rather than what the allocator keeps after its dynamic threshold grew
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    subprocess.run(cmd, check=True, env=env)
+    r = json.loads(out.read_text())
+    peak = r["step_peak_gib"] if r.get("step_peak_gib") is not None else r["peak_gib"]
+    print(f"  {r['tokens_per_s']:,.0f} tokens/s, peak {peak:.2f} GiB", flush=True)
+    return r
+
+
+def fit_line(xs: list[int], ys: list[float]) -> tuple[float, float, float]:
+    """Least squares y = a + b x; (a, b, largest |residual|)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    return a, b, max(abs(y - (a + b * x)) for x, y in zip(xs, ys, strict=True))
+
+
+def layers_fit_report(a, p: dict, flows: list[str], work: Path) -> str:
+    """Each flow at a few layer counts; the step peak fitted linearly in the layers, extrapolated to
+    the preset's full depth."""
+    counts = [int(x) for x in a.layers_fit.split(",")]
+    if len(counts) < 2:
+        raise SystemExit("--layers-fit needs at least two layer counts, e.g. 1,2,3")
+    full = p["layers"]
+    rows = []
+    for flow in flows:
+        peaks = []
+        for n in counts:
+            r = run_child(flow, {**p, "layers": n}, work, False, note=f" at {n} layer(s)")
+            if r.get("step_peak_gib") is None:
+                raise SystemExit("--layers-fit measures the step's peak RSS: it needs the CPU and Linux")
+            peaks.append(r["step_peak_gib"])
+        fixed, per_layer, worst = fit_line(counts, peaks)
+        rows.append((flow, peaks, per_layer, fixed, worst, fixed + per_layer * full))
+    base = next((r for r in rows if r[0] == "lora"), None)
+    head = " | ".join(f"{n} layer{'s' if n > 1 else ''}" for n in counts)
+    lines = [
+        f"## Training-step memory from a slice of layers, preset `{a.preset}` (`benchmarks/train_speed.py --layers-fit`)",
+        "",
+        f"Llama-shaped: hidden {p['hidden']}, intermediate {p['inter']}, vocab {p['vocab']}; rank {p['rank']} on "
+        f"all seven projections; batch {p['batch']} x {p['seq']} tokens; gradient checkpointing; "
+        f"{'bf16 weights and autocast, factors and AdamW state in float32 (the GPU flows dtypes)' if p.get('cpu_dtype') == 'bf16' else 'float32'}; "
+        f"2 warm-up + {p['steps']} step(s), each flow and layer count in its own process. Peak: the RSS high-water "
+        "mark over the steps (reset after the model is built) above the process's RSS once torch, "
+        f"transformers and PEFT are imported (glibc with a fixed mmap threshold, so freed tensors leave the RSS). The fit: peak = fixed + per layer x layers (least squares over "
+        f"{', '.join(map(str, counts))} layers); the last columns give it at {full} layers.",
+        "",
+        f"| flow | {head} | per layer | fixed | fit's largest residual | {full} layers (GiB) | vs PEFT LoRA |",
+        "|---|" + "---|" * len(counts) + "---|---|---|---|---|",
+    ]
+    for flow, peaks, per_layer, fixed, worst, whole in rows:
+        ratio = f"{whole / base[5]:.2f}x" if base else "-"
+        lines.append(
+            f"| {label(flow)} | "
+            + " | ".join(f"{x:.2f}" for x in peaks)
+            + f" | {per_layer:.3f} | {fixed:.2f} | {worst:.3f} | **{whole:.2f}** | {ratio} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -298,31 +405,38 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="also write a profiler table per flow to the workdir"
     )
+    ap.add_argument(
+        "--layers-fit",
+        default="",
+        help="CPU: the step's peak memory at these layer counts (e.g. 1,2,3), fitted and extrapolated "
+        "to the preset's depth: the memory of a model larger than the machine",
+    )
+    ap.add_argument(
+        "--cpu-dtype",
+        choices=["float32", "bf16"],
+        default="float32",
+        help="on the CPU: float32 (default), or the GPU flows' dtypes (bf16 weights and autocast)",
+    )
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
-    p = dict(PRESETS[a.preset])
+    p = dict(PRESETS[a.preset], cpu_dtype=a.cpu_dtype)
     if a.steps:
         p["steps"] = a.steps
     work = Path(a.workdir)
     work.mkdir(exist_ok=True)
     flows = a.flows.split(",")
+    cuda = torch.cuda.is_available()
+    if a.layers_fit:
+        body = layers_fit_report(a, p, flows, work)
+        print(body)
+        if a.record:
+            record(f"train_memory_{a.preset}_cpu_slice", body)
+        return
     runs: dict[str, list[dict]] = {f: [] for f in flows}
     for rnd in range(a.rounds):
         for flow in flows:
-            tag = flow.replace(":", "-b")
-            out = work / f"train-speed-{tag}.json"
-            out.unlink(missing_ok=True)
-            print(
-                f"running {flow}" + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else "") + " ...",
-                flush=True,
-            )
-            cmd = [sys.executable, __file__, "--child", flow, json.dumps(p), str(out)]
-            if a.profile and rnd == 0:
-                cmd.append(str(work / f"train-speed-{tag}.profile.txt"))
-            subprocess.run(cmd, check=True)
-            r = json.loads(out.read_text())
-            runs[flow].append(r)
-            print(f"  {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB", flush=True)
+            note = f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""
+            runs[flow].append(run_child(flow, p, work, a.profile and rnd == 0, note))
     res = {}
     for flow, rs in runs.items():  # the median round's speed, the spread over rounds, the largest peak
         speeds = sorted(r["tokens_per_s"] for r in rs)
@@ -333,7 +447,6 @@ def main() -> None:
             "peak_gib": max(r["peak_gib"] for r in rs),
         }
     base = res.get("lora")
-    cuda = torch.cuda.is_available()
     mem_kind = "peak GPU memory" if cuda else "peak RSS"
     lines = [
         f"## Training step speed, preset `{a.preset}` (`benchmarks/train_speed.py`)",
