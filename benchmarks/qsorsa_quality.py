@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,27 @@ def qlora_run(a, work: Path, train_file: Path) -> dict:
     return {"nll": ev.nll, "final_loss": sum(losses[-3:]) / 3, "decompose_s": None, "error_reduction": 0.0}
 
 
+SETTINGS = ("gemma", "train", "test", "train_rows", "rank", "steps", "batch", "max_length", "eval_limit")
+
+
+def kept(a, work: Path, name: str, lr: float | None, make) -> dict:
+    """`make()`'s result, or the one a previous call with the same settings kept in the workdir:
+    a longer run spans sessions, one finished run at a time."""
+    settings = {k: getattr(a, k) for k in SETTINGS} | {"lr": lr}
+    f = work / "results" / (re.sub(r"[^a-z0-9]+", "-", name.split(" (")[0].lower()) + ".json")
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old["settings"] == settings:
+            print(f"{name}: done before (kept)", flush=True)
+            return old["result"]
+    res = make()
+    f.parent.mkdir(exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "result": res}, indent=1))
+    tmp.replace(f)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemma", default="out/gemma3-270m")
@@ -160,26 +182,27 @@ def main() -> None:
     lines = Path(a.train).read_text().splitlines()[: a.train_rows]
     train_file.write_text("\n".join(lines) + "\n")
     res = {}
-    base = evaluate_gsm8k(
-        a.gemma,
-        a.test,
-        metric="nll",
-        limit=a.eval_limit,
-        device="cpu",
-        output=work / "base.jsonl",
-        force=True,
-    )
-    res["base model (no training)"] = {
-        "nll": base.nll,
-        "final_loss": None,
-        "decompose_s": None,
-        "error_reduction": None,
-    }
+
+    def base_run() -> dict:
+        ev = evaluate_gsm8k(
+            a.gemma,
+            a.test,
+            metric="nll",
+            limit=a.eval_limit,
+            device="cpu",
+            output=work / "base.jsonl",
+            force=True,
+        )
+        return {"nll": ev.nll, "final_loss": None, "decompose_s": None, "error_reduction": None}
+
+    res["base model (no training)"] = kept(a, work, "base model", None, base_run)
     qlora = f"QLoRA (PEFT LoRA, NF4 base, lr {a.lora_lr:g})"
-    res[qlora] = qlora_run(a, work, train_file)
+    res[qlora] = kept(a, work, qlora, a.lora_lr, lambda: qlora_run(a, work, train_file))
     print(qlora, res[qlora], flush=True)
     for label, opts in SORSA_RUNS.items():
-        res[label] = sorsa_run(a, label, opts, work, train_file)
+        res[label] = kept(
+            a, work, label, a.sorsa_lr, lambda lb=label, o=opts: sorsa_run(a, lb, o, work, train_file)
+        )
         print(label, res[label], flush=True)
     rows = [
         "| run | held-out NLL | train loss (last 3 steps) | error reduction vs QLoRA (Frobenius) |",
