@@ -4,7 +4,9 @@ official SORSA layer (dense delta `(U*S)@Vt` every forward, regularizer through 
 Every flow runs in its own process on the same Llama-shaped model (random weights: speed does
 not depend on the values), rank r on all seven projections, gradient checkpointing, bf16 on CUDA
 (float32 on CPU), the same random token batches, and AdamW on the adapter only. The sorsa flow
-calls `sorsa_tools.train.optimizer_step`, the very function `sorsa train` runs.
+calls `sorsa_tools.train.optimizer_step`, the very function `sorsa train` runs. A flow name
+with `_8bit` appended (`sorsa_nf4_8bit`, `qlora_8bit`) keeps the AdamW moments in 8 bits
+(bitsandbytes' AdamW8bit: `sorsa train --optim adamw8bit`, and QLoRA's usual optimizer).
 
     python benchmarks/train_speed.py --preset 7b --record          # the GPU machine
     python benchmarks/train_speed.py --preset cpu-small --record   # this 2-core CPU
@@ -14,7 +16,7 @@ GPU): every flow runs at 1, 2 and 3 layers of the 7B shape, the step's peak RSS 
 start is fitted as fixed + per-layer x layers, and the fit gives the whole model's figure:
 
     python benchmarks/train_speed.py --preset 7b --layers-fit 1,2,3 --cpu-dtype bf16 --steps 1 \
-        --flows lora,sorsa,qlora,sorsa_nf4 --record
+        --flows lora,sorsa,qlora,sorsa_nf4,qlora_8bit,sorsa_nf4_8bit --record
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ LABELS = {
     "sorsa_nf4": "sorsa train step, QSORSA NF4 residual (bitsandbytes, dequantized per layer)",
     "qlora": "PEFT QLoRA (LoRA on a bitsandbytes NF4 base)",
 }
+EIGHT_BIT = "_8bit"  # any flow + this suffix: its AdamW moments in 8 bits (bitsandbytes' AdamW8bit)
+for _f in ("sorsa", "sorsa_nf4", "lora", "qlora"):
+    LABELS[_f + EIGHT_BIT] = LABELS[_f] + ", 8-bit AdamW"
 
 
 def label(flow: str) -> str:
@@ -170,6 +175,8 @@ def reset_peak_rss() -> bool:
 
 def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
     flow, _, batch = flow.partition(":")  # "flow:B" runs flow at micro-batch B
+    eight_bit = flow.endswith(EIGHT_BIT)  # sorsa train --optim adamw8bit; QLoRA's usual optimizer
+    flow = flow.removesuffix(EIGHT_BIT)
     if batch:
         p = {**p, "batch": int(batch)}
     cuda = torch.cuda.is_available()
@@ -236,7 +243,18 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
     init_s = time.perf_counter() - t_init
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda)
+    if flow in ("sorsa", "sorsa_offload", "sorsa_nf4"):  # the optimizer sorsa train makes
+        from sorsa_tools.optim import sorsa_optimizer
+
+        opt = sorsa_optimizer(layers, 1e-5, "none", fused=cuda, kind="adamw8bit" if eight_bit else "adamw")
+    elif eight_bit:
+        import bitsandbytes as bnb
+
+        from sorsa_tools.optim import MIN_8BIT_SIZE
+
+        opt = bnb.optim.AdamW8bit(params, lr=1e-5, weight_decay=0.0, min_8bit_size=MIN_8BIT_SIZE)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     B, T = p["batch"], p["seq"]
     gen = torch.Generator().manual_seed(1)

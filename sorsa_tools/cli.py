@@ -276,6 +276,13 @@ def train(
             "Vt's rows at lr / s_i), pissa (lr / sqrt(s_i)), srel (S_i at lr * s_i), pissa+srel."
         ),
     ] = "none",
+    optim: Annotated[
+        str,
+        typer.Option(
+            help="adamw (float32 moments) or adamw8bit (bitsandbytes' 8-bit AdamW, QLoRA's: a quarter of "
+            "the optimizer memory; with --lr-scaling none)."
+        ),
+    ] = "adamw",
     batch_size: Annotated[
         int, typer.Option(help="Sequences per micro-batch, per process (GPU) under torchrun.")
     ] = 4,
@@ -351,6 +358,7 @@ def train(
         lr=lr,
         gamma=gamma,
         lr_scaling=lr_scaling,
+        optim=optim,
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_steps=max_steps,

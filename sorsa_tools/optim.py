@@ -89,12 +89,33 @@ class ScaledAdamW(torch.optim.Optimizer):
         return loss
 
 
-def sorsa_optimizer(layers, lr: float, scaling: str, fused: bool = False) -> torch.optim.Optimizer:
+# --optim: AdamW's two moments in float32 (8 bytes per factor entry), or bitsandbytes' blockwise
+# 8-bit AdamW (2 bytes; QLoRA's optimizer). On a 7B model at rank 128 the moments are 2.4 GiB in
+# float32 and 0.6 GiB in 8 bits (docs/BENCHMARKS.md, the training-step memory of QSORSA).
+OPTIMIZERS = ("adamw", "adamw8bit")
+MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors (S) keep float32 moments
+
+
+def sorsa_optimizer(
+    layers, lr: float, scaling: str, fused: bool = False, kind: str = "adamw"
+) -> torch.optim.Optimizer:
     """The optimizer of `sorsa train` over every layer's U, S, Vt: torch's AdamW for the paper's
-    one-lr recipe (fused on CUDA), ScaledAdamW with the multipliers of `scaling` otherwise."""
+    one-lr recipe (fused on CUDA), ScaledAdamW with the multipliers of `scaling` otherwise;
+    `kind="adamw8bit"`: bitsandbytes' AdamW8bit (one lr per tensor, so the paper's recipe only)."""
     if scaling not in SCALINGS:
         raise ValueError(f"unknown lr scaling {scaling!r}; choose from {', '.join(SCALINGS)}")
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
     layers = list(layers)
+    if kind == "adamw8bit":
+        if scaling != "none":
+            raise ValueError("the 8-bit AdamW keeps one lr per tensor: use it with lr scaling 'none'")
+        import bitsandbytes as bnb
+
+        params = [p for m in layers for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)]
+        return bnb.optim.AdamW8bit(
+            params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, min_8bit_size=MIN_8BIT_SIZE
+        )
     if scaling == "none":
         params = [p for m in layers for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)]
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused)

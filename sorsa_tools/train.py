@@ -20,6 +20,7 @@ process with batch N * b. Only rank 0 writes the run directory and reports progr
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -58,7 +59,7 @@ from sorsa_tools.model import (
     read_adapter,
     read_decomposition,
 )
-from sorsa_tools.optim import SCALINGS, sorsa_optimizer
+from sorsa_tools.optim import OPTIMIZERS, SCALINGS, sorsa_optimizer
 
 CKPT_DIR = "checkpoint"
 STEPS_DIR = "steps"  # --keep-adapters: RUN/steps/step-000200/, each a finished run of its own
@@ -92,6 +93,17 @@ class TrainConfig:
     dtype: str = "auto"
     grad_checkpointing: bool = False
     offload_residual: bool = False
+    optim: str = "adamw"  # optim.OPTIMIZERS
+
+
+# settings added after runs were made, left out of the run id at their default, so that those
+# runs keep their ids (and resume)
+LATER_DEFAULTS = {"optim": "adamw"}
+
+
+def config_key(cfg: TrainConfig) -> dict:
+    """The settings the run id hashes."""
+    return {k: v for k, v in asdict(cfg).items() if LATER_DEFAULTS.get(k, object()) != v}
 
 
 class TrainProgress:
@@ -142,6 +154,16 @@ def _check(cfg: TrainConfig, save_every: int) -> None:
     for ok, msg in bad:
         if not ok:
             raise InputError(msg)
+    if cfg.optim not in OPTIMIZERS:
+        raise InputError(f"--optim must be one of {', '.join(OPTIMIZERS)} (got {cfg.optim!r})")
+    if cfg.optim == "adamw8bit":
+        if cfg.lr_scaling != "none":
+            raise InputError(
+                f"--optim adamw8bit keeps one lr per tensor, so --lr-scaling {cfg.lr_scaling} cannot apply: "
+                "use --lr-scaling none, or --optim adamw"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError("--optim adamw8bit needs bitsandbytes: pip install bitsandbytes")
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -285,8 +307,10 @@ def factor_params(layers) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(layers, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.999, eps 1e-8, no weight decay) over the factors, lr spread by cfg.lr_scaling."""
-    return sorsa_optimizer(layers, cfg.lr, cfg.lr_scaling, fused=torch.device(device).type == "cuda")
+    """AdamW (betas 0.9/0.999, eps 1e-8, no weight decay) over the factors, lr spread by cfg.lr_scaling;
+    its moments in 8 bits with cfg.optim adamw8bit."""
+    fused = torch.device(device).type == "cuda"
+    return sorsa_optimizer(layers, cfg.lr, cfg.lr_scaling, fused=fused, kind=cfg.optim)
 
 
 @dataclass
@@ -661,7 +685,7 @@ def _train(
     if fields is None:
         cfg.fields = ds.fields.describe()
     cfg.template = ds.template  # conversations: the chat template they were rendered with
-    run_key = {"decomposition": dcfg["job_id"], "data": ds.source.identity(), "config": asdict(cfg)}
+    run_key = {"decomposition": dcfg["job_id"], "data": ds.source.identity(), "config": config_key(cfg)}
     if d.world_size > 1:  # the global batch scales with it; absent for one process (ids unchanged)
         run_key["world_size"] = d.world_size
     run_id = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()

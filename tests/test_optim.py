@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from sorsa_tools.model import load_sorsa_model
 from sorsa_tools.optim import SCALINGS, ScaledAdamW, lr_multipliers, sorsa_optimizer
-from sorsa_tools.train import TrainConfig, train
+from sorsa_tools.train import TrainConfig, config_key, train
 
 
 def _grads(n: int, shape, seed: int = 0) -> list[torch.Tensor]:
@@ -122,3 +122,93 @@ def test_a_resumed_sv_run_equals_an_uninterrupted_one(tiny_lm_decomposed, tmp_pa
     c = load_file(plain / "sorsa_adapter.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the scaling changed the training
     assert json.loads((tmp_path / "full" / "sorsa_config.json").read_text())["training"]["lr_scaling"] == "sv"
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2")
+
+
+def _state_bytes(opt) -> int:
+    """The bytes of the two moments (with 8 bits, their block scales; the 256-entry code maps are
+    constants, 2 KiB per tensor, that only matter on a tiny model)."""
+    return sum(
+        t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k in MOMENTS
+    )
+
+
+def test_8bit_adamw_steps_like_adamw_in_a_quarter_of_the_memory(tiny_lm_decomposed, monkeypatch):
+    """bitsandbytes' AdamW8bit over the factors: U and Vt get uint8 moments (S, under the size
+    threshold, keeps float32 ones), the moments take about a quarter of AdamW's bytes, and the first
+    steps move the factors as AdamW does (Adam's early steps are about lr x sign, which 8 bits keep).
+    The tiny model's factors are under bitsandbytes' 4096 entries: the threshold is lowered to 64."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr("sorsa_tools.optim.MIN_8BIT_SIZE", 64)
+    _, dec = tiny_lm_decomposed("llama")
+    lr = 1e-3
+    runs = {}
+    for kind in ("adamw", "adamw8bit"):
+        _, layers, _ = load_sorsa_model(dec, trainable=True)
+        layers = list(layers.values())
+        big = [m for m in layers if m.sorsa_U.numel() >= 64 and m.sorsa_Vt.numel() >= 64]
+        assert len(big) == len(layers)
+        opt = sorsa_optimizer(big, lr, "none", kind=kind)
+        before = [p.detach().clone() for m in big for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)]
+        for step in range(3):
+            for i, p in enumerate(q for m in big for q in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)):
+                p.grad = _grads(1, p.shape, seed=100 * step + i)[0]
+            opt.step()
+        after = [p.detach().clone() for m in big for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)]
+        runs[kind] = (opt, before, after, big)
+    (o32, b32, a32, _), (o8, b8, a8, big) = runs["adamw"], runs["adamw8bit"]
+    assert all(torch.equal(x, y) for x, y in zip(b32, b8, strict=True))  # the same start
+    st = o8.state[big[0].sorsa_U]
+    assert st["state1"].dtype == torch.uint8 and st["state2"].dtype == torch.uint8
+    assert o8.state[big[0].sorsa_S]["state1"].dtype == torch.float32
+    assert 0.2 < _state_bytes(o8) / _state_bytes(o32) < 0.35
+    moved32 = torch.cat([(a - b).flatten() for a, b in zip(a32, b32, strict=True)])
+    moved8 = torch.cat([(a - b).flatten() for a, b in zip(a8, b8, strict=True)])
+    assert 2 * lr < moved32.abs().max() <= 3.01 * lr  # three steps of about lr each
+    cos = torch.nn.functional.cosine_similarity(moved32, moved8, dim=0)
+    assert cos > 0.99, cos
+    dev = (moved8 - moved32).abs()
+    # all but a few entries within a tenth of one step; an entry whose tiny second moment rounds
+    # down in 8 bits may step further, never by a whole step more
+    assert dev.quantile(0.999) < 0.1 * lr and dev.max() < lr
+
+
+def test_an_8bit_run_trains_records_its_optimizer_and_resumes_exactly(
+    tiny_lm_decomposed, tmp_path, monkeypatch
+):
+    """The 8-bit moments (uint8 codes, block absmax, code maps) go through the checkpoint and back."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr("sorsa_tools.optim.MIN_8BIT_SIZE", 64)
+    _, dec = tiny_lm_decomposed("llama")
+    cfg = dict(max_length=384, batch_size=4, lr=1e-2, warmup_ratio=0.1, max_steps=5, optim="adamw8bit")
+    kw = dict(save_every=2, device="cpu")
+    full = train(dec, GSM8K_SLICE, tmp_path / "full", config=TrainConfig(**cfg), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(dec, GSM8K_SLICE, tmp_path / "cut", config=TrainConfig(**cfg), progress=_StopAt(3), **kw)
+    saved = torch.load(tmp_path / "cut" / "checkpoint" / "trainer.pt", weights_only=True)["optimizer"]
+    quant = [
+        v["__bnb_optimizer_quant_state__"]
+        for v in saved["state"].values()
+        if "__bnb_optimizer_quant_state__" in v
+    ]
+    assert any(q["state1"].dtype == torch.uint8 for q in quant)  # bitsandbytes' own state_dict layout
+    r = train(dec, GSM8K_SLICE, tmp_path / "cut", config=TrainConfig(**cfg), resume=True, **kw)
+    assert r.resumed_from == 2
+    a, b = (load_file(tmp_path / d / "sorsa_adapter.safetensors") for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"] and full.steps == 5
+    training = json.loads((tmp_path / "full" / "sorsa_config.json").read_text())["training"]
+    assert training["optim"] == "adamw8bit"
+
+
+def test_run_ids_of_runs_made_before_optim_existed_are_unchanged():
+    """--optim was added after runs were made: at its default it is not part of the run id."""
+    from dataclasses import asdict
+
+    old = asdict(TrainConfig())
+    del old["optim"]
+    assert config_key(TrainConfig()) == old
+    assert config_key(TrainConfig(optim="adamw8bit"))["optim"] == "adamw8bit"

@@ -166,6 +166,8 @@ def test_bad_options(dec, tmp_path):
         (["--fields", "a,b,c"], "--fields"),
         (["--dtype", "int8"], "--dtype"),
         (["--lr-scaling", "log"], "--lr-scaling must be one of"),
+        (["--optim", "sgd"], "--optim must be one of adamw, adamw8bit"),
+        (["--optim", "adamw8bit", "--lr-scaling", "sv"], "--lr-scaling none, or --optim adamw"),
     ]:
         assert_clean_error(run(*train_args(dec, GSM8K_SLICE, tmp_path / "r", *extra)), needle)
     assert not (tmp_path / "r").exists()
@@ -281,7 +283,17 @@ def test_cli_defaults_are_the_library_defaults():
     cmd = typer.main.get_command(app).commands["train"]
     defaults = {p.name: p.default for p in cmd.params}
     want = TrainConfig()
-    for name in ("lr", "gamma", "lr_scaling", "warmup_ratio", "clip", "batch_size", "max_length", "seed"):
+    for name in (
+        "lr",
+        "gamma",
+        "lr_scaling",
+        "optim",
+        "warmup_ratio",
+        "clip",
+        "batch_size",
+        "max_length",
+        "seed",
+    ):
         assert defaults[name] == getattr(want, name), name
 
 
