@@ -1,6 +1,7 @@
 """Quality of QSORSA on real Gemma 3 270M: held-out GSM-8K NLL after the same training steps for
 SORSA on a bf16 residual, SORSA on an NF4 residual (T = 1 and 5) and PEFT LoRA on a bitsandbytes
-NF4 base (QLoRA).
+NF4 base (QLoRA); with `--optims adamw,adamw8bit` also QLoRA and QSORSA (T = 5) with their AdamW
+moments in 8 bits (bitsandbytes' AdamW8bit: QLoRA's usual optimizer, `sorsa train --optim adamw8bit`).
 
 Every run: the same first --train-rows lines of the GSM-8K train file, the same steps, batch,
 max length and seed; SORSA at rank r through `sorsa decompose` + `sorsa train` (library calls),
@@ -41,17 +42,24 @@ SORSA_RUNS = {  # label: decompose options
     "QSORSA, NF4 residual, T = 1": {"quantize": "nf4", "quant_iters": 1},
     "QSORSA, NF4 residual, T = 5": {"quantize": "nf4", "quant_iters": 5},
 }
+T5 = "QSORSA, NF4 residual, T = 5"  # the run --optims repeats with the 8-bit optimizer
 
 
-def sorsa_run(a, label: str, opts: dict, work: Path, train_file: Path) -> dict:
+def sorsa_run(a, label: str, opts: dict, work: Path, train_file: Path, optim: str = "adamw") -> dict:
     tag = label.split(",")[0].lower() + "-" + "-".join(str(v) for v in opts.values())
     dec = work / f"dec-{tag}"
+    tag += "" if optim == "adamw" else f"-{optim}"
     t = time.perf_counter()
     d = decompose(a.gemma, a.rank, dec, **opts, force=True)
     dec_s = time.perf_counter() - t
     run = work / f"run-{tag}"
     cfg = T.TrainConfig(
-        lr=a.sorsa_lr, batch_size=a.batch, max_steps=a.steps, max_length=a.max_length, grad_checkpointing=True
+        lr=a.sorsa_lr,
+        batch_size=a.batch,
+        max_steps=a.steps,
+        max_length=a.max_length,
+        grad_checkpointing=True,
+        optim=optim,
     )
     T.train(dec, train_file, run, config=cfg, device="cpu", force=True)
     ev = evaluate_gsm8k(
@@ -73,7 +81,7 @@ def sorsa_run(a, label: str, opts: dict, work: Path, train_file: Path) -> dict:
     }
 
 
-def qlora_run(a, work: Path, train_file: Path) -> dict:
+def qlora_run(a, work: Path, train_file: Path, optim: str = "adamw") -> dict:
     """PEFT LoRA over bitsandbytes NF4 target linears (QLoRA), folded to dense and evaluated."""
     import bitsandbytes as bnb
     import gsm8k_study as S
@@ -111,7 +119,12 @@ def qlora_run(a, work: Path, train_file: Path) -> dict:
     params = [p for p in net.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=a.lora_lr, weight_decay=0.0)
+    if optim == "adamw8bit":
+        from sorsa_tools.optim import MIN_8BIT_SIZE
+
+        opt = bnb.optim.AdamW8bit(params, lr=a.lora_lr, weight_decay=0.0, min_8bit_size=MIN_8BIT_SIZE)
+    else:
+        opt = torch.optim.AdamW(params, lr=a.lora_lr, weight_decay=0.0)
     warm = math.ceil(0.03 * a.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_factor(s, a.steps, warm))
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -130,11 +143,18 @@ def qlora_run(a, work: Path, train_file: Path) -> dict:
         for n, m in layers.items():
             B, A = m.lora_B["default"].weight.float(), m.lora_A["default"].weight.float()
             dense.get_submodule(n).weight.copy_(deq[n] + m.scaling["default"] * (B @ A))
-    out = work / "qlora-merged"
+    sfx = "" if optim == "adamw" else f"-{optim}"
+    out = work / f"qlora-merged{sfx}"
     dense.save_pretrained(out)
     tok.save_pretrained(out)
     ev = evaluate_gsm8k(
-        out, a.test, metric="nll", limit=a.eval_limit, device="cpu", output=work / "qlora.jsonl", force=True
+        out,
+        a.test,
+        metric="nll",
+        limit=a.eval_limit,
+        device="cpu",
+        output=work / f"qlora{sfx}.jsonl",
+        force=True,
     )
     return {"nll": ev.nll, "final_loss": sum(losses[-3:]) / 3, "decompose_s": None, "error_reduction": 0.0}
 
@@ -146,7 +166,7 @@ def kept(a, work: Path, name: str, lr: float | None, make) -> dict:
     """`make()`'s result, or the one a previous call with the same settings kept in the workdir:
     a longer run spans sessions, one finished run at a time."""
     settings = {k: getattr(a, k) for k in SETTINGS} | {"lr": lr}
-    f = work / "results" / (re.sub(r"[^a-z0-9]+", "-", name.split(" (")[0].lower()) + ".json")
+    f = work / "results" / (re.sub(r"[^a-z0-9]+", "-", re.sub(r" \(.*?\)", "", name).lower()) + ".json")
     if f.exists():
         old = json.loads(f.read_text())
         if old["settings"] == settings:
@@ -173,6 +193,7 @@ def main() -> None:
     ap.add_argument("--sorsa-lr", type=float, default=5e-5)
     ap.add_argument("--lora-lr", type=float, default=3e-4)
     ap.add_argument("--eval-limit", type=int, default=40)
+    ap.add_argument("--optims", default="adamw", help="adamw and/or adamw8bit, comma-separated")
     ap.add_argument("--workdir", default=".bench/qsorsa-quality")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
@@ -204,6 +225,16 @@ def main() -> None:
             a, work, label, a.sorsa_lr, lambda lb=label, o=opts: sorsa_run(a, lb, o, work, train_file)
         )
         print(label, res[label], flush=True)
+    for optim in [o for o in a.optims.split(",") if o != "adamw"]:
+        if optim != "adamw8bit":
+            ap.error(f"--optims: unknown optimizer {optim!r}; choose adamw, adamw8bit")
+        name = f"{qlora}, 8-bit AdamW"
+        res[name] = kept(a, work, name, a.lora_lr, lambda o=optim: qlora_run(a, work, train_file, o))
+        name = f"{T5}, 8-bit AdamW"
+        res[name] = kept(
+            a, work, name, a.sorsa_lr, lambda o=optim: sorsa_run(a, T5, SORSA_RUNS[T5], work, train_file, o)
+        )
+        print(name, res[name], flush=True)
     rows = [
         "| run | held-out NLL | train loss (last 3 steps) | error reduction vs QLoRA (Frobenius) |",
         "|---|---|---|---|",

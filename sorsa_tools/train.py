@@ -653,22 +653,103 @@ def train(
         )
 
 
-def _train(
-    decomp: Path,
-    data: DataSpec,
-    out: Path,
-    cfg: TrainConfig,
-    d: Dist,
-    save_every: int,
-    resume: bool,
-    force: bool,
-    compile: bool,
-    progress: TrainProgress,
-    t_start: float,
-    keep_adapters: bool = False,
-    save_minutes: float = 10.0,
-) -> TrainResult:
-    dev = d.device
+@dataclass
+class _Run:
+    """What a `sorsa train` call knows once its inputs are read, shared by the steps below."""
+
+    decomp: Path
+    out: Path
+    cfg: TrainConfig
+    d: Dist
+    dcfg: dict  # DIR's sorsa_config.json
+    ds: Dataset
+    run_key: dict  # what the run id hashes: DIR's job, the data, the settings
+    run_id: str
+    total_steps: int = 0
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def log_file(self) -> Path:
+        return self.out / LOG_FILE
+
+    def micro_batches(self, epoch: int) -> list:
+        """Epoch `epoch`'s global micro-batches (batch_size rows per rank), in its seeded order."""
+        c = self.cfg
+        return self.ds.micro_batches(epoch, c.seed, c.batch_size * self.d.world_size, c.shuffle)
+
+    def result(self, steps, tokens, loss, seconds, resumed_from, done: bool, png) -> TrainResult:
+        ds = self.ds
+        return TrainResult(
+            self.out,
+            steps,
+            tokens,
+            loss,
+            seconds,
+            resumed_from,
+            done,
+            len(ds),
+            ds.n_too_long,
+            ds.n_truncated,
+            self.log_file,
+            png,
+            self.d.world_size,
+        )
+
+    def config(self, at_step: int, tokens: int, loss: float | None) -> dict:
+        """RUN's sorsa_config.json (and a snapshot's): the adapter format plus how it was trained."""
+        dcfg, cfg, ds, d = self.dcfg, self.cfg, self.ds, self.d
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "trained",
+            "rank": dcfg["rank"],
+            "target_modules": dcfg["target_modules"],
+            "base_model": dcfg.get("base_model", {}),
+            "decomposition": {"job_id": dcfg["job_id"], "path": str(self.decomp.resolve())},
+            **({"quantization": dcfg["quantization"]} if dcfg.get("quantization") else {}),  # QSORSA
+            "dtypes": {
+                "factors": "float32",
+                "residual": dcfg.get("dtypes", {}).get("residual"),
+                "train_compute": str(self.dtype).removeprefix("torch."),
+            },
+            "training": {
+                **asdict(cfg),
+                "data": {
+                    **ds.describe(),
+                    **({"sha256": self.run_key["data"]["sha256"]} if ds.source.kind == "jsonl" else {}),
+                    "examples": len(ds),
+                    "skipped_too_long": ds.n_too_long,
+                    "truncated": ds.n_truncated,
+                },
+                "steps": at_step,
+                "total_steps": self.total_steps,
+                "tokens": tokens,
+                "final_loss": loss,
+                "device": str(d.device),
+                "world_size": d.world_size,  # batch_size is per process: the global batch is
+                "global_batch": cfg.batch_size * cfg.grad_accum * d.world_size,  # this many rows
+                "run_id": self.run_id,
+                "regularizer": "eq. 10: task gradient clipped, then (gamma / lr) * grad L_reg added",
+            },
+            "tool": {"name": "sorsa-tools", "version": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+@dataclass
+class _Cursor:
+    """Where a run stands: steps done, the data position the next step reads from, tokens seen."""
+
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    tokens: int = 0
+
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "tokens": self.tokens}
+
+
+def _read_inputs(decomp: Path, data: DataSpec, out: Path, cfg: TrainConfig, d: Dist) -> _Run:
+    """DIR, its tokenizer and the data, checked before anything is written; the run's identity."""
     dcfg = read_decomposition(decomp)
     check_quantized_options(decomp, dcfg, cfg.offload_residual)
     open_checkpoint(decomp)  # before run.json is written: a truncated shard leaves nothing behind
@@ -689,58 +770,48 @@ def _train(
     if d.world_size > 1:  # the global batch scales with it; absent for one process (ids unchanged)
         run_key["world_size"] = d.world_size
     run_id = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
-    log_file = out / LOG_FILE
+    return _Run(decomp, out, cfg, d, dcfg, ds, run_key, run_id)
 
-    def prepare() -> str:
-        inputs = (ds.path,) if ds.path is not None else ()
-        mode = _prepare_run_dir(out, decomp, run_id, resume, force, run_key, inputs)
-        if mode == "fresh":
-            atomic_write_json(
-                out / RUN_FILE, {"run_id": run_id, **run_key, "decomposed_dir": str(decomp.resolve())}
-            )
-            log_file.unlink(missing_ok=True)
-        return mode
 
-    # rank 0 decides (and may clear the directory); the others wait for it, then read the same
-    mode = distributed.share(d, distributed.on_main(d, prepare))
-    if mode == "done":
-        done = json.loads((out / CONFIG_FILE).read_text())["training"]
-        return TrainResult(
-            out,
-            done["steps"],
-            done["tokens"],
-            done["final_loss"],
-            0.0,
-            None,
-            True,
-            len(ds),
-            ds.n_too_long,
-            ds.n_truncated,
-            log_file,
-            out / PLOT_FILE if (out / PLOT_FILE).exists() else None,
-            done.get("world_size", 1),
-        )
+def _open_run_dir(run: _Run, resume: bool, force: bool) -> str:
+    """Rank 0: 'fresh' (RUN made or cleared, run.json written), 'resume' or 'done'."""
+    inputs = (run.ds.path,) if run.ds.path is not None else ()
+    mode = _prepare_run_dir(run.out, run.decomp, run.run_id, resume, force, run.run_key, inputs)
+    if mode == "fresh":
+        record = {"run_id": run.run_id, **run.run_key, "decomposed_dir": str(run.decomp.resolve())}
+        atomic_write_json(run.out / RUN_FILE, record)
+        run.log_file.unlink(missing_ok=True)
+    return mode
 
-    # plan: global micro-batches (batch_size rows per rank) per epoch, optimizer steps in all
-    first_epoch = ds.micro_batches(0, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
+
+def _finished_result(run: _Run) -> TrainResult:
+    """A run that finished before: what its sorsa_config.json says, nothing recomputed."""
+    done = json.loads((run.out / CONFIG_FILE).read_text())["training"]
+    plot = run.out / PLOT_FILE
+    res = run.result(done["steps"], done["tokens"], done["final_loss"], 0.0, None, True, None)
+    res.plot_file = plot if plot.exists() else None
+    res.world_size = done.get("world_size", 1)
+    return res
+
+
+def _count_steps(run: _Run, first_epoch: list) -> int:
+    """Optimizer steps in all: --max-steps, or every epoch's micro-batches over --grad-accum."""
+    cfg = run.cfg
 
     def epoch_steps(e: int) -> int:
-        mb = (
-            first_epoch
-            if e == 0
-            else ds.micro_batches(e, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
-        )
-        return math.ceil(len(mb) / cfg.grad_accum)
+        return math.ceil(len(first_epoch if e == 0 else run.micro_batches(e)) / cfg.grad_accum)
 
     if cfg.max_steps:
-        total_steps = cfg.max_steps
-    elif cfg.pack:  # each epoch's order packs into its own number of rows: count every epoch
-        total_steps = sum(epoch_steps(e) for e in range(cfg.epochs))
-    else:
-        total_steps = epoch_steps(0) * cfg.epochs
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+        return cfg.max_steps
+    if cfg.pack:  # each epoch's order packs into its own number of rows: count every epoch
+        return sum(epoch_steps(e) for e in range(cfg.epochs))
+    return epoch_steps(0) * cfg.epochs
 
-    dtype = (
+
+def _build_model(run: _Run, compile: bool):
+    """The model with trainable SORSA layers, in training mode: (model, layers, residual store)."""
+    cfg, dev = run.cfg, run.d.device
+    run.dtype = (
         DTYPES[cfg.dtype]
         if cfg.dtype != "auto"
         else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -751,7 +822,7 @@ def _train(
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(dev)
     model, layers, _ = load_sorsa_model(
-        decomp, device=dev, dtype=dtype, trainable=True, offload_residual=cfg.offload_residual
+        run.decomp, device=dev, dtype=run.dtype, trainable=True, offload_residual=cfg.offload_residual
     )
     store = next(iter(layers.values())).residual_store if cfg.offload_residual else None
     if cfg.pack:
@@ -767,29 +838,36 @@ def _train(
     model.train()
     if compile:  # in place: loss_sum calls the decoder directly, not the model's forward
         model.get_decoder().compile()
-    optimizer = make_optimizer(layers.values(), cfg, dev)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
-    layer_list = list(layers.values())
-    reg_scale = cfg.gamma / cfg.lr  # eq. 10: gamma / eta_max
+    return model, layers, store
 
-    step, epoch, pos, tokens_seen = 0, 0, 0, 0
-    resumed_from = None
+
+def _resume(
+    run: _Run, mode: str, layers, optimizer, scheduler, progress: TrainProgress
+) -> tuple[_Cursor, int | None]:
+    """Step 0, or the state of RUN's checkpoint loaded into the live run (log and snapshots past
+    it dropped); with the step it resumed from (None for a fresh start)."""
+    out, d = run.out, run.d
     ck = _checkpoint_dir(out) if mode == "resume" else None
     if mode == "resume" and ck is None:  # stopped before its first checkpoint: nothing to keep
-        distributed.on_main(d, lambda: (_trim_log(log_file, 0), _trim_snapshots(out, 0)))
+        distributed.on_main(d, lambda: (_trim_log(run.log_file, 0), _trim_snapshots(out, 0)))
         progress.note("no checkpoint was saved yet: starting from step 0")
-    elif mode == "resume":  # every rank reads the same checkpoint (rank 0 has not touched it)
-        st = _restore_checkpoint(ck, layers, optimizer, scheduler, dev, d)
-        step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
-        resumed_from = step
-        distributed.on_main(d, lambda: (_trim_log(log_file, step), _trim_snapshots(out, step)))
-        progress.note(f"resuming at step {step} of {total_steps}")
-    if ds.n_too_long:  # said before the run, not only in the table at its end
+    if ck is None:
+        return _Cursor(), None
+    st = _restore_checkpoint(ck, layers, optimizer, scheduler, d.device, d)  # the same one on every rank
+    cur = _Cursor(st["step"], st["epoch"], st["pos"], st["tokens"])
+    distributed.on_main(d, lambda: (_trim_log(run.log_file, cur.step), _trim_snapshots(out, cur.step)))
+    progress.note(f"resuming at step {cur.step} of {run.total_steps}")
+    return cur, cur.step
+
+
+def _announce(run: _Run, progress: TrainProgress) -> None:
+    """Said before the first step, not only in the table at the end."""
+    ds, cfg, d = run.ds, run.cfg, run.d
+    if ds.n_too_long:
         progress.note(
             f"{ds.n_too_long} of {ds.n_records} examples skipped: the prompt alone fills --max-length "
             f"{cfg.max_length}; raise --max-length to train on them"
         )
-    loss_model = wrap_ddp(model, d) if d.enabled else model
     if d.enabled:
         progress.note(
             f"data-parallel over {d.world_size} processes ({d.backend}): {cfg.batch_size} x "
@@ -797,151 +875,174 @@ def _train(
             "sequences per optimizer step"
         )
 
-    def run_config(at_step: int, tokens: int, loss: float | None) -> dict:
-        """RUN's sorsa_config.json (and a snapshot's): the adapter format plus how it was trained."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "kind": "trained",
-            "rank": dcfg["rank"],
-            "target_modules": dcfg["target_modules"],
-            "base_model": dcfg.get("base_model", {}),
-            "decomposition": {"job_id": dcfg["job_id"], "path": str(decomp.resolve())},
-            **({"quantization": dcfg["quantization"]} if dcfg.get("quantization") else {}),  # QSORSA
-            "dtypes": {
-                "factors": "float32",
-                "residual": dcfg.get("dtypes", {}).get("residual"),
-                "train_compute": str(dtype).removeprefix("torch."),
-            },
-            "training": {
-                **asdict(cfg),
-                "data": {
-                    **ds.describe(),
-                    **({"sha256": run_key["data"]["sha256"]} if ds.source.kind == "jsonl" else {}),
-                    "examples": len(ds),
-                    "skipped_too_long": ds.n_too_long,
-                    "truncated": ds.n_truncated,
-                },
-                "steps": at_step,
-                "total_steps": total_steps,
-                "tokens": tokens,
-                "final_loss": loss,
-                "device": str(dev),
-                "world_size": d.world_size,  # batch_size is per process: the global batch is
-                "global_batch": cfg.batch_size * cfg.grad_accum * d.world_size,  # this many rows
-                "run_id": run_id,
-                "regularizer": "eq. 10: task gradient clipped, then (gamma / lr) * grad L_reg added",
-            },
-            "tool": {"name": "sorsa-tools", "version": __version__},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
 
-    progress.start(total_steps, step)
-    batches = (
-        first_epoch
-        if epoch == 0
-        else ds.micro_batches(epoch, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
+def _next_group(run: _Run, cur: _Cursor, batches: list) -> tuple[list, int, list]:
+    """One optimizer step's micro-batches (this rank's rows of each), the epoch they come from, and
+    the epoch order read from now on (a new one when an epoch ends)."""
+    cfg, d = run.cfg, run.d
+    group: list = []
+    group_epoch = cur.epoch
+    while len(group) < cfg.grad_accum:
+        if cur.pos >= len(batches):
+            cur.epoch, cur.pos = cur.epoch + 1, 0
+            batches = run.micro_batches(cur.epoch)
+            if group and cfg.max_steps is None:
+                break  # --epochs: an epoch's last accumulation group may be shorter
+        rows = shard(batches[cur.pos], d.rank, d.world_size)
+        if not group:
+            group_epoch = cur.epoch  # the log's epoch: the one the step's data came from
+        group.append(run.ds.collate(rows) if rows else run.ds.idle_batch())
+        cur.pos += 1
+    return group, group_epoch, batches
+
+
+def _diverged(run: _Run, o: StepOutput, step: int, last_saved: int) -> TrainingError:
+    ck = _checkpoint_dir(run.out)
+    where = (
+        f"the last good checkpoint (step {last_saved}) is in {ck}" if ck else "no checkpoint was saved yet"
     )
-    last_loss: float | None = None
-    last_saved, saved_at = step, time.monotonic()
-    log = distributed.on_main(d, lambda: open(log_file, "a", encoding="utf-8"))
+    return TrainingError(
+        f"the loss became {o.loss} (gradient norm {o.grad_norm}) at step {step + 1}; training stopped, "
+        f"{where}: lower --lr (or raise --warmup-ratio) and start over with --force "
+        "(--resume continues only with the same settings)"
+    )
+
+
+def _log_record(o: StepOutput, step: int, epoch: int, seconds: float, dev: torch.device) -> dict:
+    """One line of train_log.jsonl."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": o.loss,
+        "reg_loss": o.reg_loss,
+        "ortho_error_max": o.ortho_error_max,
+        "grad_norm": o.grad_norm,
+        "lr": o.lr,
+        "tokens": o.tokens,  # over all ranks
+        "loss_tokens": o.loss_tokens,
+        "tokens_per_s": o.tokens / seconds if seconds > 0 else None,
+        "step_seconds": seconds,
+        "memory_gib": _peak_memory(dev),  # rank 0's
+    }
+
+
+@dataclass
+class _Saver:
+    """Rank 0's writes after a step: the log line, and every --save-every steps or --save-minutes a
+    checkpoint (with --keep-adapters, a snapshot of the step-based ones)."""
+
+    run: _Run
+    layers: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    save_every: int
+    save_minutes: float
+    keep_adapters: bool
+    progress: TrainProgress
+    log: object = None
+    last_saved: int = 0
+    saved_at: float = 0.0
+
+    def after_step(self, rec: dict, cur: _Cursor) -> None:
+        step, total = cur.step, self.run.total_steps
+        by_steps = step % self.save_every == 0
+        by_time = self.save_minutes > 0 and time.monotonic() - self.saved_at >= 60 * self.save_minutes
+        save = (by_steps or by_time) and step < total  # only rank 0 writes: its clock decides
+        state = cur.state()
+
+        def book() -> None:
+            self.log.write(json.dumps(rec) + "\n")
+            self.log.flush()
+            out = self.run.out
+            if save and by_steps and self.keep_adapters:  # before the checkpoint: its resume finds it
+                _save_snapshot(out, self.layers, self.run.config(step, state["tokens"], rec["loss"]))
+            if save:
+                ws = self.run.d.world_size
+                _save_checkpoint(
+                    out, self.layers, self.optimizer, self.scheduler, {**state, "world_size": ws}
+                )
+            self.progress.step({**rec, "total_steps": total})
+
+        distributed.on_main(self.run.d, book)  # a failed write (or an interrupt) there stops every rank
+        if save:
+            self.last_saved, self.saved_at = step, time.monotonic()
+
+
+def _finish(run: _Run, layers, cur: _Cursor, last_loss: float | None) -> Path | None:
+    """Rank 0: the adapter, the loss plot, and last the config that marks RUN finished."""
+    out = run.out
+    write_tensors(out / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
+    config_out = {**run.config(cur.step, cur.tokens, last_loss), CHECKSUMS: checksums(out, [ADAPTER_FILE])}
+    cfg = run.cfg
+    png = plot_losses(
+        run.log_file, out / PLOT_FILE, f"SORSA r{run.dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
+    )
+    _hide_checkpoint(out)  # a finished run never shows a checkpoint/ (resume reads the hidden one)
     try:
-        while step < total_steps:
+        atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
+    finally:  # a Ctrl-C may land just after the rename that put it in place
+        if (out / CONFIG_FILE).is_file():
+            mark_complete(out)
+            _remove_checkpoints(out)
+    return png
+
+
+def _train(
+    decomp: Path,
+    data: DataSpec,
+    out: Path,
+    cfg: TrainConfig,
+    d: Dist,
+    save_every: int,
+    resume: bool,
+    force: bool,
+    compile: bool,
+    progress: TrainProgress,
+    t_start: float,
+    keep_adapters: bool = False,
+    save_minutes: float = 10.0,
+) -> TrainResult:
+    """The recipe: read the inputs, open RUN, plan, build, resume, step until done, finish."""
+    run = _read_inputs(decomp, data, out, cfg, d)
+    # rank 0 decides (and may clear the directory); the others wait for it, then read the same
+    mode = distributed.share(d, distributed.on_main(d, lambda: _open_run_dir(run, resume, force)))
+    if mode == "done":
+        return _finished_result(run)
+    first_epoch = run.micro_batches(0)
+    run.total_steps = _count_steps(run, first_epoch)
+    warmup = math.ceil(cfg.warmup_ratio * run.total_steps)
+    model, layers, store = _build_model(run, compile)
+    optimizer = make_optimizer(layers.values(), cfg, d.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run.total_steps, warmup))
+    cur, resumed_from = _resume(run, mode, layers, optimizer, scheduler, progress)
+    _announce(run, progress)
+    loss_model = wrap_ddp(model, d) if d.enabled else model
+    layer_list = list(layers.values())
+    reg_scale = cfg.gamma / cfg.lr  # eq. 10: gamma / eta_max
+    saver = _Saver(run, layers, optimizer, scheduler, save_every, save_minutes, keep_adapters, progress)
+    saver.last_saved, saver.saved_at = cur.step, time.monotonic()
+    progress.start(run.total_steps, cur.step)
+    batches = first_epoch if cur.epoch == 0 else run.micro_batches(cur.epoch)
+    last_loss: float | None = None
+    saver.log = distributed.on_main(d, lambda: open(run.log_file, "a", encoding="utf-8"))
+    try:
+        while cur.step < run.total_steps:
             t0 = time.perf_counter()
-            group = []
-            while len(group) < cfg.grad_accum:
-                if pos >= len(batches):
-                    epoch, pos = epoch + 1, 0
-                    batches = ds.micro_batches(epoch, cfg.seed, cfg.batch_size * d.world_size, cfg.shuffle)
-                    if group and cfg.max_steps is None:
-                        break  # --epochs: an epoch's last accumulation group may be shorter
-                rows = shard(batches[pos], d.rank, d.world_size)
-                if not group:
-                    group_epoch = epoch  # the log's epoch: the one the step's data came from
-                group.append(ds.collate(rows) if rows else ds.idle_batch())
-                pos += 1
+            group, group_epoch, batches = _next_group(run, cur, batches)
             if store is not None:
                 store.begin_step()
-            o = optimizer_step(loss_model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, dev)
+            o = optimizer_step(
+                loss_model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, d.device
+            )
             if not o.stepped:  # the all-reduced loss and gradient: every rank stops here together
-                ck = _checkpoint_dir(out)
-                where = (
-                    f"the last good checkpoint (step {last_saved}) is in {ck}"
-                    if ck
-                    else "no checkpoint was saved yet"
-                )
-                raise TrainingError(
-                    f"the loss became {o.loss} (gradient norm {o.grad_norm}) at step {step + 1}; training stopped, "
-                    f"{where}: lower --lr (or raise --warmup-ratio) and start over with --force "
-                    "(--resume continues only with the same settings)"
-                )
-            step += 1
-            tokens_seen += o.tokens
-            dt = time.perf_counter() - t0
-            rec = {
-                "step": step,
-                "epoch": group_epoch,
-                "loss": o.loss,
-                "reg_loss": o.reg_loss,
-                "ortho_error_max": o.ortho_error_max,
-                "grad_norm": o.grad_norm,
-                "lr": o.lr,
-                "tokens": o.tokens,  # over all ranks
-                "loss_tokens": o.loss_tokens,
-                "tokens_per_s": o.tokens / dt if dt > 0 else None,
-                "step_seconds": dt,
-                "memory_gib": _peak_memory(dev),  # rank 0's
-            }
+                raise _diverged(run, o, cur.step, saver.last_saved)
+            cur.step += 1
+            cur.tokens += o.tokens
             last_loss = o.loss
-            by_steps = step % save_every == 0
-            by_time = save_minutes > 0 and time.monotonic() - saved_at >= 60 * save_minutes
-            save = (by_steps or by_time) and step < total_steps  # only rank 0 writes: its clock decides
-            state = {"step": step, "epoch": epoch, "pos": pos, "tokens": tokens_seen}
-
-            def book(rec=rec, save=save, state=state, snap=by_steps) -> None:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if save and snap and keep_adapters:  # before the checkpoint: a resume from it finds it there
-                    _save_snapshot(out, layers, run_config(state["step"], state["tokens"], rec["loss"]))
-                if save:
-                    _save_checkpoint(out, layers, optimizer, scheduler, {**state, "world_size": d.world_size})
-                progress.step({**rec, "total_steps": total_steps})
-
-            distributed.on_main(d, book)  # a failed write (or an interrupt) there stops every rank
-            if save:
-                last_saved, saved_at = step, time.monotonic()
+            saver.after_step(_log_record(o, cur.step, group_epoch, time.perf_counter() - t0, d.device), cur)
     finally:
-        if log is not None:
-            log.close()
+        if saver.log is not None:
+            saver.log.close()
     seconds = time.perf_counter() - t_start
-
-    def finish() -> Path | None:
-        write_tensors(out / ADAPTER_FILE, adapter_tensors(layers, torch.float32))
-        config_out = {**run_config(step, tokens_seen, last_loss), CHECKSUMS: checksums(out, [ADAPTER_FILE])}
-        png = plot_losses(
-            log_file, out / PLOT_FILE, f"SORSA r{dcfg['rank']}, lr {cfg.lr:g}, gamma {cfg.gamma:g}"
-        )
-        _hide_checkpoint(out)  # a finished run never shows a checkpoint/ (resume reads the hidden one)
-        try:
-            atomic_write_json(out / CONFIG_FILE, config_out)  # last: its presence marks the run finished
-        finally:  # a Ctrl-C may land just after the rename that put it in place
-            if (out / CONFIG_FILE).is_file():
-                mark_complete(out)
-                _remove_checkpoints(out)
-        return png
-
-    png = distributed.on_main(d, finish)  # the others wait here until RUN is complete
-    return TrainResult(
-        out,
-        step,
-        tokens_seen,
-        last_loss,
-        seconds,
-        resumed_from,
-        False,
-        len(ds),
-        ds.n_too_long,
-        ds.n_truncated,
-        log_file,
-        png,
-        d.world_size,
-    )
+    png = distributed.on_main(d, lambda: _finish(run, layers, cur, last_loss))  # the others wait here
+    return run.result(cur.step, cur.tokens, last_loss, seconds, resumed_from, False, png)
