@@ -40,6 +40,7 @@ from sorsa_tools.cli_display import (
     lora_rows,
     out,
     plural,
+    train_rows,
 )
 from sorsa_tools.errors import SorsaError
 
@@ -399,19 +400,7 @@ def train(
             f"[green]{r.output_dir} already holds this finished run ({r.steps} steps).[/]", soft_wrap=True
         )
         return
-    title = f"sorsa train → {r.output_dir}"
-    rows = [
-        ("steps", f"{r.steps}" + (f" (resumed at {r.resumed_from})" if r.resumed_from is not None else "")),
-        ("tokens", f"{r.tokens:,}"),
-        ("final loss", "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"),
-        ("time", f"{r.seconds:.1f} s"),
-        (
-            "examples",
-            f"{r.examples} ({r.truncated} truncated, {r.skipped_too_long} skipped: prompt too long)",
-        ),
-        ("log / plot", f"{r.log_file.name} / {r.plot_file.name if r.plot_file else 'no matplotlib'}"),
-    ]
-    out.print(kv_table(title, rows))
+    out.print(kv_table(f"sorsa train → {r.output_dir}", train_rows(r)))
 
 
 MERGE_EPILOG = """[bold]Examples[/]

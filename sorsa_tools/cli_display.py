@@ -284,6 +284,21 @@ class AnalyzeBar(Bars):
         self.p.update(self.task, count=f"{int(t.completed)}/{int(t.total)} SVDs")
 
 
+def train_rows(r) -> list[tuple[str, str]]:
+    """The table at the end of `sorsa train` (r: train.TrainResult)."""
+    return [
+        ("steps", f"{r.steps}" + (f" (resumed at {r.resumed_from})" if r.resumed_from is not None else "")),
+        ("tokens", f"{r.tokens:,}"),
+        ("final loss", "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"),
+        ("time", f"{r.seconds:.1f} s"),
+        (
+            "examples",
+            f"{r.examples} ({r.truncated} truncated, {r.skipped_too_long} skipped: prompt too long)",
+        ),
+        ("log / plot", f"{r.log_file.name} / {r.plot_file.name if r.plot_file else 'no matplotlib'}"),
+    ]
+
+
 def math_rows(r, model: str) -> list[tuple[str, str]]:
     """The table of `sorsa eval math`: accuracy overall and per subject and level, solution NLL."""
     rows = [("model", f"{model} ({r.summary.get('model_kind')}, {r.summary.get('device')})")]
