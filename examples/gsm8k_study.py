@@ -135,7 +135,7 @@ CPU = dict(
     acc_runs="best",
     eval_batch=16,
     workdir="out/gsm8k-study-cpu",
-    lrs_sorsa=[2e-5, 5e-5, 1e-4],  # around sorsa train's default 5e-5
+    lrs_sorsa=[5e-5, 1e-4, 2e-4],  # around sorsa train's default 1e-4
 )
 
 # issue 17's short setup (where a new user saw SORSA's early loss spike): 40 steps x 4 on the
