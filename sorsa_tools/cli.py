@@ -800,7 +800,15 @@ def inspect(
             (
                 "training",
                 f"{tr['steps']} steps, {tr['tokens']:,} tokens, final loss {tr['final_loss']:.4f}; "
-                f"lr {tr['lr']:g}, gamma {tr['gamma']:g}, batch {tr['batch_size']}x{tr['grad_accum']}",
+                f"lr {tr['lr']:g}, gamma {tr['gamma']:g}, batch {tr['batch_size']}x{tr['grad_accum']}"
+                + "".join(  # the settings a run may have changed from their defaults
+                    f", {label} {tr[k]}"
+                    for k, label, default in (
+                        ("lr_scaling", "lr scaling", "none"),
+                        ("optim", "optim", "adamw"),
+                    )
+                    if tr.get(k, default) != default
+                ),
             )
         )
         data = tr["data"]

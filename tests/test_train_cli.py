@@ -60,6 +60,19 @@ def test_inspect_run_says_what_the_data_left_out(dec, tmp_path):
     ), res.stdout
 
 
+def test_inspect_run_names_the_settings_changed_from_their_defaults(dec, tmp_path):
+    """--lr-scaling and --optim appear in inspect's training line only when not at their default."""
+    for name, extra in (("plain", []), ("sv", ["--lr-scaling", "sv"])):
+        res = run(
+            *train_args(dec, GSM8K_SLICE, tmp_path / name, "--max-steps", "1", "--batch-size", "2", *extra)
+        )
+        assert res.exit_code == 0, res.stderr
+    plain, sv = (
+        " ".join(run("inspect", str(tmp_path / n)).stdout.replace("│", " ").split()) for n in ("plain", "sv")
+    )
+    assert "lr scaling sv" in sv and "lr scaling" not in plain and "optim" not in plain + sv
+
+
 @pytest.mark.parametrize(
     "content, needles",
     [
