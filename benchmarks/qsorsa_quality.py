@@ -120,9 +120,9 @@ def qlora_run(a, work: Path, train_file: Path, optim: str = "adamw") -> dict:
     for p in params:
         p.data = p.data.float()
     if optim == "adamw8bit":
-        from sorsa_tools.optim import MIN_8BIT_SIZE
+        from sorsa_tools.optim import adamw8bit
 
-        opt = bnb.optim.AdamW8bit(params, lr=a.lora_lr, weight_decay=0.0, min_8bit_size=MIN_8BIT_SIZE)
+        opt = adamw8bit(params, a.lora_lr)
     else:
         opt = torch.optim.AdamW(params, lr=a.lora_lr, weight_decay=0.0)
     warm = math.ceil(0.03 * a.steps)

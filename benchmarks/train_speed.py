@@ -248,11 +248,9 @@ def child(flow: str, p: dict, result: str, profile_to: str = "") -> None:
 
         opt = sorsa_optimizer(layers, 1e-5, "none", fused=cuda, kind="adamw8bit" if eight_bit else "adamw")
     elif eight_bit:
-        import bitsandbytes as bnb
+        from sorsa_tools.optim import adamw8bit
 
-        from sorsa_tools.optim import MIN_8BIT_SIZE
-
-        opt = bnb.optim.AdamW8bit(params, lr=1e-5, weight_decay=0.0, min_8bit_size=MIN_8BIT_SIZE)
+        opt = adamw8bit(params, 1e-5)
     else:
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -96,6 +96,16 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors (S) keep float32 moments
 
 
+def adamw8bit(params, lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit with the settings of `sorsa train` (betas 0.9/0.999, eps 1e-8, no
+    weight decay); the benchmarks build their peers' 8-bit optimizer with it too."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(
+        params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, min_8bit_size=MIN_8BIT_SIZE
+    )
+
+
 def sorsa_optimizer(
     layers, lr: float, scaling: str, fused: bool = False, kind: str = "adamw"
 ) -> torch.optim.Optimizer:
@@ -107,17 +117,12 @@ def sorsa_optimizer(
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
     layers = list(layers)
+    params = [p for m in layers for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)]
     if kind == "adamw8bit":
         if scaling != "none":
             raise ValueError("the 8-bit AdamW keeps one lr per tensor: use it with lr scaling 'none'")
-        import bitsandbytes as bnb
-
-        params = [p for m in layers for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)]
-        return bnb.optim.AdamW8bit(
-            params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, min_8bit_size=MIN_8BIT_SIZE
-        )
+        return adamw8bit(params, lr)
     if scaling == "none":
-        params = [p for m in layers for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)]
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused)
     groups = []
     for m in layers:
