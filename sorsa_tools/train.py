@@ -666,7 +666,13 @@ class _Run:
     run_key: dict  # what the run id hashes: DIR's job, the data, the settings
     run_id: str
     total_steps: int = 0
-    dtype: torch.dtype = torch.float32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen model's dtype: --dtype, or bfloat16 on CUDA and float32 on the CPU."""
+        if self.cfg.dtype != "auto":
+            return DTYPES[self.cfg.dtype]
+        return torch.bfloat16 if self.d.device.type == "cuda" else torch.float32
 
     @property
     def log_file(self) -> Path:
@@ -677,7 +683,9 @@ class _Run:
         c = self.cfg
         return self.ds.micro_batches(epoch, c.seed, c.batch_size * self.d.world_size, c.shuffle)
 
-    def result(self, steps, tokens, loss, seconds, resumed_from, done: bool, png) -> TrainResult:
+    def result(
+        self, steps, tokens, loss, seconds, resumed_from, done: bool, png, world_size: int | None = None
+    ) -> TrainResult:
         ds = self.ds
         return TrainResult(
             self.out,
@@ -692,7 +700,7 @@ class _Run:
             ds.n_truncated,
             self.log_file,
             png,
-            self.d.world_size,
+            self.d.world_size if world_size is None else world_size,
         )
 
     def config(self, at_step: int, tokens: int, loss: float | None) -> dict:
@@ -788,10 +796,9 @@ def _finished_result(run: _Run) -> TrainResult:
     """A run that finished before: what its sorsa_config.json says, nothing recomputed."""
     done = json.loads((run.out / CONFIG_FILE).read_text())["training"]
     plot = run.out / PLOT_FILE
-    res = run.result(done["steps"], done["tokens"], done["final_loss"], 0.0, None, True, None)
-    res.plot_file = plot if plot.exists() else None
-    res.world_size = done.get("world_size", 1)
-    return res
+    png = plot if plot.exists() else None
+    ws = done.get("world_size", 1)
+    return run.result(done["steps"], done["tokens"], done["final_loss"], 0.0, None, True, png, ws)
 
 
 def _count_steps(run: _Run, first_epoch: list) -> int:
@@ -811,11 +818,6 @@ def _count_steps(run: _Run, first_epoch: list) -> int:
 def _build_model(run: _Run, compile: bool):
     """The model with trainable SORSA layers, in training mode: (model, layers, residual store)."""
     cfg, dev = run.cfg, run.d.device
-    run.dtype = (
-        DTYPES[cfg.dtype]
-        if cfg.dtype != "auto"
-        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    )
     torch.manual_seed(cfg.seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
