@@ -322,6 +322,55 @@ def decompose(
     rdt = _dtype_arg(residual_dtype, "--residual-dtype", FLOAT_DTYPES)
     qs = _quant_settings(quantize, quant_iters, quant_block_size, double_quant, residual_dtype)
 
+    src, ckpt = _open_model(model, revision)
+    target_list, warnings = _select_targets(ckpt, targets, rank, qs)
+    out = Path(output_dir).expanduser()
+    if out.resolve() == src.path.resolve():
+        raise OutputDirError("the output directory is the source checkpoint itself; choose another -o")
+    svd_job = {
+        "method": svd,
+        "oversample": oversample if svd != "exact" else None,
+        "niter": niter if svd != "exact" else None,
+        "tol": tol if svd != "exact" else None,
+        "max_niter": max_niter if svd != "exact" and tol else None,
+        "auto_exact_below": AUTO_EXACT_FACTOR * (rank + oversample) if svd == "auto" else None,
+        "seed": seed,
+        "compute_dtype": compute_dtype,
+    }
+    job = {
+        "format_version": FORMAT_VERSION,
+        "source_fingerprint": ckpt.fingerprint(),
+        "rank": rank,
+        "target_modules": target_list,
+        "svd": svd_job,
+        "factor_dtype": factor_dtype,
+        "residual_dtype": residual_dtype,
+    }
+    if qs is not None:  # only then: plain decompositions keep their job ids
+        job["quantization"] = qs.as_json()
+    job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+    partial = out / PARTIAL_DIR
+    n = len(ckpt.shards)
+
+    done = _open_output(out, partial, ckpt, src, model, job, job_id, force, output_is_default)
+    if done is not None:
+        return _result(out, done, rank, t0, svd, dev, n, n, True, warnings, tol, qs)
+    res_dtypes = {m: rdt or DTYPES[ckpt.info(m + ".weight").dtype] for m in target_list}
+    todo = _plan_shards(ckpt, out, partial, target_list, res_dtypes, qs, rank, fdt, progress)
+    if todo:
+        sample = _checked_sample(ckpt, target_list, svd, rank, oversample, check_sample, qs)
+        ctx = _Ctx(rank, svd, oversample, niter, tol, max_niter, seed, dev, cdt, fdt, res_dtypes, sample, qs)
+        _run_pipeline(ckpt, todo, set(target_list), ctx, out, partial, progress)
+
+    all_stats: dict[str, dict] = {}
+    for s in ckpt.shards:
+        all_stats.update(json.loads((partial / _stats_name(s.path.name)).read_text()))
+    _finalize(ckpt, src, out, partial, target_list, all_stats, job, job_id, fdt, rank)
+    return _result(out, all_stats, rank, t0, svd, dev, n, n - len(todo), False, warnings, tol, qs)
+
+
+def _open_model(model: str, revision: str | None):
+    """The source (local dir or Hub snapshot) and its checkpoint; refuses what cannot be decomposed."""
     src = resolve_model(model, revision)
     if (src.path / CONFIG_FILE).is_file():
         raise InputError(
@@ -334,39 +383,35 @@ def decompose(
         raise InputError(
             f"{model} is already quantized ({method}); decompose (and --quantize) the unquantized model"
         )
+    return src, ckpt
+
+
+def _select_targets(
+    ckpt: Checkpoint, targets: str | None, rank: int, qs: qz.QuantSettings | None
+) -> tuple[list[str], list[str]]:
+    """The target modules (arch table or --targets) and their warnings, checked against the rank
+    and, quantized, against the block size."""
     shapes = {n: ckpt.info(n).shape for n in ckpt.weight_map}
     target_list, warnings = select_targets(ckpt.config, shapes, targets)
     _validate_targets(ckpt, target_list, rank)
     for m in target_list if qs else []:
         qz.check_shape(m, tuple(ckpt.info(m + ".weight").shape), qs)
+    return target_list, warnings
 
-    out = Path(output_dir).expanduser()
-    if out.resolve() == src.path.resolve():
-        raise OutputDirError("the output directory is the source checkpoint itself; choose another -o")
-    res_dtypes = {m: rdt or DTYPES[ckpt.info(m + ".weight").dtype] for m in target_list}
-    job = {
-        "format_version": FORMAT_VERSION,
-        "source_fingerprint": ckpt.fingerprint(),
-        "rank": rank,
-        "target_modules": target_list,
-        "svd": {
-            "method": svd,
-            "oversample": oversample if svd != "exact" else None,
-            "niter": niter if svd != "exact" else None,
-            "tol": tol if svd != "exact" else None,
-            "max_niter": max_niter if svd != "exact" and tol else None,
-            "auto_exact_below": AUTO_EXACT_FACTOR * (rank + oversample) if svd == "auto" else None,
-            "seed": seed,
-            "compute_dtype": compute_dtype,
-        },
-        "factor_dtype": factor_dtype,
-        "residual_dtype": residual_dtype,
-    }
-    if qs is not None:  # only then: plain decompositions keep their job ids
-        job["quantization"] = qs.as_json()
-    job_id = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
-    partial = out / PARTIAL_DIR
 
+def _open_output(
+    out: Path,
+    partial: Path,
+    ckpt: Checkpoint,
+    src,
+    model: str,
+    job: dict,
+    job_id: str,
+    force: bool,
+    output_is_default: bool,
+) -> dict | None:
+    """Make `out` ready for this job: resume its partial state, replace it (--force) or refuse it.
+    Returns the module stats when `out` already holds this finished job (nothing to do)."""
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{out} is a file; -o must name a directory")
     for d in (out, partial):  # what killed runs were writing (a live run's temps are kept)
@@ -375,6 +420,7 @@ def decompose(
     if existing == [PARTIAL_DIR] and not (partial / "job.json").exists() and not any(partial.iterdir()):
         partial.rmdir()  # killed before its job file was in place: nothing to keep
         existing = []
+    rank = job["rank"]
     if existing and output_is_default and not _same_model_and_rank(out, ckpt.fingerprint(), rank):
         raise OutputDirError(
             f"{out} (the default -o for {model} at rank {rank}) already holds something else (e.g. "
@@ -384,9 +430,7 @@ def decompose(
         done_cfg = out / CONFIG_FILE
         if done_cfg.exists() and _read_job_id(done_cfg) == job_id:
             shutil.rmtree(partial, ignore_errors=True)  # killed after the config, before this cleanup
-            stats = json.loads(done_cfg.read_text())["modules"]
-            n = len(ckpt.shards)
-            return _result(out, stats, rank, t0, svd, dev, n, n, True, warnings, tol, qs)
+            return json.loads(done_cfg.read_text())["modules"]
         if not (partial / "job.json").exists() or _read_job_id(partial / "job.json") != job_id:
             _refuse_other_quantization(out, partial, job)
             raise OutputDirError(
@@ -398,7 +442,22 @@ def decompose(
     out.mkdir(parents=True, exist_ok=True)
     partial.mkdir(exist_ok=True)
     atomic_write_json(partial / "job.json", {"job_id": job_id, **job})
+    return None
 
+
+def _plan_shards(
+    ckpt: Checkpoint,
+    out: Path,
+    partial: Path,
+    target_list,
+    res_dtypes,
+    qs,
+    rank: int,
+    fdt,
+    progress: Progress,
+) -> list[SafetensorsFile]:
+    """The shards still to write (a resumed job skips finished ones), after checking that their
+    output fits the disk; starts the progress display at what is already done."""
     shard_done = [_shard_is_done(out, partial, s.path.name) for s in ckpt.shards]
     target_set = set(target_list)
     out_sizes = {s.path.name: _out_shard_bytes(s, target_set, res_dtypes, qs) for s in ckpt.shards}
@@ -410,44 +469,27 @@ def decompose(
             f"{out} needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free there; "
             "free space or choose another -o"
         )
-
     total_bytes = sum(out_sizes.values())
     done_bytes = sum(out_sizes[s.path.name] for s, d in zip(ckpt.shards, shard_done, strict=True) if d)
     done_mods = sum(
         1 for m in target_list if shard_done[ckpt.shard_names.index(ckpt.weight_map[m + ".weight"])]
     )
     progress.start(len(target_list), total_bytes, done_mods, done_bytes)
+    return [s for s, d in zip(ckpt.shards, shard_done, strict=True) if not d]
 
+
+def _checked_sample(
+    ckpt: Checkpoint, target_list, svd: str, rank: int, oversample: int, check_sample: int, qs
+) -> set[str]:
+    """The modules that also get an exact SVD, to record the accuracy the iterative one reached
+    (quantized: any module, each has a nuclear norm to sample)."""
     iterative = [
         m
         for m in target_list
         if _method_for(svd, ckpt.info(m + ".weight").shape, rank, oversample) in ITERATIVE
     ]
-    checked = target_list if qs else iterative  # quantized: every module has a nuclear norm to sample
-    sample = {checked[i] for i in _sample_positions(len(checked), check_sample)} if checked else set()
-    ctx = _Ctx(rank, svd, oversample, niter, tol, max_niter, seed, dev, cdt, fdt, res_dtypes, sample, qs)
-    todo = [s for s, d in zip(ckpt.shards, shard_done, strict=True) if not d]
-    if todo:
-        _run_pipeline(ckpt, todo, target_set, ctx, out, partial, progress)
-
-    all_stats: dict[str, dict] = {}
-    for s in ckpt.shards:
-        all_stats.update(json.loads((partial / _stats_name(s.path.name)).read_text()))
-    _finalize(ckpt, src, out, partial, target_list, all_stats, job, job_id, fdt, rank)
-    return _result(
-        out,
-        all_stats,
-        rank,
-        t0,
-        svd,
-        dev,
-        len(ckpt.shards),
-        len(ckpt.shards) - len(todo),
-        False,
-        warnings,
-        tol,
-        qs,
-    )
+    checked = target_list if qs else iterative
+    return {checked[i] for i in _sample_positions(len(checked), check_sample)} if checked else set()
 
 
 def _read_job_id(path: Path) -> str | None:
