@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 
 import pytest
@@ -159,6 +160,17 @@ def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
     assert study.main(argv) == 0
     assert recorder == {}
     assert doc.read_text().count("| lora-lr2e-03 |") + doc.read_text().count("| **lora-lr2e-03** |") >= 1
+    # --kept-grid: a grid point without a kept result is not trained, the gamma-0 twin still is
+    (work / "results" / "sorsa-lr2e-03-g0e+00.json").unlink()
+    shutil.rmtree(work / "runs" / "sorsa-lr2e-03-g0e+00")
+    kept_argv = [a for a in argv if a != "--record"] + ["--kept-grid", "--no-analyze"]
+    kept_argv[kept_argv.index("--lrs-lora") + 1] = "2e-3,5e-3"
+    assert study.main(kept_argv) == 0
+    assert set(recorder) == {"sorsa-g0"}
+    assert not (work / "results" / "lora-lr5e-03.json").exists()
+    assert (work / "results" / "sorsa-lr2e-03-g0e+00.json").is_file()
+    assert json.loads((work / "study.json").read_text())["not_run"] == ["lora-lr5e-03"]
+    recorder.clear()
     # other settings in the same workdir: the kept results are not reused
     argv[argv.index("--steps") + 1] = "1"
     assert study.main([a for a in argv if a not in ("--record",)]) == 0
@@ -192,6 +204,7 @@ def test_presets_and_the_train_rows_split(tmp_path):
         300,
     )
     assert cfg.acc_runs == "best" and cfg.preset == "cpu" and cfg.workdir == "out/gsm8k-study-cpu"
+    assert cfg.lrs_lora == [3e-4, 1e-3, 3e-3] and cfg.lrs_sorsa == [5e-5, 1e-4, 2e-4]
     cfg, _ = study.parse_args(["--short", "--sorsa-scalings", "none,sv"])
     assert (cfg.steps, cfg.batch_size, cfg.train_rows) == (40, 4, 160) and cfg.sorsa_scalings == [
         "none",
