@@ -399,3 +399,113 @@ def decompose_quant_rows(q: dict | None) -> list[tuple[str, str]]:
             f"{pct(q['mean_error_reduction_nuclear_sampled'])} nuclear (sampled)",
         ),
     ]
+
+
+def _data_where(data: dict) -> str:
+    """Where a run's data came from: its path, or a Hub dataset's id, split and revision."""
+    where = data.get("path") or data.get("dataset")
+    extra = [f"{k} {data[k]}" for k in ("split", "subset", "revision") if data.get(k)]
+    return where + (f" [{', '.join(extra)}]" if extra else "")
+
+
+def inspect_rows(d: dict) -> tuple[str, list[tuple[str, str]]]:
+    """The title and rows of `sorsa inspect` (d: info.describe of a decomposition or a run)."""
+    base = d["base_model"]
+    title = f"{d['directory']} ({d['kind']}, format v{d['format_version']})"
+    rows = [
+        (
+            "base model",
+            f"{base.get('name_or_path')} ({base.get('source')}"
+            + (f", revision {base['revision']})" if base.get("revision") else ")"),
+        ),
+        ("architecture", f"{base.get('model_type')} {base.get('architectures')}"),
+        ("rank", str(d["rank"])),
+        ("targets", f"{d['target_count']}: " + ", ".join(f"{k}×{v}" for k, v in d["target_kinds"].items())),
+        ("svd", ", ".join(f"{k}={v}" for k, v in d["svd"].items() if v is not None)),
+        ("dtypes", ", ".join(f"{k}={v}" for k, v in d["dtypes"].items())),
+        ("adapter", f"{d['adapter_bytes'] / 2**20:.1f} MiB ({', '.join(d['adapter_dtypes'])})"),
+        ("adapter sha256", d["adapter_checksum"]),
+        ("residual weights", f"{d['residual_bytes'] / 2**20:.1f} MiB"),
+    ]
+    if d["mean_energy_captured"] is not None:
+        rows.append(
+            ("energy captured", f"mean {d['mean_energy_captured']:.2%}, min {d['min_energy_captured']:.2%}")
+        )
+    if d["max_reconstruction_error"] is not None:
+        label = "max quantization error left" if d.get("quantization") else "max reconstruction error"
+        rows.append((label, f"{d['max_reconstruction_error']:.2e}"))
+    if d["max_s_rel_error"] is not None:
+        rows.append(
+            ("max S error vs exact", f"{d['max_s_rel_error']:.2e} ({d['s_error_sampled_modules']} sampled)")
+        )
+    rows.extend(decompose_quant_rows(d.get("quantization")))
+    tr = d.get("training")
+    if tr:  # a trained run: its SVD and residual live in the decomposition it names
+        rows = [r for r in rows if r[0] not in ("svd", "residual weights")]
+        rows.append(
+            ("decomposition", f"{d['decomposition']['path']} (job {d['decomposition']['job_id'][:12]})")
+        )
+        rows.append(
+            (
+                "training",
+                f"{tr['steps']} steps, {tr['tokens']:,} tokens, final loss {tr['final_loss']:.4f}; "
+                f"lr {tr['lr']:g}, gamma {tr['gamma']:g}, batch {tr['batch_size']}x{tr['grad_accum']}"
+                + "".join(  # the settings a run may have changed from their defaults
+                    f", {label} {tr[k]}"
+                    for k, label, default in (
+                        ("lr_scaling", "lr scaling", "none"),
+                        ("optim", "optim", "adamw"),
+                    )
+                    if tr.get(k, default) != default
+                ),
+            )
+        )
+        data = tr["data"]
+        left_out = [  # what train reported at the start: the run learnt from the examples only
+            f"{data[k]} {what}"
+            for k, what in (("truncated", "truncated"), ("skipped_too_long", "skipped: prompt too long"))
+            if data.get(k)
+        ]
+        rows.append(
+            (
+                "data",
+                f"{_data_where(data)} ({data['examples']} examples"
+                + "".join(f", {x}" for x in left_out)
+                + ")",
+            )
+        )
+    rows.append(("made by", f"sorsa-tools {d['tool'].get('version')} at {d['created']}"))
+    return title, rows
+
+
+def analyze_table(r, base_name: str) -> Table:
+    """`sorsa analyze`'s per-matrix table: ΔΣ and ΔD of each checkpoint, then their means
+    (r: analyze.AnalyzeResult)."""
+    title = f"sorsa analyze: {base_name} → {len(r.checkpoints)} checkpoint(s), ΔΣ (eq. 1) / ΔD (eq. 4)"
+    t = Table(title=title)
+    t.add_column("layer", justify="right")
+    t.add_column("module")
+    t.add_column("shape")
+    for c in r.checkpoints:
+        t.add_column(f"{c['label']}\nΔΣ", justify="right")
+        t.add_column("ΔD", justify="right")
+    for m in r.modules:
+        cells = [v for x in m["results"] for v in (f"{x['delta_sigma']:.3e}", f"{x['delta_d']:.3e}")]
+        layer = "" if m["layer"] is None else str(m["layer"])
+        name = m["type"] if m["layer"] is not None else m["module"]
+        t.add_row(layer, name, "x".join(map(str, m["shape"])), *cells)
+    t.add_section()
+    means = [v for s in r.summary() for v in (f"{s['mean_delta_sigma']:.3e}", f"{s['mean_delta_d']:.3e}")]
+    t.add_row("", "[bold]mean[/]", "", *means)
+    return t
+
+
+def analyze_rows(r, json_path, plot_row: str) -> list[tuple[str, str]]:
+    """The summary table at the end of `sorsa analyze`."""
+    return [
+        ("matrices", f"{len(r.modules)} x {len(r.checkpoints)} checkpoint(s)"),
+        ("SVD", f"cpu, {r.precision}, {r.svd_seconds:.1f} s of {r.seconds:.1f} s"),
+        ("min singular gap (base)", f"{min(m['min_rel_gap'] for m in r.modules):.1e} of sigma_1"),
+        ("json", str(json_path) if json_path else "not written (--json FILE)"),
+        ("plot", plot_row),
+    ]
