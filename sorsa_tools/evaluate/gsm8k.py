@@ -221,28 +221,7 @@ def evaluate_gsm8k(
         )
     backend.close()
 
-    rows = []
-    for i in idx:
-        rec = records[i]
-        gold = gold_answer(rec[ds.fields.response])
-        row = {"index": i, "question": ds.fields.question(rec), "answer": rec[ds.fields.response]}
-        if outputs[i] is not None:
-            pred = extract_answer(outputs[i][0])
-            row |= {
-                "output": outputs[i][0],
-                "extracted": json_number(pred),
-                "gold": json_number(gold),
-                "correct": answers_match(pred, gold),
-                "generated_tokens": outputs[i][1],
-            }
-        else:
-            row |= {"output": None, "extracted": None, "gold": json_number(gold), "correct": None}
-        if nll_sums[i] is not None:
-            s, c = nll_sums[i]
-            row |= {"nll": s / c if c else None, "nll_sum": s, "n_tokens": c}
-        else:
-            row |= {"nll": None, "nll_sum": None, "n_tokens": None}
-        rows.append(row)
+    rows = [_item_row(i, records[i], ds, outputs[i], nll_sums[i]) for i in idx]
 
     correct = sum(1 for r in rows if r["correct"]) if metric != "nll" else None
     nll_total = sum(s for s, _ in (x for x in nll_sums if x is not None))
@@ -304,6 +283,32 @@ def evaluate_gsm8k(
         truncated,
         summary,
     )
+
+
+def _item_row(
+    i: int, rec: dict, ds: Dataset, output: tuple[str, int] | None, nll: tuple[float, int] | None
+) -> dict:
+    """One question's line of the items file: its answer, what was generated and scored, its NLL
+    (None where that metric was not run)."""
+    gold = gold_answer(rec[ds.fields.response])
+    row = {"index": i, "question": ds.fields.question(rec), "answer": rec[ds.fields.response]}
+    if output is not None:
+        pred = extract_answer(output[0])
+        row |= {
+            "output": output[0],
+            "extracted": json_number(pred),
+            "gold": json_number(gold),
+            "correct": answers_match(pred, gold),
+            "generated_tokens": output[1],
+        }
+    else:
+        row |= {"output": None, "extracted": None, "gold": json_number(gold), "correct": None}
+    if nll is not None:
+        s, c = nll
+        row |= {"nll": s / c if c else None, "nll_sum": s, "n_tokens": c}
+    else:
+        row |= {"nll": None, "nll_sum": None, "n_tokens": None}
+    return row
 
 
 def _check_gold(ds: Dataset, idx: list[int], records: list[dict]) -> None:
