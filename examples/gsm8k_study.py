@@ -1058,6 +1058,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=d.warmup_ratio,
+        help=f"share of steps of linear warm-up, every flow alike (default {d.warmup_ratio:g}); kept "
+        "results of another warm-up are not reused, so give it a --workdir of its own",
+    )
     ap.add_argument("--lrs-sorsa", type=lrs, default=None)
     ap.add_argument(
         "--sorsa-scalings",
@@ -1141,7 +1148,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     cfg = StudyConfig(**(SMOKE if a.smoke else CPU if a.cpu else SHORT if a.short else {}))
     cfg.smoke = a.smoke
     cfg.preset = "smoke" if a.smoke else "cpu" if a.cpu else "short" if a.short else ""
-    for k in ("model", "train", "test", "rank", "seed", "gamma", "device"):
+    for k in ("model", "train", "test", "rank", "seed", "gamma", "device", "warmup_ratio"):
         setattr(cfg, k, getattr(a, k))
     if a.steps is not None:
         cfg.steps = a.steps or None

@@ -205,6 +205,10 @@ def test_presets_and_the_train_rows_split(tmp_path):
     )
     assert cfg.acc_runs == "best" and cfg.preset == "cpu" and cfg.workdir == "out/gsm8k-study-cpu"
     assert cfg.lrs_lora == [3e-4, 1e-3, 3e-3] and cfg.lrs_sorsa == [5e-5, 1e-4, 2e-4]
+    assert (
+        cfg.warmup_ratio == 0.03
+        and study.parse_args(["--short", "--warmup-ratio", "0.25"])[0].warmup_ratio == 0.25
+    )
     cfg, _ = study.parse_args(["--short", "--sorsa-scalings", "none,sv"])
     assert (cfg.steps, cfg.batch_size, cfg.train_rows) == (40, 4, 160) and cfg.sorsa_scalings == [
         "none",
