@@ -231,40 +231,9 @@ def export_lora(
     try:
         tmp.mkdir()
         weights = tmp / LORA_WEIGHTS_FILE
-        with StreamWriter(weights, specs, metadata={"format": "pt"}) as w:
-            for m in targets:
-                A, B = (t.to(tdtype) for t in delta_factors(src, init, m))
-                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                    raise VerificationError(
-                        f"{m}: the LoRA factors overflow {dtype}; export with --dtype float32 (or bfloat16)"
-                    )
-                ka, kb = lora_keys(peft_name[m])
-                w.write(ka, A)
-                w.write(kb, B)
-            w.commit()
+        _write_factors(weights, specs, src, init, targets, peft_name, tdtype, dtype)
         max_err, max_rel = _verify(weights, src, init, targets, peft_name, tdtype, seed)
-        config = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": 2 * r,
-            "lora_alpha": 2 * r,
-            "target_modules": names,
-            "base_model_name_or_path": base_id,
-            "revision": base.get("revision"),
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "use_rslora": False,
-            "use_dora": False,
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
-        atomic_write_json(tmp / LORA_CONFIG_FILE, config)
+        atomic_write_json(tmp / LORA_CONFIG_FILE, _peft_config(2 * r, names, base_id, base.get("revision")))
         prov = provenance(src)
         prov["export"] = {
             "format": "peft-lora",
@@ -301,6 +270,47 @@ def export_lora(
         seconds=time.perf_counter() - t0,
         quantization_gap=quantization_gap(src.decomposition),
     )
+
+
+def _write_factors(weights: Path, specs, src, init, targets, peft_name, tdtype, dtype: str) -> None:
+    """Stream each target's LoRA pair (delta_factors) into the adapter file, refusing a dtype the
+    factors overflow."""
+    with StreamWriter(weights, specs, metadata={"format": "pt"}) as w:
+        for m in targets:
+            A, B = (t.to(tdtype) for t in delta_factors(src, init, m))
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise VerificationError(
+                    f"{m}: the LoRA factors overflow {dtype}; export with --dtype float32 (or bfloat16)"
+                )
+            ka, kb = lora_keys(peft_name[m])
+            w.write(ka, A)
+            w.write(kb, B)
+        w.commit()
+
+
+def _peft_config(rank: int, names, base_id: str | None, revision: str | None) -> dict:
+    """PEFT's adapter_config.json for the exported pair: rank 2r at alpha = rank (scale 1)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": names,
+        "base_model_name_or_path": base_id,
+        "revision": revision,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
 
 
 def _verify(
