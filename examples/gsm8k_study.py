@@ -448,7 +448,9 @@ def train_sorsa(
 
     mods = read_decomposition(decomp)["target_modules"]
     trainable = sum(t.numel() for f in read_adapter(out, mods).values() for t in f)
-    setup = res.seconds - sum(r["step_seconds"] for r in rows)
+    # res.seconds is this process's wall time: set it against the steps this process ran
+    ran_here = rows[res.resumed_from or 0 :] if not res.already_done else []
+    setup = max(0.0, res.seconds - sum(r["step_seconds"] for r in ran_here))
     return {"setup_seconds": setup, "trainable_params": trainable, "log": rows}
 
 
@@ -859,8 +861,9 @@ def report(
     cfg, res, best = study["config"], study["results"], study["best"]
     smoke = cfg["smoke"]
     steps = next((r["steps"] for r in res.values() if "steps" in r), cfg["steps"])
+    kind = "SMOKE RUN: not results" if smoke else f"preset `{cfg['preset']}`" if cfg.get("preset") else "full"
     lines = [
-        f"## GSM-8K study: SORSA vs PEFT LoRA vs PEFT PiSSA ({'SMOKE RUN: not results' if smoke else 'full'})",
+        f"## GSM-8K study: SORSA vs PEFT LoRA vs PEFT PiSSA ({kind})",
         "",
     ]
     if smoke:
@@ -1150,6 +1153,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     cfg.preset = "smoke" if a.smoke else "cpu" if a.cpu else "short" if a.short else ""
     for k in ("model", "train", "test", "rank", "seed", "gamma", "device", "warmup_ratio"):
         setattr(cfg, k, getattr(a, k))
+    if cfg.warmup_ratio != d.warmup_ratio:  # its own report section and PNGs: never over the default's
+        wu = f"wu{100 * cfg.warmup_ratio:g}".replace(".", "p")
+        cfg.preset = f"{cfg.preset}_{wu}" if cfg.preset else wu
     if a.steps is not None:
         cfg.steps = a.steps or None
     for k in (

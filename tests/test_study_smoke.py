@@ -209,6 +209,9 @@ def test_presets_and_the_train_rows_split(tmp_path):
         cfg.warmup_ratio == 0.03
         and study.parse_args(["--short", "--warmup-ratio", "0.25"])[0].warmup_ratio == 0.25
     )
+    # another warm-up is reported in a section of its own, never over the default's table
+    assert study.parse_args(["--short", "--warmup-ratio", "0.25"])[0].preset == "short_wu25"
+    assert study.parse_args(["--warmup-ratio", "0.125"])[0].preset == "wu12p5"
     cfg, _ = study.parse_args(["--short", "--sorsa-scalings", "none,sv"])
     assert (cfg.steps, cfg.batch_size, cfg.train_rows) == (40, 4, 160) and cfg.sorsa_scalings == [
         "none",
