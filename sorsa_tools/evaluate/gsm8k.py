@@ -175,15 +175,52 @@ def evaluate_gsm8k(
     progress = progress or EvalProgress()
     check_options(limit, batch_size, max_new_tokens, metric, template, output)
     spec = resolve_model(model, adapter)
-    dev = resolve_device(device)
     source = open_source(data if isinstance(data, DataSpec) else DataSpec(str(data)))
     inputs = ([source.path] if source.path is not None else []) + (
         [Path(spec.path)] if spec.kind == "gguf" else []
     )
     items_file, _ = plan_outputs(output, default_output(spec), inputs, force)
 
-    backend = backends.open_backend(spec, dev, dtype)
-    tok = backend.tokenizer
+    backend = backends.open_backend(spec, resolve_device(device), dtype)
+    ds = _open_data(source, backend.tokenizer, fields, template)
+    idx = list(range(len(ds) if limit is None else min(limit, len(ds))))
+    records = ds.records(idx)
+    if metric in ("accuracy", "both"):
+        _check_gold(ds, idx, records)
+    backend.load()
+    try:
+        p = _passes(
+            backend, ds, idx, records, metric, template, batch_size, max_new_tokens, stop_strings, progress
+        )
+    finally:
+        backend.close()
+
+    rows = [_item_row(i, records[i], ds, p.outputs[i], p.nll_sums[i]) for i in idx]
+    summary = _summary(rows, p, ds, spec, backend, metric, limit, template, batch_size, max_new_tokens)
+    summary |= {"stop_strings": list(stop_strings)} | run_fields(None, None, items_file)
+    sfile = write_results(items_file, rows, summary)
+    return EvalResult(
+        summary["accuracy"],
+        summary["correct"],
+        summary["n"],
+        tuple(summary["ci95"]) if summary["ci95"] else None,
+        summary["nll"],
+        p.nll_tokens,
+        p.gen_tokens,
+        p.nll_s,
+        p.gen_s,
+        time.perf_counter() - t_start,
+        items_file,
+        sfile,
+        summary["model_kind"],
+        summary["device"],
+        summary["truncated"],
+        summary,
+    )
+
+
+def _open_data(source, tok, fields: str | None, template: str) -> Dataset:
+    """The questions through training's data path; GSM-8K needs a question and an answer field."""
     ds = Dataset(
         source, tok, parse_fields(fields), template, MAX_LENGTH, fields_hint="pass --fields QUESTION,ANSWER"
     )
@@ -192,57 +229,78 @@ def evaluate_gsm8k(
             f"{ds.path or source.name}: sorsa eval gsm8k needs a question and an answer field, not one text field "
             f"({ds.fields.response!r}); pass --fields QUESTION,ANSWER"
         )
-    n = len(ds) if limit is None else min(limit, len(ds))
-    idx = list(range(n))
-    records = ds.records(idx)
-    prompt_len = [ds.lengths[i] - ds.response_tokens[i] for i in idx]
-    truncated = sum(1 for i in idx if ds.truncated[i])
-    if metric in ("accuracy", "both"):
-        _check_gold(ds, idx, records)
+    return ds
 
-    backend.load()
-    nll_sums: list[tuple[float, int] | None] = [None] * n
-    outputs: list[tuple[str, int] | None] = [None] * n
-    nll_s = gen_s = 0.0
+
+@dataclass
+class _Passes:
+    """What the NLL and generation passes measured, per question (None where a pass did not run)."""
+
+    nll_sums: list[tuple[float, int] | None]
+    outputs: list[tuple[str, int] | None]
+    nll_s: float = 0.0
+    gen_s: float = 0.0
+
+    @property
+    def nll_tokens(self) -> int:
+        return sum(c for _, c in (x for x in self.nll_sums if x is not None))
+
+    @property
+    def nll_total(self) -> float:
+        return sum(s for s, _ in (x for x in self.nll_sums if x is not None))
+
+    @property
+    def gen_tokens(self) -> int:
+        return sum(o[1] for o in self.outputs if o is not None)
+
+
+def _passes(
+    backend, ds: Dataset, idx, records, metric, template, batch_size, max_new_tokens, stops, progress
+) -> _Passes:
+    """The teacher-forced NLL pass and the greedy generation pass, as the metric asks."""
+    p = _Passes([None] * len(idx), [None] * len(idx))
     if metric in ("nll", "both"):
-        nll_sums, nll_s = nll_pass(backend, ds, idx, batch_size, progress)
+        p.nll_sums, p.nll_s = nll_pass(backend, ds, idx, batch_size, progress)
     if metric in ("accuracy", "both"):
+        tok = backend.tokenizer
         golds = [gold_answer(r[ds.fields.response]) for r in records]
-        outputs, gen_s = generate_pass(
+        p.outputs, p.gen_s = generate_pass(
             backend,
             [render_prompt(ds.fields.question(r), template, tok) for r in records],
-            prompt_len,
+            [ds.lengths[i] - ds.response_tokens[i] for i in idx],
             add_special=template != "chat",
             max_new_tokens=max_new_tokens,
-            stops=stop_strings,
+            stops=stops,
             batch_size=batch_size,
             progress=progress,
             score=lambda i, text: answers_match(extract_answer(text), golds[i]),
         )
-    backend.close()
+    return p
 
-    rows = [_item_row(i, records[i], ds, outputs[i], nll_sums[i]) for i in idx]
 
+def _summary(
+    rows, p: _Passes, ds, spec, backend, metric, limit, template, batch_size, max_new_tokens
+) -> dict:
+    """The summary JSON: the scores, what was evaluated and how, and the passes' throughput."""
+    n = len(rows)
+    idx = [r["index"] for r in rows]
     correct = sum(1 for r in rows if r["correct"]) if metric != "nll" else None
-    nll_total = sum(s for s, _ in (x for x in nll_sums if x is not None))
-    nll_tokens = sum(c for _, c in (x for x in nll_sums if x is not None))
-    mean_nll = nll_total / nll_tokens if metric != "accuracy" and nll_tokens else None
-    gen_tokens = sum(o[1] for o in outputs if o is not None)
+    mean_nll = p.nll_total / p.nll_tokens if metric != "accuracy" and p.nll_tokens else None
     ci = wilson_interval(correct, n) if correct is not None else None
-    summary = {
+    return {
         "task": TASK,
         "accuracy": correct / n if correct is not None else None,
         "correct": correct,
         "n": n,
         "ci95": list(ci) if ci else None,
         "nll": mean_nll,
-        "nll_tokens": nll_tokens if mean_nll is not None else None,
+        "nll_tokens": p.nll_tokens if mean_nll is not None else None,
         "model": str(spec.path.resolve()),
         "model_kind": MODEL_KINDS[spec.kind],
         "adapter": str(spec.adapter.resolve()) if spec.adapter else None,
         "data": {
             **ds.describe(),
-            **({"sha256": sha256_of(ds.path)} if source.kind == "jsonl" else {}),
+            **({"sha256": sha256_of(ds.path)} if ds.source.kind == "jsonl" else {}),
             "examples": len(ds),
         },
         "limit": limit,
@@ -251,38 +309,18 @@ def evaluate_gsm8k(
         "metric": metric,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
-        "stop_strings": list(stop_strings),
         "decoding": "greedy",
         "device": str(backend.device),
         "dtype": str(getattr(backend, "dtype", "gguf")).removeprefix("torch."),
-        "truncated": truncated,
+        "truncated": sum(1 for i in idx if ds.truncated[i]),
         "throughput": {
-            "generate_seconds": gen_s,
-            "generated_tokens": gen_tokens,
-            "generated_tokens_per_s": gen_tokens / gen_s if gen_s else None,
-            "nll_seconds": nll_s,
-            "nll_tokens_per_s": sum(ds.lengths[i] for i in idx) / nll_s if nll_s else None,
+            "generate_seconds": p.gen_s,
+            "generated_tokens": p.gen_tokens,
+            "generated_tokens_per_s": p.gen_tokens / p.gen_s if p.gen_s else None,
+            "nll_seconds": p.nll_s,
+            "nll_tokens_per_s": sum(ds.lengths[i] for i in idx) / p.nll_s if p.nll_s else None,
         },
-    } | run_fields(None, None, items_file)
-    sfile = write_results(items_file, rows, summary)
-    return EvalResult(
-        summary["accuracy"],
-        correct,
-        n,
-        ci,
-        mean_nll,
-        nll_tokens,
-        gen_tokens,
-        nll_s,
-        gen_s,
-        time.perf_counter() - t_start,
-        items_file,
-        sfile,
-        summary["model_kind"],
-        summary["device"],
-        truncated,
-        summary,
-    )
+    }
 
 
 def _item_row(
