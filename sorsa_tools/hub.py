@@ -616,25 +616,13 @@ def push(
 ) -> PushResult:
     """Create the repo (and branch) if needed and send PATH's files with a model card. A dry run
     builds the same card and file list and sends nothing (no token needed)."""
-    check_repo_id(repo_id)
-    if card not in CARD_MODES:
-        raise InputError(f"bad card mode {card!r}; use one of {', '.join(CARD_MODES)}")
-    if revision is not None and not revision.strip():
-        raise InputError("empty --revision; name a branch (it is created if missing) or leave it out")
+    _check_push_args(repo_id, card, revision)
     art = detect_artifact(path)
-    card_text: str | None = None
-    if art.user_card is not None and card == "auto":
-        card_source = "user"
-    elif card == "skip":
-        card_source = "user" if art.user_card is not None else "none"
-    else:
-        card_text = str(build_card(art, repo_id, revision))
-        card_source = "generated"
-    send_user_card = card_source == "user"
-    listing = [(rel, size) for rel, _, size in art.files]
-    if send_user_card:
-        listing.append((CARD_FILE, art.user_card.stat().st_size))
+    card_text, card_source = _plan_card(art, repo_id, revision, card)
     card_bytes = card_text.encode("utf-8") if card_text is not None else None
+    listing = [(rel, size) for rel, _, size in art.files]
+    if card_source == "user":
+        listing.append((CARD_FILE, art.user_card.stat().st_size))
     if card_bytes is not None:
         listing.append((CARD_FILE, len(card_bytes)))
     total = sum(s for _, s in listing)
@@ -665,39 +653,23 @@ def push(
         )
     message = commit_message or f"Upload {art.kind.what} with sorsa push"
     try:
-        if api is None:
-            api = _default_api(token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
-        if private and not getattr(api.repo_info(repo_id, token=token), "private", True):
-            raise HubError(
-                f"{repo_id} already exists and is public, and --private does not change that; make it "
-                "private in its settings on the Hub, or push without --private"
-            )
-        if revision and revision != "main" and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+        api = api if api is not None else _default_api(token)
+        _prepare_repo(api, repo_id, private, revision, token)
+        send_user_card = card_source == "user"
         if large:
             info = _upload_large(api, art, repo_id, revision, private, token, message, send_user_card)
+            if card_bytes is not None:  # the card goes last, in its own commit
+                info = api.upload_file(
+                    path_or_fileobj=card_bytes,
+                    path_in_repo=CARD_FILE,
+                    repo_id=repo_id,
+                    revision=revision,
+                    repo_type="model",
+                    commit_message="Model card (sorsa push)",
+                    token=token,
+                )
         else:
-            from huggingface_hub import CommitOperationAdd
-
-            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p, _ in art.files]
-            if send_user_card:
-                ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(art.user_card)))
-            if card_bytes is not None:
-                ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_bytes))
-            info = api.create_commit(
-                repo_id, ops, commit_message=message, revision=revision, repo_type="model", token=token
-            )
-        if card_bytes is not None and large:
-            info = api.upload_file(
-                path_or_fileobj=card_bytes,
-                path_in_repo=CARD_FILE,
-                repo_id=repo_id,
-                revision=revision,
-                repo_type="model",
-                commit_message="Model card (sorsa push)",
-                token=token,
-            )
+            info = _one_commit(api, art, repo_id, revision, token, message, send_user_card, card_bytes)
     except SorsaError:
         raise
     except Exception as e:
@@ -707,6 +679,50 @@ def push(
         raise type(mapped)(str(mapped).replace(token, "hf_***")) from None
     result.commit = getattr(info, "oid", None)
     return result
+
+
+def _check_push_args(repo_id: str, card: str, revision: str | None) -> None:
+    check_repo_id(repo_id)
+    if card not in CARD_MODES:
+        raise InputError(f"bad card mode {card!r}; use one of {', '.join(CARD_MODES)}")
+    if revision is not None and not revision.strip():
+        raise InputError("empty --revision; name a branch (it is created if missing) or leave it out")
+
+
+def _plan_card(art: Artifact, repo_id: str, revision: str | None, card: str) -> tuple[str | None, str]:
+    """(generated card text or None, where the card comes from: user / generated / none). A README
+    of the user's own is kept unless --card asks for a generated one."""
+    if art.user_card is not None and card in ("auto", "skip"):
+        return None, "user"
+    if card == "skip":
+        return None, "none"
+    return str(build_card(art, repo_id, revision)), "generated"
+
+
+def _prepare_repo(api, repo_id: str, private: bool, revision: str | None, token: str) -> None:
+    """The repo exists (and is private if asked: never silently public) and so does the branch."""
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+    if private and not getattr(api.repo_info(repo_id, token=token), "private", True):
+        raise HubError(
+            f"{repo_id} already exists and is public, and --private does not change that; make it "
+            "private in its settings on the Hub, or push without --private"
+        )
+    if revision and revision != "main" and not revision.startswith("refs/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+
+
+def _one_commit(api, art: Artifact, repo_id, revision, token, message, send_user_card, card_bytes):
+    """A small upload: every file and the card in one commit (all or nothing)."""
+    from huggingface_hub import CommitOperationAdd
+
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p, _ in art.files]
+    if send_user_card:
+        ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(art.user_card)))
+    if card_bytes is not None:
+        ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_bytes))
+    return api.create_commit(
+        repo_id, ops, commit_message=message, revision=revision, repo_type="model", token=token
+    )
 
 
 def _upload_large(api, art: Artifact, repo_id, revision, private, token, message, send_user_card):
