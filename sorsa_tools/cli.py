@@ -34,7 +34,7 @@ from sorsa_tools.cli_display import (
     TrainBar,
     analyze_rows,
     analyze_table,
-    decompose_quant_rows,
+    decompose_rows,
     err,
     human_bytes,
     inspect_rows,
@@ -180,32 +180,7 @@ def decompose(
         )
         return
     title = f"sorsa decompose → {r.out_dir}"
-    rows = [
-        ("modules", str(r.modules)),
-        ("rank", str(r.rank)),
-        ("svd / device", f"{r.svd} / {r.device}"),
-        ("time", f"{r.seconds:.1f} s"),
-        ("peak RSS", f"{r.peak_rss_bytes / 2**30:.2f} GiB"),
-        ("mean energy captured", f"{r.mean_energy_captured:.2%}"),
-        (
-            "max S error vs exact",
-            "none: every module took the exact SVD"
-            if r.all_exact
-            else "not sampled"
-            if r.max_s_rel_error is None
-            else f"{r.max_s_rel_error:.2e} (sampled)",
-        ),
-        (
-            "max S error (estimate)",
-            "n/a" if r.max_s_est_error is None else f"{r.max_s_est_error:.2e} (all modules)",
-        ),
-        (
-            "max quantization error left" if r.quantization else "max reconstruction error",
-            f"{r.max_reconstruction_error:.1e}" + (" (of ||W||_F)" if r.quantization else ""),
-        ),
-        *decompose_quant_rows(r.quantization),
-    ]
-    out.print(kv_table(title, rows))
+    out.print(kv_table(title, decompose_rows(r)))
     if r.resumed_shards:
         out.print(f"resumed: {r.resumed_shards} of {r.shards} shards were already done")
 

@@ -377,6 +377,35 @@ def lora_rows(r, to: str) -> list[tuple[str, str]]:
     ]
 
 
+def decompose_rows(r) -> list[tuple[str, str]]:
+    """The summary table of a finished `sorsa decompose`."""
+    return [
+        ("modules", str(r.modules)),
+        ("rank", str(r.rank)),
+        ("svd / device", f"{r.svd} / {r.device}"),
+        ("time", f"{r.seconds:.1f} s"),
+        ("peak RSS", f"{r.peak_rss_bytes / 2**30:.2f} GiB"),
+        ("mean energy captured", f"{r.mean_energy_captured:.2%}"),
+        (
+            "max S error vs exact",
+            "none: every module took the exact SVD"
+            if r.all_exact
+            else "not sampled"
+            if r.max_s_rel_error is None
+            else f"{r.max_s_rel_error:.2e} (sampled)",
+        ),
+        (
+            "max S error (estimate)",
+            "n/a" if r.max_s_est_error is None else f"{r.max_s_est_error:.2e} (all modules)",
+        ),
+        (
+            "max quantization error left" if r.quantization else "max reconstruction error",
+            f"{r.max_reconstruction_error:.1e}" + (" (of ||W||_F)" if r.quantization else ""),
+        ),
+        *decompose_quant_rows(r.quantization),
+    ]
+
+
 def decompose_quant_rows(q: dict | None) -> list[tuple[str, str]]:
     """The QSORSA lines of decompose's and inspect's tables (none for a plain residual)."""
     if not q:
