@@ -850,6 +850,34 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+# the paper's Table 3 learning rates (SORSA's own; LoRA's and PiSSA's, as the paper ran them)
+PAPER_LRS = {"sorsa": 3e-5, "lora": 2e-5, "pissa": 2e-5}
+
+
+def paper_protocol(res: dict, best: dict, gamma: float) -> list[str]:
+    """The methods at the paper's learning rates beside each one's own best lr: does the paper's
+    ordering come from its protocol? (Empty until every paper-lr run has a result.)"""
+    keys = {m: tag(m, lr, gamma if m == "sorsa" else None) for m, lr in PAPER_LRS.items()}
+    if not all(k in res for k in keys.values()) or not all(m in best for m in keys):
+        return []
+    lora_p, lora_b = res[keys["lora"]]["nll"], res[best["lora"]]["nll"]
+    out = [
+        "",
+        "At the paper's learning rates (its Table 3: SORSA 3e-5, LoRA and PiSSA 2e-5, one lr for all "
+        "models) against each method's best lr of the grid:",
+        "",
+        "| method | paper lr | test NLL | vs LoRA (nats) | best run | test NLL | vs LoRA (nats) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, k in keys.items():
+        p, b = res[k], res[best[m]]
+        out.append(
+            f"| {LABELS[m]} | {p['lr']:g} | {p['nll']:.4f} | {p['nll'] - lora_p:+.4f} | {best[m]} | "
+            f"{b['nll']:.4f} | {b['nll'] - lora_b:+.4f} |"
+        )
+    return out
+
+
 def report(
     study: dict,
     loss_png: Path | None,
@@ -956,6 +984,7 @@ def report(
                 f"{r['tokens_per_s'] / L['tokens_per_s']:.2f}x | {r['peak_gib'] / L['peak_gib']:.2f}x | "
                 f"{r['train_seconds'] / L['train_seconds']:.2f}x |"
             )
+    lines += paper_protocol(res, best, cfg["gamma"])
     if loss_png:
         lines += ["", f"![training loss]({loss_png.relative_to(doc_dir)})"]
     conv = convergence(study)

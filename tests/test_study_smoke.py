@@ -272,3 +272,24 @@ def test_a_killed_peft_run_resumes_to_the_same_model(tmp_path, tiny_lm_decompose
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logged = (tmp_path / "cut" / T.LOG_FILE).read_text().splitlines()
     assert [json.loads(x)["step"] for x in logged] == [1, 2, 3, 4]
+
+
+def test_the_paper_protocol_table_sets_the_papers_lrs_beside_the_best():
+    """Issue 17: the paper compared LoRA and PiSSA at 2e-5 with SORSA at 3e-5; the report puts
+    those runs beside each method's best, and says nothing until all three paper-lr runs exist."""
+    res = {
+        "sorsa-lr3e-05-g4e-04": {"lr": 3e-5, "nll": 0.95},
+        "sorsa-lr1e-04-g4e-04": {"lr": 1e-4, "nll": 0.91},
+        "lora-lr2e-05": {"lr": 2e-5, "nll": 1.21},
+        "lora-lr3e-04": {"lr": 3e-4, "nll": 0.87},
+        "pissa-lr1e-04": {"lr": 1e-4, "nll": 0.90},
+    }
+    best = {"sorsa": "sorsa-lr1e-04-g4e-04", "lora": "lora-lr3e-04", "pissa": "pissa-lr1e-04"}
+    assert study.paper_protocol(res, best, 4e-4) == []  # PiSSA at 2e-5 not run yet
+    res["pissa-lr2e-05"] = {"lr": 2e-5, "nll": 0.96}
+    rows = [x for x in study.paper_protocol(res, best, 4e-4) if x.startswith("| ") and "---" not in x]
+    assert rows[1:] == [
+        "| SORSA | 3e-05 | 0.9500 | -0.2600 | sorsa-lr1e-04-g4e-04 | 0.9100 | +0.0400 |",
+        "| PEFT LoRA | 2e-05 | 1.2100 | +0.0000 | lora-lr3e-04 | 0.8700 | +0.0000 |",
+        "| PEFT PiSSA (pissa_niter_4) | 2e-05 | 0.9600 | -0.2500 | pissa-lr1e-04 | 0.9000 | +0.0300 |",
+    ]
