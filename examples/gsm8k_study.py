@@ -223,12 +223,13 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def peft_model(cfg: StudyConfig, method: str, device: torch.device):
+def peft_model(cfg: StudyConfig, method: str, device: torch.device, init: str | bool | None = None):
     """(PEFT model, LoRA layers by module name, their initial (A, B) in float32 on the CPU).
 
     The base is loaded in float32 so that PiSSA's SVD and residual are computed in float32, as
     `sorsa decompose` does; only then are the frozen weights cast to bf16 on CUDA (adapters stay
-    float32), which matches sorsa train's bf16 residual with float32 factors."""
+    float32), which matches sorsa train's bf16 residual with float32 factors. `init` overrides
+    PEFT's init_lora_weights (e.g. "pissa": PiSSA from an exact SVD)."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
@@ -243,7 +244,7 @@ def peft_model(cfg: StudyConfig, method: str, device: torch.device):
             lora_alpha=cfg.rank,
             lora_dropout=0.0,
             target_modules=PROJ,
-            init_lora_weights="pissa_niter_4" if method == "pissa" else True,
+            init_lora_weights=init if init is not None else "pissa_niter_4" if method == "pissa" else True,
         ),
     )
     inner = net.get_base_model()

@@ -19,7 +19,10 @@ float32, the batches in `sorsa train`'s order):
         --variants "sorsa:lr=3e-4" "sorsa:lr=1e-4" "lora:lr=3e-4" "pissa:lr=3e-4" --record
 
 A variant is METHOD:key=value,...: METHOD sorsa, lora or pissa; keys lr, gamma (sorsa), warmup
-(steps; default ceil(0.03 x schedule)) and lr_scaling (sorsa: a `sorsa train --lr-scaling` value).
+(steps; default ceil(0.03 x schedule)), lr_scaling (sorsa: a `sorsa train --lr-scaling` value) and
+init (lora, pissa: PEFT's init_lora_weights, e.g. pissa for PiSSA from an exact SVD; default
+pissa_niter_4 for pissa). Other settings than the issue's (--train-rows, --schedule, --batch-size)
+are recorded in a section of their own (lr_diagnosis_probe_ROWSxSTEPSxBATCH).
 Results are kept in --workdir per variant and reused; --record writes the table to docs/RESULTS.md.
 """
 
@@ -68,9 +71,11 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     kv = {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
-        if k not in ("lr", "gamma", "warmup", "lr_scaling"):
-            raise SystemExit(f"variant {spec!r}: unknown key {k!r} (lr, gamma, warmup, lr_scaling)")
-        kv[k] = v if k == "lr_scaling" else float(v)
+        if k not in ("lr", "gamma", "warmup", "lr_scaling", "init"):
+            raise SystemExit(f"variant {spec!r}: unknown key {k!r} (lr, gamma, warmup, lr_scaling, init)")
+        kv[k] = v if k in ("lr_scaling", "init") else float(v)
+    if "init" in kv and method == "sorsa":
+        raise SystemExit(f"variant {spec!r}: init is PEFT's init_lora_weights (lora, pissa), not SORSA's")
     kv.setdefault("lr", 3e-4)
     return method, kv
 
@@ -134,7 +139,7 @@ def probe_sorsa(cfg: G.StudyConfig, decomp: Path, kv: dict, steps: int) -> list[
 
 def probe_peft(cfg: G.StudyConfig, method: str, kv: dict, steps: int) -> list[dict]:
     device = torch.device("cpu")
-    net, layers, _ = G.peft_model(cfg, method, device)
+    net, layers, _ = G.peft_model(cfg, method, device, init=kv.get("init"))
     inner = net.get_base_model()
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=kv["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -307,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines)
     print(body)
     if a.record:
-        record(
-            "lr_diagnosis_probe", "## " + PROBE_TITLE + "\n\n" + PROBE_INTRO + "\n\n" + body, DOC, G.HEADER
-        )
+        issue = (a.train_rows, a.schedule, a.batch_size) == (160, 40, 4)
+        name = "lr_diagnosis_probe" + ("" if issue else f"_{a.train_rows}x{a.schedule}x{a.batch_size}")
+        intro = probe_intro(a.train_rows, a.batch_size, a.schedule, "the issue's setup" if issue else "")
+        record(name, "## " + PROBE_TITLE + "\n\n" + intro + "\n\n" + body, DOC, G.HEADER)
     return 0
 
 
@@ -320,12 +326,19 @@ REF_INTRO = (
     "layer, the task loss and L_reg through autograd, eq. 10's gamma / eta_max, torch AdamW."
 )
 PROBE_TITLE = "Issue 17, experiment 2: the first steps of each setting"
-PROBE_INTRO = (
-    "Gemma 3 270M, rank 64, the issue's setup (first 160 GSM-8K train lines, batch 4, steps of the 40-step "
-    "schedule: warm-up ceil(0.03 x 40) = 2 steps unless the variant says otherwise). Loss: the step's training "
-    "loss (before its update); rel. dW: the mean over the 126 adapted matrices of ||W after - W before||_F / "
-    "||W before||_F of that step's update."
-)
+
+
+def probe_intro(rows: int, batch: int, schedule: int, what: str) -> str:
+    """The probe section's settings line, from the settings it ran with."""
+    warm = math.ceil(0.03 * schedule)
+    return (
+        f"Gemma 3 270M, rank 64, {what + ' (' if what else ''}first {rows} GSM-8K train lines, batch {batch}, "
+        f"steps of the {schedule}-step schedule: warm-up ceil(0.03 x {schedule}) = {warm} steps unless the "
+        f"variant says otherwise{')' if what else ''}. Loss: the step's training loss (before its update); rel. "
+        "dW: the mean over the 126 adapted matrices of ||W after - W before||_F / ||W before||_F of that step's "
+        "update."
+    )
+
 
 if __name__ == "__main__":
     sys.exit(main())

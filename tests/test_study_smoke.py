@@ -293,3 +293,37 @@ def test_the_paper_protocol_table_sets_the_papers_lrs_beside_the_best():
         "| PEFT LoRA | 2e-05 | 1.2100 | +0.0000 | lora-lr3e-04 | 0.8700 | +0.0000 |",
         "| PEFT PiSSA (pissa_niter_4) | 2e-05 | 0.9600 | -0.2500 | pissa-lr1e-04 | 0.9000 | +0.0300 |",
     ]
+
+
+def test_peft_pissa_from_an_exact_svd_is_the_top_r_part_of_w(tiny_lm_decomposed):
+    """The diagnosis's `pissa:init=pissa` variant: PEFT's exact-SVD PiSSA puts the top-r part of W in
+    B A (what SORSA's U S Vt holds), where pissa_niter_4 only approximates it."""
+    src, _ = tiny_lm_decomposed("gemma3")
+    cfg = study.StudyConfig(model=str(src), rank=4)
+    base = study.peft_model(cfg, "lora", torch.device("cpu"), init=False)[1]
+    w0 = {n: m.base_layer.weight.detach().clone() for n, m in base.items()}
+    _, layers, init = study.peft_model(cfg, "pissa", torch.device("cpu"), init="pissa")
+    for n, (A, B) in init.items():
+        U, S, Vh = torch.linalg.svd(w0[n].double(), full_matrices=False)
+        top = (U[:, :4] * S[:4]) @ Vh[:4]
+        assert torch.allclose((B @ A).double(), top, atol=1e-4), n
+        assert torch.allclose(
+            layers[n].base_layer.weight.double() + (B @ A).double(), w0[n].double(), atol=1e-4
+        )
+
+
+def test_the_diagnosis_variants_and_the_settings_they_are_recorded_under():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import sorsa_lr_diagnosis as D
+
+    assert D.parse_variant("pissa:lr=1e-4,init=pissa") == ("pissa", {"lr": 1e-4, "init": "pissa"})
+    assert D.parse_variant("sorsa:lr_scaling=pissa,gamma=0") == (
+        "sorsa",
+        {"lr_scaling": "pissa", "gamma": 0.0, "lr": 3e-4},
+    )
+    with pytest.raises(SystemExit, match="init is PEFT's"):
+        D.parse_variant("sorsa:init=pissa")
+    with pytest.raises(SystemExit, match="unknown key 'beta'"):
+        D.parse_variant("lora:beta=2")
+    assert "first 1000 GSM-8K train lines, batch 8" in D.probe_intro(1000, 8, 120, "")
+    assert "= 4 steps" in D.probe_intro(1000, 8, 120, "")
