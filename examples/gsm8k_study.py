@@ -341,6 +341,15 @@ class PeftState:
         self.path.unlink(missing_ok=True)
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute activations in the backward pass, as sorsa train does: same math, less memory."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: list[str]) -> dict:
     """Train a PEFT LoRA/PiSSA adapter with the shared loop; write train_log.jsonl and the merged
     float32 model (HF dir) to `out`."""
@@ -366,12 +375,8 @@ def train_peft(cfg: StudyConfig, method: str, lr: float, out: Path, targets: lis
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: T.lr_factor(s, steps, warmup))
-    if cfg.grad_checkpointing:  # as sorsa train does it: same math, less memory, more compute
-        kw = {"use_reentrant": False}
-        if hasattr(inner, "activation_checkpointing_enable"):
-            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if cfg.grad_checkpointing:
+        enable_checkpointing(inner)
     net.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -111,6 +111,8 @@ def probe_sorsa(cfg: G.StudyConfig, decomp: Path, kv: dict, steps: int) -> list[
     )
     torch.manual_seed(cfg.seed)
     model, layers, _ = load_sorsa_model(decomp, trainable=True)
+    if cfg.grad_checkpointing:
+        G.enable_checkpointing(model)
     model.train()
     lst = list(layers.values())
     optimizer = T.make_optimizer(lst, tc, torch.device("cpu"))
@@ -141,6 +143,8 @@ def probe_peft(cfg: G.StudyConfig, method: str, kv: dict, steps: int) -> list[di
     device = torch.device("cpu")
     net, layers, _ = G.peft_model(cfg, method, device, init=kv.get("init"))
     inner = net.get_base_model()
+    if cfg.grad_checkpointing:
+        G.enable_checkpointing(inner)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=kv["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     warm = int(kv["warmup"]) if "warmup" in kv else math.ceil(cfg.warmup_ratio * cfg.steps)
@@ -259,12 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8, help="steps run of the schedule")
     ap.add_argument("--variants", nargs="*", default=["sorsa:lr=3e-4", "lora:lr=3e-4", "pissa:lr=3e-4"])
+    ap.add_argument(
+        "--grad-checkpointing", action="store_true", help="same numbers, less memory (runs beside others)"
+    )
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args(argv)
     from sorsa_tools import decompose
 
     work = Path(a.workdir)
     cfg = setup(work, a.model, a.train_rows, a.schedule, a.batch_size)
+    cfg.grad_checkpointing = a.grad_checkpointing
     decomp = work / "decomposed"
     decompose(a.model, 64, decomp, device="cpu")
     if a.mode == "reference":
