@@ -30,6 +30,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed
@@ -430,6 +431,11 @@ def _prepare_run_dir(
         raise RunDirError(
             f"{out} holds an unfinished run of these settings; pass --resume to continue it or --force to restart"
         )
+    _refuse_other_run(out, state, key, existing)
+
+
+def _refuse_other_run(out: Path, state: dict | None, key: dict | None, existing: list[str]) -> NoReturn:
+    """-o holds something this run cannot continue: say what differs, where that can be told."""
     if (
         state is not None
         and key is not None
