@@ -19,7 +19,7 @@ float32, the batches in `sorsa train`'s order):
         --variants "sorsa:lr=3e-4" "sorsa:lr=1e-4" "lora:lr=3e-4" "pissa:lr=3e-4" --record
 
 A variant is METHOD:key=value,...: METHOD sorsa, lora or pissa; keys lr, gamma (sorsa), warmup
-(steps; default ceil(0.03 x schedule)), lr_scaling (sorsa: a `sorsa train --lr-scaling` value) and
+(steps; default ceil(0.03 x schedule)), reg_tol (sorsa: `sorsa train --reg-tol`), lr_scaling (sorsa: a `sorsa train --lr-scaling` value) and
 init (lora, pissa: PEFT's init_lora_weights, e.g. pissa for PiSSA from an exact SVD; default
 pissa_niter_4 for pissa). Other settings than the issue's (--train-rows, --schedule, --batch-size)
 are recorded in a section of their own (lr_diagnosis_probe_ROWSxSTEPSxBATCH).
@@ -71,8 +71,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     kv = {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
-        if k not in ("lr", "gamma", "warmup", "lr_scaling", "init"):
-            raise SystemExit(f"variant {spec!r}: unknown key {k!r} (lr, gamma, warmup, lr_scaling, init)")
+        if k not in ("lr", "gamma", "warmup", "lr_scaling", "init", "reg_tol"):
+            raise SystemExit(
+                f"variant {spec!r}: unknown key {k!r} (lr, gamma, warmup, lr_scaling, init, reg_tol)"
+            )
         kv[k] = v if k in ("lr_scaling", "init") else float(v)
     if "init" in kv and method == "sorsa":
         raise SystemExit(f"variant {spec!r}: init is PEFT's init_lora_weights (lora, pissa), not SORSA's")
@@ -108,6 +110,7 @@ def probe_sorsa(cfg: G.StudyConfig, decomp: Path, kv: dict, steps: int) -> list[
         batch_size=cfg.batch_size,
         max_steps=cfg.steps,
         lr_scaling=kv.get("lr_scaling", T.TrainConfig.lr_scaling),
+        reg_tol=kv.get("reg_tol", 0.0),
     )
     torch.manual_seed(cfg.seed)
     model, layers, _ = load_sorsa_model(decomp, trainable=True)
@@ -123,7 +126,9 @@ def probe_sorsa(cfg: G.StudyConfig, decomp: Path, kv: dict, steps: int) -> list[
     for step in range(1, steps + 1):
         w0 = sorsa_weights(layers)
         t = time.perf_counter()
-        o = T.optimizer_step(model, lst, optimizer, scheduler, [next(stream)], 1.0, tc.gamma / tc.lr, "cpu")
+        o = T.optimizer_step(
+            model, lst, optimizer, scheduler, [next(stream)], 1.0, tc.gamma / tc.lr, "cpu", tc.reg_tol
+        )
         rows.append(
             {
                 "step": step,

@@ -241,6 +241,13 @@ def train(
         ),
     ] = 1e-4,
     gamma: Annotated[float, typer.Option(help="Orthonormal regularizer weight (0: off).")] = 4e-4,
+    reg_tol: Annotated[
+        float,
+        typer.Option(
+            help="No regularizer gradient for a factor while ||U^T U - I||_F is at most this (0: the paper's "
+            "eq. 8; the fresh factors' deviation is float rounding, ~1e-5, whose gradient direction is noise)."
+        ),
+    ] = 0.0,
     lr_scaling: Annotated[
         str,
         typer.Option(
@@ -329,6 +336,7 @@ def train(
         shuffle=not no_shuffle,
         lr=lr,
         gamma=gamma,
+        reg_tol=reg_tol,
         lr_scaling=lr_scaling,
         optim=optim,
         batch_size=batch_size,

@@ -131,17 +131,17 @@ REG_CHUNK_BYTES = 64 * 2**20  # float32 U and Vt stacked at once: bounds the reg
 
 
 def add_regularizer_grad_(
-    layers: Iterable[SORSALinear], scale: float, chunk_bytes: int = REG_CHUNK_BYTES
+    layers: Iterable[SORSALinear], scale: float, chunk_bytes: int = REG_CHUNK_BYTES, tol: float = 0.0
 ) -> tuple[float, float]:
     """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors (see
     `regularizer_grad_`); returns (L_reg, the worst orthonormality error) as floats."""
-    t = regularizer_grad_(layers, scale, chunk_bytes)
+    t = regularizer_grad_(layers, scale, chunk_bytes, tol)
     return (0.0, 0.0) if t is None else tuple(t.tolist())
 
 
 @torch.no_grad()
 def regularizer_grad_(
-    layers: Iterable[SORSALinear], scale: float, chunk_bytes: int = REG_CHUNK_BYTES
+    layers: Iterable[SORSALinear], scale: float, chunk_bytes: int = REG_CHUNK_BYTES, tol: float = 0.0
 ) -> torch.Tensor | None:
     """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors, without a host sync.
 
@@ -152,7 +152,10 @@ def regularizer_grad_(
 
     L_reg = mean over layers of ||U^T U - I||_F + ||Vt Vt^T - I||_F. With A = U^T U - I,
     d||A||_F / dU = 2 U A / ||A||_F; with B = Vt Vt^T - I, d||B||_F / dVt = 2 B Vt / ||B||_F.
-    A zero norm (exactly orthonormal factors) contributes no gradient. Layers of one shape are
+    A zero norm (exactly orthonormal factors) contributes no gradient, and so does a norm <= `tol`:
+    ||A||_F has no derivative at A = 0 (its minimum-norm subgradient there is 0), and the fresh
+    factors' A is float rounding (~1e-5), whose direction 2 U A / ||A||_F, at full size, is noise
+    (docs/RESULTS.md, issue 17, finding 8). tol = 0 is the paper's eq. 8 as written. Layers of one shape are
     stacked and handled with batched matmuls, at most `chunk_bytes` of float32 factors at a time:
     stacking a whole shape group at once (128 q/k/v/o layers of a 7B model) held about 1 GiB of
     copies and gradients at the moment of the step, the peak of a training step.
@@ -166,8 +169,10 @@ def regularizer_grad_(
         groups[(tuple(m.sorsa_U.shape), tuple(m.sorsa_Vt.shape), m.sorsa_U.device, m.sorsa_U.dtype)].append(m)
     sums, worsts = [], []  # device tensors: nothing here waits for the GPU
 
-    def coef(norm: torch.Tensor) -> torch.Tensor:  # scale * 2 / (n ||.||), and 0 where the norm is 0
-        c = torch.where(norm > 0, 2.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    def coef(norm: torch.Tensor) -> torch.Tensor:  # scale * 2 / (n ||.||), and 0 where the norm is <= tol
+        c = torch.where(
+            norm > tol, 2.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm)
+        )
         return (c * scale / n)[:, None, None]
 
     for group in groups.values():

@@ -95,11 +95,12 @@ class TrainConfig:
     grad_checkpointing: bool = False
     offload_residual: bool = False
     optim: str = "adamw"  # optim.OPTIMIZERS
+    reg_tol: float = 0.0  # no L_reg gradient for a factor whose ||U^T U - I||_F is <= this (0: eq. 8)
 
 
 # settings added after runs were made, left out of the run id at their default, so that those
 # runs keep their ids (and resume)
-LATER_DEFAULTS = {"optim": "adamw"}
+LATER_DEFAULTS = {"optim": "adamw", "reg_tol": 0.0}
 
 
 def config_key(cfg: TrainConfig) -> dict:
@@ -139,6 +140,7 @@ def _check(cfg: TrainConfig, save_every: int) -> None:
     bad = [
         (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.gamma >= 0, f"--gamma must be >= 0 (got {cfg.gamma}); 0 turns the regularizer off"),
+        (cfg.reg_tol >= 0 and math.isfinite(cfg.reg_tol), f"--reg-tol must be >= 0 (got {cfg.reg_tol})"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
         (cfg.grad_accum >= 1, f"--grad-accum must be >= 1 (got {cfg.grad_accum})"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1 (got {cfg.max_steps})"),
@@ -327,7 +329,7 @@ class StepOutput:
 
 
 def optimizer_step(
-    model, layers, optimizer, scheduler, group, clip: float, reg_scale: float, device
+    model, layers, optimizer, scheduler, group, clip: float, reg_scale: float, device, reg_tol: float = 0.0
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `group` (see the module docstring).
 
@@ -368,7 +370,7 @@ def optimizer_step(
     # clip the task gradient, then add the regularizer's (eq. 10), all on the device; then one
     # transfer reads loss, gradient norm and regularizer values (a single host sync per step)
     gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    reg = regularizer_grad_(layers, reg_scale)
+    reg = regularizer_grad_(layers, reg_scale, tol=reg_tol)
     vals = [total.float(), gn.float()] + ([] if reg is None else [reg[0], reg[1]])
     loss_sum_, grad_norm, *rest = torch.stack(vals).tolist()
     loss = loss_sum_ / n_loss
@@ -1040,7 +1042,15 @@ def _train(
             if store is not None:
                 store.begin_step()
             o = optimizer_step(
-                loss_model, layer_list, optimizer, scheduler, group, cfg.clip, reg_scale, d.device
+                loss_model,
+                layer_list,
+                optimizer,
+                scheduler,
+                group,
+                cfg.clip,
+                reg_scale,
+                d.device,
+                cfg.reg_tol,
             )
             if not o.stepped:  # the all-reduced loss and gradient: every rank stops here together
                 raise _diverged(run, o, cur.step, saver.last_saved)

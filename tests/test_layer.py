@@ -91,6 +91,26 @@ def test_regularizer_gradient_accumulates_and_is_zero_when_exactly_orthonormal()
     assert float((g1 - 2 * 1.1 * 0.21 / (0.21 * 2) * layer.sorsa_U / 1.1).abs().max()) < 1e-4
 
 
+def test_fresh_factors_get_a_full_size_regularizer_gradient_of_rounding_noise_unless_tol():
+    """Issue 17, finding 8: a float32 SVD's U^T U - I is rounding (~1e-6), yet the plain norm's
+    gradient 2 U A / ||A|| has full size (||.|| = 2) in that noise's direction; `tol` drops it
+    for the factors still within tol of orthonormal, and only for those."""
+    _, fresh = make_layer(seed=1)
+    dev = float(orthonormality_errors(fresh.sorsa_U.detach(), fresh.sorsa_Vt.detach())[0])
+    assert 0 < dev < 1e-5
+    regularizer_grad_([fresh], scale=1.0)
+    assert float(fresh.sorsa_U.grad.norm()) == pytest.approx(2.0, rel=1e-3)
+    _, fresh2 = make_layer(seed=1)
+    _, moved = make_layer(seed=2)
+    with torch.no_grad():
+        moved.sorsa_U.mul_(1.01)  # ||U^T U - I|| = 0.0201 * 2, above tol
+    regularizer_grad_([fresh2, moved], scale=1.0, tol=1e-4)
+    assert fresh2.sorsa_U.grad.abs().max() == 0 and fresh2.sorsa_Vt.grad.abs().max() == 0
+    # the moved layer gets the plain gradient: 2 ||U A|| / ||A|| = 2 x 1.01, halved (L_reg is the
+    # mean over the two layers)
+    assert float(moved.sorsa_U.grad.norm()) == pytest.approx(1.01, rel=1e-4)
+
+
 def test_regularizer_stacks_at_most_chunk_bytes_at_a_time(monkeypatch):
     """The transient memory of the regularizer is its stacked copies and their gradients: with a
     budget of two layers, no stack holds more, and the result is the one-stack result."""

@@ -205,10 +205,12 @@ def test_an_8bit_run_trains_records_its_optimizer_and_resumes_exactly(
 
 
 def test_run_ids_of_runs_made_before_optim_existed_are_unchanged():
-    """--optim was added after runs were made: at its default it is not part of the run id."""
+    """--optim and --reg-tol were added after runs were made: at their defaults they are not part
+    of the run id (those runs resume); set, they are."""
     from dataclasses import asdict
 
     old = asdict(TrainConfig())
-    del old["optim"]
+    del old["optim"], old["reg_tol"]
     assert config_key(TrainConfig()) == old
     assert config_key(TrainConfig(optim="adamw8bit"))["optim"] == "adamw8bit"
+    assert config_key(TrainConfig(reg_tol=1e-4))["reg_tol"] == 1e-4

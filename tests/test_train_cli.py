@@ -173,6 +173,7 @@ def test_bad_options(dec, tmp_path):
     for extra, needle in [
         (["--lr", "0"], "--lr must be > 0"),
         (["--gamma", "-1"], "--gamma must be >= 0"),
+        (["--reg-tol", "-1e-4"], "--reg-tol must be >= 0"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--warmup-ratio", "1.5"], "--warmup-ratio"),
         (["--template", "alpaca"], "--template 'alpaca'"),
@@ -301,6 +302,7 @@ def test_cli_defaults_are_the_library_defaults():
         "gamma",
         "lr_scaling",
         "optim",
+        "reg_tol",
         "warmup_ratio",
         "clip",
         "batch_size",
