@@ -19,7 +19,7 @@ float32, the batches in `sorsa train`'s order):
         --variants "sorsa:lr=3e-4" "sorsa:lr=1e-4" "lora:lr=3e-4" "pissa:lr=3e-4" --record
 
 A variant is METHOD:key=value,...: METHOD sorsa, lora or pissa; keys lr, gamma (sorsa), warmup
-(steps; default ceil(0.03 x schedule)), reg_tol (sorsa: `sorsa train --reg-tol`), lr_scaling (sorsa: a `sorsa train --lr-scaling` value) and
+(steps; default ceil(0.03 x schedule)), reg_tol and reg_update (sorsa: `sorsa train --reg-tol`, `--reg-update`), lr_scaling (sorsa: a `sorsa train --lr-scaling` value) and
 init (lora, pissa: PEFT's init_lora_weights, e.g. pissa for PiSSA from an exact SVD; default
 pissa_niter_4 for pissa). Other settings than the issue's (--train-rows, --schedule, --batch-size)
 are recorded in a section of their own (lr_diagnosis_probe_ROWSxSTEPSxBATCH).
@@ -71,11 +71,11 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     kv = {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
-        if k not in ("lr", "gamma", "warmup", "lr_scaling", "init", "reg_tol"):
+        if k not in ("lr", "gamma", "warmup", "lr_scaling", "init", "reg_tol", "reg_update"):
             raise SystemExit(
-                f"variant {spec!r}: unknown key {k!r} (lr, gamma, warmup, lr_scaling, init, reg_tol)"
+                f"variant {spec!r}: unknown key {k!r} (lr, gamma, warmup, lr_scaling, init, reg_tol, reg_update)"
             )
-        kv[k] = v if k in ("lr_scaling", "init") else float(v)
+        kv[k] = v if k in ("lr_scaling", "init", "reg_update") else float(v)
     if "init" in kv and method == "sorsa":
         raise SystemExit(f"variant {spec!r}: init is PEFT's init_lora_weights (lora, pissa), not SORSA's")
     kv.setdefault("lr", 3e-4)
@@ -111,6 +111,7 @@ def probe_sorsa(cfg: G.StudyConfig, decomp: Path, kv: dict, steps: int) -> list[
         max_steps=cfg.steps,
         lr_scaling=kv.get("lr_scaling", T.TrainConfig.lr_scaling),
         reg_tol=kv.get("reg_tol", 0.0),
+        reg_update=kv.get("reg_update", "eq10"),
     )
     torch.manual_seed(cfg.seed)
     model, layers, _ = load_sorsa_model(decomp, trainable=True)
@@ -127,7 +128,16 @@ def probe_sorsa(cfg: G.StudyConfig, decomp: Path, kv: dict, steps: int) -> list[
         w0 = sorsa_weights(layers)
         t = time.perf_counter()
         o = T.optimizer_step(
-            model, lst, optimizer, scheduler, [next(stream)], 1.0, tc.gamma / tc.lr, "cpu", tc.reg_tol
+            model,
+            lst,
+            optimizer,
+            scheduler,
+            [next(stream)],
+            1.0,
+            tc.gamma / tc.lr,
+            "cpu",
+            tc.reg_tol,
+            tc.reg_update,
         )
         rows.append(
             {

@@ -248,6 +248,13 @@ def train(
             "eq. 8; the fresh factors' deviation is float rounding, ~1e-5, whose gradient direction is noise)."
         ),
     ] = 0.0,
+    reg_update: Annotated[
+        str,
+        typer.Option(
+            help="eq10 (the official code: gamma / lr * grad L_reg added to the gradient AdamW steps on) or "
+            "eq9 (the paper's eq. 9: a plain step gamma_t * grad L_reg beside AdamW's on the task loss)."
+        ),
+    ] = "eq10",
     lr_scaling: Annotated[
         str,
         typer.Option(
@@ -337,6 +344,7 @@ def train(
         lr=lr,
         gamma=gamma,
         reg_tol=reg_tol,
+        reg_update=reg_update,
         lr_scaling=lr_scaling,
         optim=optim,
         batch_size=batch_size,

@@ -141,14 +141,19 @@ def add_regularizer_grad_(
 
 @torch.no_grad()
 def regularizer_grad_(
-    layers: Iterable[SORSALinear], scale: float, chunk_bytes: int = REG_CHUNK_BYTES, tol: float = 0.0
+    layers: Iterable[SORSALinear],
+    scale: float,
+    chunk_bytes: int = REG_CHUNK_BYTES,
+    tol: float = 0.0,
+    into_params: bool = False,
 ) -> torch.Tensor | None:
     """Add scale * d L_reg / d(U, Vt) to the .grad of every layer's factors, without a host sync.
 
     Returns a device tensor (L_reg, the largest single ||U^T U - I||_F or ||Vt Vt^T - I||_F): the
     value the gradient belongs to, and the worst orthonormality error, for the log (None without
     layers). The trainer reads it together with the loss and gradient norm, in one transfer.
-    scale = 0 only measures.
+    scale = 0 only measures. `into_params` takes the step itself instead (U -= scale * dL_reg/dU:
+    the paper's eq. 9, a plain gradient step on L_reg beside the optimizer's on the task loss).
 
     L_reg = mean over layers of ||U^T U - I||_F + ||Vt Vt^T - I||_F. With A = U^T U - I,
     d||A||_F / dU = 2 U A / ||A||_F; with B = Vt Vt^T - I, d||B||_F / dVt = 2 B Vt / ||B||_F.
@@ -193,6 +198,10 @@ def regularizer_grad_(
             del U, Vt
             params = [p for m in part for p in (m.sorsa_U, m.sorsa_Vt)]
             grads = [g for pair in zip(gU, gV, strict=True) for g in pair]
+            if into_params:
+                torch._foreach_sub_([p.data for p in params], grads)
+                del gU, gV, grads
+                continue
             have = [i for i, p in enumerate(params) if p.grad is not None]
             if have:  # one batched add for the lot, not two kernel launches per layer
                 torch._foreach_add_([params[i].grad for i in have], [grads[i] for i in have])

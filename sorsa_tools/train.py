@@ -96,11 +96,15 @@ class TrainConfig:
     offload_residual: bool = False
     optim: str = "adamw"  # optim.OPTIMIZERS
     reg_tol: float = 0.0  # no L_reg gradient for a factor whose ||U^T U - I||_F is <= this (0: eq. 8)
+    reg_update: str = "eq10"  # REG_UPDATES: L_reg's gradient inside AdamW's (eq. 10) or a plain step (eq. 9)
 
 
 # settings added after runs were made, left out of the run id at their default, so that those
 # runs keep their ids (and resume)
-LATER_DEFAULTS = {"optim": "adamw", "reg_tol": 0.0}
+LATER_DEFAULTS = {"optim": "adamw", "reg_tol": 0.0, "reg_update": "eq10"}
+# eq10: gamma / eta_max * grad L_reg added to the clipped task gradient, then AdamW (the official
+# code); eq9: AdamW on the task gradient and a plain step gamma_t * grad L_reg, both at W_t
+REG_UPDATES = ("eq10", "eq9")
 
 
 def config_key(cfg: TrainConfig) -> dict:
@@ -141,6 +145,10 @@ def _check(cfg: TrainConfig, save_every: int) -> None:
         (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.gamma >= 0, f"--gamma must be >= 0 (got {cfg.gamma}); 0 turns the regularizer off"),
         (cfg.reg_tol >= 0 and math.isfinite(cfg.reg_tol), f"--reg-tol must be >= 0 (got {cfg.reg_tol})"),
+        (
+            cfg.reg_update in REG_UPDATES,
+            f"--reg-update must be one of {', '.join(REG_UPDATES)} (got {cfg.reg_update!r})",
+        ),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
         (cfg.grad_accum >= 1, f"--grad-accum must be >= 1 (got {cfg.grad_accum})"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1 (got {cfg.max_steps})"),
@@ -329,7 +337,16 @@ class StepOutput:
 
 
 def optimizer_step(
-    model, layers, optimizer, scheduler, group, clip: float, reg_scale: float, device, reg_tol: float = 0.0
+    model,
+    layers,
+    optimizer,
+    scheduler,
+    group,
+    clip: float,
+    reg_scale: float,
+    device,
+    reg_tol: float = 0.0,
+    reg_update: str = "eq10",
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `group` (see the module docstring).
 
@@ -370,7 +387,8 @@ def optimizer_step(
     # clip the task gradient, then add the regularizer's (eq. 10), all on the device; then one
     # transfer reads loss, gradient norm and regularizer values (a single host sync per step)
     gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    reg = regularizer_grad_(layers, reg_scale, tol=reg_tol)
+    eq9 = reg_update == "eq9"
+    reg = regularizer_grad_(layers, 0.0 if eq9 else reg_scale, tol=reg_tol)
     vals = [total.float(), gn.float()] + ([] if reg is None else [reg[0], reg[1]])
     loss_sum_, grad_norm, *rest = torch.stack(vals).tolist()
     loss = loss_sum_ / n_loss
@@ -378,6 +396,8 @@ def optimizer_step(
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return StepOutput(False, loss, grad_norm, 0.0, 0.0, lr, n_tok, n_loss)
+    if eq9 and reg_scale > 0:  # gamma_t = gamma * eta_t / eta_max; AdamW's step depends on grads only
+        regularizer_grad_(layers, reg_scale * lr, tol=reg_tol, into_params=True)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1051,6 +1071,7 @@ def _train(
                 reg_scale,
                 d.device,
                 cfg.reg_tol,
+                cfg.reg_update,
             )
             if not o.stepped:  # the all-reduced loss and gradient: every rank stops here together
                 raise _diverged(run, o, cur.step, saver.last_saved)

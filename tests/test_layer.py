@@ -111,6 +111,22 @@ def test_fresh_factors_get_a_full_size_regularizer_gradient_of_rounding_noise_un
     assert float(moved.sorsa_U.grad.norm()) == pytest.approx(1.01, rel=1e-4)
 
 
+def test_into_params_takes_the_plain_step_that_the_gradient_would_be():
+    """eq. 9: with into_params the factors move by -scale * dL_reg/d(U, Vt) and .grad is untouched."""
+    _, a = make_layer(seed=3)
+    _, b = make_layer(seed=3)
+    with torch.no_grad():
+        a.sorsa_U.mul_(1.05)
+        b.sorsa_U.mul_(1.05)
+    regularizer_grad_([a], scale=0.01)
+    u0, v0 = b.sorsa_U.detach().clone(), b.sorsa_Vt.detach().clone()
+    regularizer_grad_([b], scale=0.01, into_params=True)
+    assert b.sorsa_U.grad is None and b.sorsa_Vt.grad is None
+    assert torch.allclose(b.sorsa_U.detach(), u0 - a.sorsa_U.grad, atol=1e-7)
+    assert torch.allclose(b.sorsa_Vt.detach(), v0 - a.sorsa_Vt.grad, atol=1e-7)
+    assert float((b.sorsa_U.detach() - u0).abs().max()) > 1e-4  # it did move
+
+
 def test_regularizer_stacks_at_most_chunk_bytes_at_a_time(monkeypatch):
     """The transient memory of the regularizer is its stacked copies and their gradients: with a
     budget of two layers, no stack holds more, and the result is the one-stack result."""

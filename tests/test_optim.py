@@ -210,7 +210,8 @@ def test_run_ids_of_runs_made_before_optim_existed_are_unchanged():
     from dataclasses import asdict
 
     old = asdict(TrainConfig())
-    del old["optim"], old["reg_tol"]
+    del old["optim"], old["reg_tol"], old["reg_update"]
     assert config_key(TrainConfig()) == old
     assert config_key(TrainConfig(optim="adamw8bit"))["optim"] == "adamw8bit"
     assert config_key(TrainConfig(reg_tol=1e-4))["reg_tol"] == 1e-4
+    assert config_key(TrainConfig(reg_update="eq9"))["reg_update"] == "eq9"

@@ -597,6 +597,34 @@ def test_one_step_applies_eq_10_clip_then_regularizer(tiny_lm_decomposed):
         assert torch.allclose(got, exp, rtol=1e-4, atol=1e-7), (got - exp).abs().max()
 
 
+def test_under_sgd_eq_9_and_eq_10_are_the_same_step(tiny_lm_decomposed):
+    """The paper: eq. 10 is eq. 9 written for one optimizer. Under plain SGD (lr eta, gamma / eta
+    as reg_scale) the two updates agree; --reg-update eq9 is the same step taken apart (and so,
+    under AdamW, a different one)."""
+    from transformers import AutoTokenizer
+
+    from sorsa_tools.train import optimizer_step
+
+    _, dec = tiny_lm_decomposed("llama")
+    batch = Dataset(GSM8K_SLICE, AutoTokenizer.from_pretrained(dec), max_length=256).collate([[0], [1]])
+    after = {}
+    for mode in ("eq10", "eq9"):
+        model, layers, _ = load_sorsa_model(dec, trainable=True)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # off orthonormal, so L_reg has a real gradient
+            for m in layers.values():
+                m.sorsa_U.mul_(1.2).add_(0.05 * torch.randn(m.sorsa_U.shape, generator=g))
+        lst = list(layers.values())
+        opt = torch.optim.SGD([p for m in lst for p in (m.sorsa_U, m.sorsa_S, m.sorsa_Vt)], lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)  # eta_t = eta_max / 2
+        before = {n: m.sorsa_U.detach().clone() for n, m in layers.items()}
+        optimizer_step(model, lst, opt, sched, [batch], 1.0, 2.0, "cpu", reg_update=mode)
+        after[mode] = {n: m.sorsa_U.detach().clone() for n, m in layers.items()}
+    moved = max(float((after["eq9"][n] - before[n]).abs().max()) for n in before)
+    diff = max(float((after["eq9"][n] - after["eq10"][n]).abs().max()) for n in before)
+    assert moved > 1e-3 and diff < 1e-6 * max(1.0, moved) + 1e-7, (moved, diff)
+
+
 def test_checkpoints_by_time_keep_a_killed_runs_work(tiny_lm_decomposed, tmp_path, monkeypatch):
     """--save-every 200 alone made a killed run shorter than 200 steps restart from zero: a
     checkpoint also lands when --save-minutes have passed, and resuming from it changes nothing."""
