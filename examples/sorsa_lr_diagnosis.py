@@ -19,9 +19,9 @@ float32, the batches in `sorsa train`'s order):
         --variants "sorsa:lr=3e-4" "sorsa:lr=1e-4" "lora:lr=3e-4" "pissa:lr=3e-4" --record
 
 A variant is METHOD:key=value,...: METHOD sorsa, lora or pissa; keys lr, gamma (sorsa), warmup
-(steps; default ceil(0.03 x schedule)), reg_tol and reg_update (sorsa: `sorsa train --reg-tol`, `--reg-update`), lr_scaling (sorsa: a `sorsa train --lr-scaling` value) and
-init (lora, pissa: PEFT's init_lora_weights, e.g. pissa for PiSSA from an exact SVD; default
-pissa_niter_4 for pissa). Other settings than the issue's (--train-rows, --schedule, --batch-size)
+(steps; default ceil(0.03 x schedule)), lr_scaling, reg_tol and reg_update (sorsa: the `sorsa
+train` options of those names) and init (lora, pissa: PEFT's init_lora_weights, e.g. pissa for
+PiSSA from an exact SVD; default pissa_niter_4 for pissa). Other settings than the issue's (--train-rows, --schedule, --batch-size)
 are recorded in a section of their own (lr_diagnosis_probe_ROWSxSTEPSxBATCH).
 Results are kept in --workdir per variant and reused; --record writes the table to docs/RESULTS.md.
 """

@@ -160,8 +160,8 @@ def regularizer_grad_(
     A zero norm (exactly orthonormal factors) contributes no gradient, and so does a norm <= `tol`:
     ||A||_F has no derivative at A = 0 (its minimum-norm subgradient there is 0), and the fresh
     factors' A is float rounding (~1e-5), whose direction 2 U A / ||A||_F, at full size, is noise
-    (docs/RESULTS.md, issue 17, finding 8). tol = 0 is the paper's eq. 8 as written. Layers of one shape are
-    stacked and handled with batched matmuls, at most `chunk_bytes` of float32 factors at a time:
+    (docs/RESULTS.md, issue 17, finding 8); tol = 0 is the paper's eq. 8 as written. Layers of one
+    shape are stacked and handled with batched matmuls, at most `chunk_bytes` of float32 factors at a time:
     stacking a whole shape group at once (128 q/k/v/o layers of a 7B model) held about 1 GiB of
     copies and gradients at the moment of the step, the peak of a training step.
     """
@@ -200,13 +200,12 @@ def regularizer_grad_(
             grads = [g for pair in zip(gU, gV, strict=True) for g in pair]
             if into_params:
                 torch._foreach_sub_([p.data for p in params], grads)
-                del gU, gV, grads
-                continue
-            have = [i for i, p in enumerate(params) if p.grad is not None]
-            if have:  # one batched add for the lot, not two kernel launches per layer
-                torch._foreach_add_([params[i].grad for i in have], [grads[i] for i in have])
-            for i, p in enumerate(params):
-                if p.grad is None:  # a factor the task loss did not reach (e.g. a skipped layer)
-                    p.grad = grads[i].clone()
+            else:
+                have = [i for i, p in enumerate(params) if p.grad is not None]
+                if have:  # one batched add for the lot, not two kernel launches per layer
+                    torch._foreach_add_([params[i].grad for i in have], [grads[i] for i in have])
+                for i, p in enumerate(params):
+                    if p.grad is None:  # a factor the task loss did not reach (e.g. a skipped layer)
+                        p.grad = grads[i].clone()
             del gU, gV, grads  # before the next chunk's stacks: one chunk's transient at a time
     return torch.stack([torch.stack(sums).sum() / n, torch.stack(worsts).max()])

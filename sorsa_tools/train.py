@@ -384,8 +384,9 @@ def optimizer_step(
         total += ls.detach()
     if ddp:
         torch.distributed.all_reduce(total)  # a NaN on any rank is a NaN on all: they stop together
-    # clip the task gradient, then add the regularizer's (eq. 10), all on the device; then one
-    # transfer reads loss, gradient norm and regularizer values (a single host sync per step)
+    # clip the task gradient, then add the regularizer's (eq. 10; eq. 9 only measures here and
+    # takes its own step below), all on the device; then one transfer reads loss, gradient norm
+    # and regularizer values (a single host sync per step)
     gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     eq9 = reg_update == "eq9"
     reg = regularizer_grad_(layers, 0.0 if eq9 else reg_scale, tol=reg_tol)
