@@ -88,6 +88,8 @@ class StudyConfig:
     gamma: float = 4e-4
     sorsa_scalings: list[str] = field(default_factory=lambda: ["none"])  # sorsa train --lr-scaling values
     gamma0: bool = True  # also SORSA with gamma 0 at its best lr
+    reg_tol: float = 0.0  # sorsa train --reg-tol (0: eq. 8 as written)
+    reg_update: str = "eq10"  # sorsa train --reg-update (eq10: the official code's; eq9: the paper's eq. 9)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     eval_limit: int | None = None  # NLL questions (None: the whole test file)
     acc_limit: int = 200  # accuracy questions (greedy generation is the slow part)
@@ -440,6 +442,8 @@ def train_sorsa(
         warmup_ratio=cfg.warmup_ratio,
         clip=cfg.clip,
         seed=cfg.seed,
+        reg_tol=cfg.reg_tol,
+        reg_update=cfg.reg_update,
     )
     # a snapshot every steps / trajectory_points (every 200 steps when the run is by epochs)
     tp = cfg.trajectory_points
@@ -504,10 +508,24 @@ def evaluate_accuracy(cfg: StudyConfig, model: Path, adapter: Path | None, out: 
 
 
 # -- the study -----------------------------------------------------------------------------------
-def tag(method: str, lr: float, gamma: float | None = None, scaling: str = "none") -> str:
-    """A run's name; SORSA's names its lr scaling unless it is the paper's (one lr)."""
+def tag(method: str, lr: float, gamma: float | None = None, scaling: str = "none", variant: str = "") -> str:
+    """A run's name; SORSA's names its lr scaling unless it is the paper's (one lr), and its
+    regularizer variant (`reg_variant`) unless it is eq. 10 as written."""
     s = "" if scaling == "none" else f"-{scaling}"
-    return f"{method}{s}-lr{lr:.0e}" + (f"-g{gamma:.0e}" if gamma is not None else "")
+    return f"{method}{s}-lr{lr:.0e}" + (f"-g{gamma:.0e}" if gamma is not None else "") + variant
+
+
+def reg_words(cfg: dict) -> str:
+    """The report's words for a regularizer other than eq. 10 as written ('' for the default)."""
+    tol, upd = cfg.get("reg_tol", 0.0), cfg.get("reg_update", "eq10")
+    words = ([f"`--reg-tol {tol:g}`"] if tol else []) + ([f"`--reg-update {upd}`"] if upd != "eq10" else [])
+    return f", {' and '.join(words)}" if words else ""
+
+
+def reg_variant(reg_tol: float, reg_update: str) -> str:
+    """The tag suffix of a SORSA regularizer other than the default (eq. 10, no tolerance): runs of
+    another variant never reuse the default's results, and their rows say which they are."""
+    return (f"-tol{reg_tol:.0e}" if reg_tol else "") + ("" if reg_update == "eq10" else f"-{reg_update}")
 
 
 def summarize(method: str, lr: float | None, gamma: float | None, trained: dict | None, ev: dict) -> dict:
@@ -613,12 +631,14 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     decompose_s = 0.0 if dres.already_done else time.perf_counter() - t
     targets = read_decomposition(decomp)["target_modules"]
 
+    variant = reg_variant(cfg.reg_tol, cfg.reg_update)
+
     def sorsa_run(lr: float, gamma: float, scaling: str) -> dict:
-        k = tag("sorsa", lr, gamma, scaling)
+        k = tag("sorsa", lr, gamma, scaling, variant)
         out = work / "runs" / k
         tr = train_sorsa(cfg, decomp, lr, gamma, out, scaling)
         row = summarize("sorsa", lr, gamma, tr, evaluate(cfg, decomp, out, work / "evals" / k))
-        return row | {"lr_scaling": scaling}
+        return row | {"lr_scaling": scaling, "reg_variant": variant}
 
     def peft_run(method: str, lr: float) -> dict:
         k = tag(method, lr)
@@ -629,7 +649,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     if "sorsa" in cfg.methods:
         for sc in cfg.sorsa_scalings:
             for lr in cfg.lrs_sorsa:
-                k = tag("sorsa", lr, cfg.gamma, sc)
+                k = tag("sorsa", lr, cfg.gamma, sc, variant)
                 where[k] = (decomp, work / "runs" / k)
                 once(k, lambda lr=lr, sc=sc: sorsa_run(lr, cfg.gamma, sc))
     for method in ("lora", "pissa"):
@@ -641,7 +661,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     best = best_runs(results, cfg)
     if "sorsa" in best and cfg.gamma0 and cfg.gamma != 0:
         lr, sc = results[best["sorsa"]]["lr"], scaling_of(results[best["sorsa"]])
-        k = tag("sorsa", lr, 0.0, sc)
+        k = tag("sorsa", lr, 0.0, sc, variant)
         where[k] = (decomp, work / "runs" / k)
         once(k, lambda: sorsa_run(lr, 0.0, sc), grid=False)
     if cfg.acc_limit > 0:
@@ -692,7 +712,7 @@ def scaling_of(r: dict) -> str:
 def gamma0_tag(results: dict, best: dict) -> str:
     """The gamma-0 twin of the best SORSA run (same lr and lr scaling)."""
     r = results[best["sorsa"]]
-    return tag("sorsa", r["lr"], 0.0, scaling_of(r))
+    return tag("sorsa", r["lr"], 0.0, scaling_of(r), r.get("reg_variant", ""))
 
 
 def best_runs(results: dict, cfg: StudyConfig) -> dict[str, str]:
@@ -915,7 +935,8 @@ def report(
         f"{cfg['rank']} on q, k, v, o, gate, up, down of every layer; AdamW (weight decay 0), warm-up "
         f"{cfg['warmup_ratio']:g} then cosine, clip {cfg['clip']:g}; bf16 autocast with frozen weights in bf16 "
         "and adapters in float32 on CUDA (float32 on CPU). PEFT: `lora_alpha = r` (scale 1). SORSA: gamma "
-        f"{cfg['gamma']:g} (and 0 at its best lr), evaluated through its layers on a float32 residual; "
+        f"{cfg['gamma']:g} (and 0 at its best lr){reg_words(cfg)}, evaluated through its layers on a float32 "
+        "residual; "
         "LoRA/PiSSA merged onto the float32 weights: every method is evaluated in float32.",
         "",
         f"Test NLL: nats per reference-answer token (answer + EOS, teacher forcing, token-weighted) on the first "
@@ -1114,6 +1135,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     ap.add_argument("--lrs-pissa", type=lrs, default=None)
     ap.add_argument("--gamma", type=float, default=d.gamma)
     ap.add_argument("--no-gamma0", action="store_true", help="skip SORSA with gamma 0 at its best lr")
+    ap.add_argument(
+        "--reg-tol",
+        type=float,
+        default=d.reg_tol,
+        help="sorsa train --reg-tol for every SORSA run (default 0: eq. 8); its runs are named -tol<T>",
+    )
+    ap.add_argument(
+        "--reg-update",
+        choices=("eq10", "eq9"),
+        default=d.reg_update,
+        help="sorsa train --reg-update for every SORSA run (default eq10); eq9 runs are named -eq9",
+    )
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument(
         "--eval-limit", type=int, default=None, help="NLL questions (default: the whole test file)"
@@ -1186,11 +1219,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     cfg = StudyConfig(**(SMOKE if a.smoke else CPU if a.cpu else SHORT if a.short else {}))
     cfg.smoke = a.smoke
     cfg.preset = "smoke" if a.smoke else "cpu" if a.cpu else "short" if a.short else ""
-    for k in ("model", "train", "test", "rank", "seed", "gamma", "device", "warmup_ratio"):
+    for k in (
+        "model",
+        "train",
+        "test",
+        "rank",
+        "seed",
+        "gamma",
+        "device",
+        "warmup_ratio",
+        "reg_tol",
+        "reg_update",
+    ):
         setattr(cfg, k, getattr(a, k))
     if cfg.warmup_ratio != d.warmup_ratio:  # its own report section and PNGs: never over the default's
         wu = f"wu{100 * cfg.warmup_ratio:g}".replace(".", "p")
         cfg.preset = f"{cfg.preset}_{wu}" if cfg.preset else wu
+    if variant := reg_variant(cfg.reg_tol, cfg.reg_update).lstrip("-"):  # the same, for the regularizer
+        cfg.preset = f"{cfg.preset}_{variant}" if cfg.preset else variant
     if a.steps is not None:
         cfg.steps = a.steps or None
     for k in (

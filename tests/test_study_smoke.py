@@ -3,6 +3,7 @@ the base model's loss, and the report is written; a second call reuses the finis
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -327,3 +328,32 @@ def test_the_diagnosis_variants_and_the_settings_they_are_recorded_under():
         D.parse_variant("lora:beta=2")
     assert "first 1000 GSM-8K train lines, batch 8" in D.probe_intro(1000, 8, 120, "")
     assert "= 4 steps" in D.probe_intro(1000, 8, 120, "")
+
+
+def test_a_regularizer_variant_reaches_sorsa_train_and_names_its_runs(monkeypatch, tmp_path):
+    """--reg-tol / --reg-update go to every SORSA run's TrainConfig, into the run names (never the
+    default's kept results) and into a report section of their own."""
+    cfg, _ = study.parse_args(["--cpu", "--reg-tol", "1e-4"])
+    assert (cfg.reg_tol, cfg.reg_update, cfg.preset) == (1e-4, "eq10", "cpu_tol1e-04")
+    assert study.parse_args(["--short", "--reg-update", "eq9"])[0].preset == "short_eq9"
+    assert study.parse_args(["--cpu"])[0].preset == "cpu"
+    with pytest.raises(SystemExit):
+        study.parse_args(["--reg-update", "eq8"])
+    v = study.reg_variant(1e-4, "eq9")
+    assert study.tag("sorsa", 1e-4, 4e-4, "pissa", v) == "sorsa-pissa-lr1e-04-g4e-04-tol1e-04-eq9"
+    assert study.tag("sorsa", 1e-4, 4e-4) == "sorsa-lr1e-04-g4e-04"  # the default's names unchanged
+    row = {"lr": 1e-4, "lr_scaling": "none", "reg_variant": "-tol1e-04"}
+    assert study.gamma0_tag({"k": row}, {"sorsa": "k"}) == "sorsa-lr1e-04-g0e+00-tol1e-04"
+    assert study.reg_words(dataclasses.asdict(cfg)) == ", `--reg-tol 0.0001`"
+    assert study.reg_words(dataclasses.asdict(study.StudyConfig())) == ""
+
+    seen = {}
+
+    def fake_train(*args, config, **kw):
+        seen["config"] = config
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(study.T, "train", fake_train)
+    with pytest.raises(RuntimeError, match="stop here"):
+        study.train_sorsa(cfg, tmp_path, 1e-4, 4e-4, tmp_path / "run")
+    assert (seen["config"].reg_tol, seen["config"].reg_update) == (1e-4, "eq10")
