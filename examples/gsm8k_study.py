@@ -673,6 +673,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             accuracy(k)
     ana = analyze_best(cfg, best, results, work) if cfg.analyze else None
     return {
+        "paired": paired_differences(results, best, work),
         "config": asdict(cfg),
         "results": results,
         "best": best,
@@ -728,6 +729,23 @@ def best_runs(results: dict, cfg: StudyConfig) -> dict[str, str]:
         if keys:
             best[method] = min(keys, key=lambda k: results[k]["val_nll"])
     return best
+
+
+def paired_differences(results: dict, best: dict, work: Path) -> list[dict]:
+    """Test-NLL differences between the best runs (and SORSA's gamma-0 twin against its best), each
+    with the paired bootstrap 95 % interval over the test questions: is a gap more than the choice of
+    questions? (Training's own randomness is not in it: that takes runs of other seeds.)"""
+    from sorsa_tools.evaluate import paired_nll_difference
+
+    pairs = [("sorsa", "lora"), ("sorsa", "pissa"), ("pissa", "lora")]
+    keys = [(best[a], best[b]) for a, b in pairs if a in best and b in best]
+    if "sorsa" in best and gamma0_tag(results, best) in results:
+        keys.append((gamma0_tag(results, best), best["sorsa"]))
+    out = []
+    for a, b in keys:
+        d = paired_nll_difference(*(work / "evals" / k / "eval_nll.jsonl" for k in (a, b)))
+        out.append({"a": a, "b": b, "diff": d.diff, "lo": d.lo, "hi": d.hi, "n": d.n})
+    return out
 
 
 def analyze_best(cfg: StudyConfig, best: dict, results: dict, work: Path) -> dict | None:
@@ -1011,6 +1029,17 @@ def report(
                 f"{r['tokens_per_s'] / L['tokens_per_s']:.2f}x | {r['peak_gib'] / L['peak_gib']:.2f}x | "
                 f"{r['train_seconds'] / L['train_seconds']:.2f}x |"
             )
+    if study.get("paired"):
+        lines += [
+            "",
+            f"Paired differences of test NLL (A - B, nats; the same {study['paired'][0]['n']} questions, "
+            "95 % bootstrap interval over them; it covers the choice of questions, not a run's seed):",
+            "",
+            "| A | B | A - B | 95 % interval |",
+            "|---|---|---|---|",
+        ]
+        for p in study["paired"]:
+            lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.4f} | {p['lo']:+.4f} to {p['hi']:+.4f} |")
     lines += paper_protocol(res, best, cfg["gamma"])
     if loss_png:
         lines += ["", f"![training loss]({loss_png.relative_to(doc_dir)})"]

@@ -15,7 +15,13 @@ from test_cli_errors import assert_clean_error, run
 
 from sorsa_tools import evaluate as ev
 from sorsa_tools.data import Dataset
-from sorsa_tools.errors import AdapterMismatchError, DataError, MissingDependencyError, ModelKindError
+from sorsa_tools.errors import (
+    AdapterMismatchError,
+    DataError,
+    InputError,
+    MissingDependencyError,
+    ModelKindError,
+)
 from sorsa_tools.evaluate import (
     answers_match,
     evaluate_gsm8k,
@@ -78,6 +84,50 @@ def test_extraction(output, expected):
         assert got is None
     else:
         assert got is not None and math.isclose(got, expected), (output, got)
+
+
+def _nll_file(path: Path, rows: list[tuple[int, float, int]]) -> Path:
+    path.write_text("".join(json.dumps({"index": i, "nll_sum": s, "n_tokens": n}) + "\n" for i, s, n in rows))
+    return path
+
+
+def test_paired_nll_difference_is_token_weighted_and_its_interval_paired(tmp_path):
+    """The difference is sum(A - B) / sum(tokens); a per-token offset that is the same on every
+    question has no spread to resample, so its interval collapses onto it; otherwise the interval
+    holds the difference and comes from the same question draw for both files."""
+    gen = torch.Generator().manual_seed(1)
+    n_tok = torch.randint(20, 80, (200,), generator=gen).tolist()
+    base = (torch.rand(200, generator=gen) * 2.0).tolist()
+    a = _nll_file(tmp_path / "a.jsonl", [(i, base[i] * n, n) for i, n in enumerate(n_tok)])
+    b = _nll_file(tmp_path / "b.jsonl", [(i, (base[i] + 0.05) * n, n) for i, n in enumerate(n_tok)])
+    d = ev.paired_nll_difference(a, b)
+    assert d.diff == pytest.approx(-0.05, abs=1e-12) and (d.n, d.tokens) == (200, sum(n_tok))
+    assert d.lo == pytest.approx(-0.05, abs=1e-12) and d.hi == pytest.approx(-0.05, abs=1e-12)
+    # noise of its own on each question: the interval widens round the true difference
+    noise = (torch.randn(200, generator=gen) * 0.2).tolist()
+    rows = [(i, (base[i] + 0.05 + noise[i]) * n, n) for i, n in enumerate(n_tok)]
+    c = _nll_file(tmp_path / "c.jsonl", rows[::-1])  # row order does not matter, the index does
+    d = ev.paired_nll_difference(c, a)
+    want = sum((0.05 + noise[i]) * n for i, n in enumerate(n_tok)) / sum(n_tok)
+    assert d.diff == pytest.approx(want, rel=1e-12)
+    assert d.lo < d.diff < d.hi and 0.01 < d.hi - d.lo < 0.12  # about 4 x 0.2 / sqrt(200)
+    assert ev.paired_nll_difference(c, a) == d  # seeded: the same interval every time
+
+
+def test_paired_nll_difference_refuses_files_that_do_not_pair(tmp_path):
+    a = _nll_file(tmp_path / "a.jsonl", [(0, 1.0, 10), (1, 2.0, 10)])
+    fewer = _nll_file(tmp_path / "b.jsonl", [(0, 1.0, 10)])
+    with pytest.raises(InputError, match="scored different questions \\(2 and 1\\)"):
+        ev.paired_nll_difference(a, fewer)
+    other = _nll_file(tmp_path / "c.jsonl", [(0, 1.0, 10), (1, 2.0, 11)])
+    with pytest.raises(InputError, match="scored question 1 on different tokens \\(10 and 11\\)"):
+        ev.paired_nll_difference(a, other)
+    acc_only = tmp_path / "d.jsonl"
+    acc_only.write_text(json.dumps({"index": 0, "correct": True}) + "\n")
+    with pytest.raises(InputError, match="d.jsonl:1: not a per-item NLL row.*--metric nll"):
+        ev.paired_nll_difference(acc_only, a)
+    with pytest.raises(InputError, match="cannot read it"):
+        ev.paired_nll_difference(tmp_path / "missing.jsonl", a)
 
 
 def test_gold_numbers_matching_and_wilson():

@@ -133,6 +133,18 @@ def test_study_smoke(tmp_path, tiny_lm_decomposed, recorder):
     assert text.startswith("# Results")
     assert "<!-- BEGIN gsm8k_study_smoke -->" in text and "SMOKE RUN" in text
     assert "Convergence: the first step at which each best run's training loss" in text
+    # the best runs' paired NLL differences: the same sign and size as the table's own numbers
+    paired = json.loads((tmp_path / "work" / "study.json").read_text())["paired"]
+    assert [(p["a"], p["b"]) for p in paired] == [
+        ("sorsa-lr2e-03-g4e-04", "lora-lr2e-03"),
+        ("sorsa-lr2e-03-g4e-04", "pissa-lr2e-03"),
+        ("pissa-lr2e-03", "lora-lr2e-03"),
+        ("sorsa-lr2e-03-g0e+00", "sorsa-lr2e-03-g4e-04"),
+    ]
+    for p in paired:
+        assert p["n"] == 4 and p["lo"] <= p["diff"] <= p["hi"]
+        assert p["diff"] == pytest.approx(res[p["a"]]["nll"] - res[p["b"]]["nll"], abs=1e-9)
+    assert "Paired differences of test NLL" in text
     for k in res:
         assert f"| {k} |" in text or f"| **{k}** |" in text, k
     assert (doc.parent / "results_smoke_loss.png").stat().st_size > 1000

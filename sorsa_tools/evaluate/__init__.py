@@ -38,7 +38,9 @@ from sorsa_tools.evaluate.models import ACCEPTED, ModelSpec, resolve_model
 from sorsa_tools.evaluate.report import (
     METRICS,
     EvalProgress,
+    NllDifference,
     default_output,
+    paired_nll_difference,
     summary_path,
     wilson_interval,
 )
@@ -56,10 +58,12 @@ __all__ = [
     "GGUFBackend",
     "HFBackend",
     "ModelSpec",
+    "NllDifference",
     "Sampling",
     "_cut",
     "answers_match",
     "default_output",
+    "paired_nll_difference",
     "evaluate_gsm8k",
     "evaluate_humaneval",
     "evaluate_math",

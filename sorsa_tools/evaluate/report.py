@@ -1,6 +1,7 @@
 """What every benchmark of `sorsa eval` shares around its numbers: option checks, where the results
 go (a per-item JSONL and the summary JSON beside it, both written whole or not at all), progress
-events, the 95 % interval of an accuracy and the fields of a summary that name the model and tool."""
+events, the 95 % interval of an accuracy, the paired interval of an NLL difference, and the fields
+of a summary that name the model and tool."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sorsa_tools import __version__
@@ -48,6 +50,69 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class NllDifference:
+    """Token-weighted NLL of A minus B on the same questions, with a paired bootstrap 95 % interval."""
+
+    diff: float
+    lo: float
+    hi: float
+    n: int  # questions
+    tokens: int
+
+
+def _nll_items(path: Path) -> dict[int, tuple[float, int]]:
+    """index -> (nll_sum, n_tokens) of a per-item eval JSONL (`sorsa eval --metric nll|both`)."""
+    items = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror}): give a per-item eval JSONL") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            items[int(r["index"])] = (float(r["nll_sum"]), int(r["n_tokens"]))
+        except (ValueError, KeyError, TypeError):
+            raise InputError(
+                f"{path}:{no}: not a per-item NLL row (index, nll_sum, n_tokens): evaluate with --metric nll"
+            ) from None
+    if not items:
+        raise InputError(f"{path}: no per-item NLL rows: evaluate with --metric nll")
+    return items
+
+
+def paired_nll_difference(
+    a: str | Path, b: str | Path, resamples: int = 10_000, seed: int = 0
+) -> NllDifference:
+    """NLL(A) - NLL(B) over the questions both files scored, and the 2.5 / 97.5 % quantiles of that
+    difference over questions resampled with replacement (the same draw for both: the questions'
+    own difficulty cancels, so small differences between two fine-tunes become visible). Covers the
+    sampling of test questions only, not a training run's randomness (seed, data order)."""
+    import torch
+
+    A, B = _nll_items(Path(a)), _nll_items(Path(b))
+    if set(A) != set(B):
+        raise InputError(
+            f"{a} and {b} scored different questions ({len(A)} and {len(B)}): evaluate both on the same --limit"
+        )
+    idx = sorted(A)
+    bad = [i for i in idx if A[i][1] != B[i][1]]
+    if bad:
+        raise InputError(
+            f"{a} and {b} scored question {bad[0]} on different tokens ({A[bad[0]][1]} and {B[bad[0]][1]}): "
+            "evaluate both with the same data, template and tokenizer"
+        )
+    d = torch.tensor([A[i][0] - B[i][0] for i in idx], dtype=torch.float64)
+    n = torch.tensor([A[i][1] for i in idx], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, len(idx), (resamples, len(idx)), generator=g)
+    boot = d[draws].sum(1) / n[draws].sum(1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return NllDifference(float(d.sum() / n.sum()), lo, hi, len(idx), int(n.sum()))
 
 
 def accuracy_block(correct: int, n: int) -> dict:
