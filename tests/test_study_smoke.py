@@ -369,3 +369,40 @@ def test_a_regularizer_variant_reaches_sorsa_train_and_names_its_runs(monkeypatc
     with pytest.raises(RuntimeError, match="stop here"):
         study.train_sorsa(cfg, tmp_path, 1e-4, 4e-4, tmp_path / "run")
     assert (seen["config"].reg_tol, seen["config"].reg_update) == (1e-4, "eq10")
+
+
+_spec2 = importlib.util.spec_from_file_location("seed_spread", ROOT / "examples" / "seed_spread.py")
+spread = importlib.util.module_from_spec(_spec2)
+_spec2.loader.exec_module(spread)
+
+
+def _kept(work, run: str, seed: int, nll: float, **settings) -> None:
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    row = {"nll": nll, "val_nll": nll + 0.04, "settings": {"steps": 40, "seed": seed} | settings}
+    (work / "results" / f"{run}.json").write_text(json.dumps(row))
+
+
+def test_seed_spread_tables_golden_values_and_refusals(tmp_path, capsys):
+    """Per-seed NLLs, mean and sd; gaps to the first run with the t interval (t_{0.975,2} = 4.303);
+    workdirs that differ in more than the seed are refused in one line."""
+    nll = {"lora": [0.86, 0.88, 0.87], "sorsa": [0.90, 0.91, 0.89]}
+    works = []
+    for s in range(3):
+        works.append(tmp_path / f"w{s}")
+        for r, xs in nll.items():
+            _kept(works[-1], r, s, xs[s])
+    doc = tmp_path / "RESULTS.md"
+    assert spread.main([*map(str, works), "--runs", "lora,sorsa", "--record", "--doc", str(doc)]) == 0
+    out = capsys.readouterr().out
+    assert "| lora | 0.8600 | 0.8800 | 0.8700 | 0.8700 | 0.0100 | 0.9100 |" in out
+    # gaps 0.04, 0.03, 0.02: mean 0.03, sd 0.01, half-width 4.303 * 0.01 / sqrt(3) = 0.0248
+    assert "| sorsa | +0.0400 | +0.0300 | +0.0200 | +0.0300 | +0.0052 to +0.0548 |" in out
+    assert "<!-- BEGIN seed_spread -->" in doc.read_text()
+    _kept(works[2], "sorsa", 2, 0.89, batch_size=8)
+    assert spread.main([*map(str, works), "--runs", "lora,sorsa"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "differ in batch_size, not only the seed" in err and "\n" not in err
+    assert spread.main([str(works[0]), str(works[0]), "--runs", "lora"]) == 2
+    assert "seed 0 twice for lora" in capsys.readouterr().err
+    assert spread.main([str(works[0]), str(tmp_path / "none"), "--runs", "lora"]) == 2
+    assert "no kept result: run it with gsm8k_study.py --workdir" in capsys.readouterr().err
