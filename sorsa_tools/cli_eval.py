@@ -1,4 +1,5 @@
-"""`sorsa eval`: the benchmark commands (GSM-8K, MATH, HumanEval), registered by cli.py.
+"""`sorsa eval`: the benchmark commands (GSM-8K, MATH, HumanEval) and `compare` of two results,
+registered by cli.py.
 
 Thin like cli.py: the library (sorsa_tools.evaluate) does the work, this module parses and prints.
 """
@@ -38,7 +39,8 @@ TemplateOpt = Annotated[str, typer.Option(help="paper (Listing 1), raw, or chat 
 
 
 eval_app = typer.Typer(
-    help="Evaluate a model on a benchmark: GSM-8K, MATH (accuracy, answer NLL), HumanEval (pass@k).",
+    help="Evaluate a model on a benchmark: GSM-8K, MATH (accuracy, answer NLL), HumanEval (pass@k); "
+    "compare two models' answer NLL.",
     no_args_is_help=True,
 )
 
@@ -262,6 +264,58 @@ def eval_humaneval(
     _eval_report(
         r, as_json, f"sorsa eval humaneval ({r.tasks} problems, {r.total} completions)", humaneval_rows(r)
     )
+
+
+EVAL_COMPARE_EPILOG = """[bold]Examples[/]
+
+  sorsa eval compare run-sorsa/eval_gsm8k.jsonl run-lora/eval_gsm8k.jsonl
+
+  sorsa eval compare tuned/eval_gsm8k.jsonl base/eval_gsm8k.jsonl --json
+
+Both files: per-item JSONL of `sorsa eval gsm8k|math --metric nll|both` on the same questions.
+The interval resamples the questions (the same draw for both files); it does not cover a training
+run's own randomness: for that, train with other --seed values and compare those too.
+"""
+
+
+@eval_app.command("compare", epilog=EVAL_COMPARE_EPILOG)
+@handle_errors
+def eval_compare(
+    a: Annotated[Path, typer.Argument(help="Per-item eval JSONL of model A.")],
+    b: Annotated[Path, typer.Argument(help="Per-item eval JSONL of model B, on the same questions.")],
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the questions.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Is A's answer NLL lower than B's beyond the choice of questions? Paired bootstrap interval."""
+    import json
+    from dataclasses import asdict
+
+    from sorsa_tools.errors import InputError
+    from sorsa_tools.evaluate.report import paired_nll_difference
+
+    if resamples < 100:
+        raise InputError(f"--resamples must be at least 100 (got {resamples}) for a 95 % interval")
+    d = paired_nll_difference(a, b, resamples=resamples, seed=seed)
+    if as_json:
+        out.print_json(json.dumps(asdict(d) | {"a": str(a), "b": str(b)}))
+        return
+    verdict = (
+        "A lower (the interval excludes 0)"
+        if d.hi < 0
+        else "B lower (the interval excludes 0)"
+        if d.lo > 0
+        else "no difference beyond the choice of questions (the interval holds 0)"
+    )
+    rows = [
+        ("A", str(a)),
+        ("B", str(b)),
+        ("questions", f"{d.n} ({d.tokens:,} answer tokens)"),
+        ("NLL A - B", f"{d.diff:+.4f} nats per token"),
+        ("95 % interval", f"{d.lo:+.4f} to {d.hi:+.4f} (paired bootstrap, {resamples:,} resamples)"),
+        ("verdict", verdict),
+    ]
+    out.print(kv_table("sorsa eval compare", rows), soft_wrap=True)
 
 
 def _run_eval(fn, *args, **kwargs):

@@ -130,6 +130,24 @@ def test_paired_nll_difference_refuses_files_that_do_not_pair(tmp_path):
         ev.paired_nll_difference(tmp_path / "missing.jsonl", a)
 
 
+def test_eval_compare_prints_the_difference_and_refuses_in_one_line(tmp_path):
+    a = _nll_file(tmp_path / "a.jsonl", [(i, 1.0 * 10 + (i % 3), 10) for i in range(50)])
+    b = _nll_file(tmp_path / "b.jsonl", [(i, 1.1 * 10 + (i % 3), 10) for i in range(50)])
+    res = run("eval", "compare", str(a), str(b), "--json")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["diff"] == pytest.approx(-0.1) and d["lo"] == pytest.approx(-0.1) and d["n"] == 50
+    res = run("eval", "compare", str(a), str(b))
+    assert res.exit_code == 0 and "A lower (the interval excludes 0)" in res.stdout
+    res = run("eval", "compare", str(a), str(a))
+    assert "no difference beyond the choice of questions" in res.stdout
+    assert_clean_error(run("eval", "compare", str(a), str(tmp_path / "x.jsonl")), "x.jsonl: cannot read it")
+    assert_clean_error(run("eval", "compare", str(a), str(b), "--resamples", "5"), "--resamples must be")
+    acc = tmp_path / "acc.jsonl"
+    acc.write_text(json.dumps({"index": 0, "nll_sum": None, "n_tokens": None}) + "\n")
+    assert_clean_error(run("eval", "compare", str(acc), str(b)), "acc.jsonl:1: not a per-item NLL row")
+
+
 def test_gold_numbers_matching_and_wilson():
     assert gold_answer("She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n#### 18") == 18
     assert gold_answer("... #### 1,080") == 1080 and gold_answer("#### -3") == -3
