@@ -281,8 +281,10 @@ run's own randomness: for that, train with other --seed values and compare those
 @eval_app.command("compare", epilog=EVAL_COMPARE_EPILOG)
 @handle_errors
 def eval_compare(
-    a: Annotated[Path, typer.Argument(help="Per-item eval JSONL of model A.")],
-    b: Annotated[Path, typer.Argument(help="Per-item eval JSONL of model B, on the same questions.")],
+    a: Annotated[Path, typer.Argument(metavar="A", help="Per-item eval JSONL of model A.")],
+    b: Annotated[
+        Path, typer.Argument(metavar="B", help="Per-item eval JSONL of model B, on the same questions.")
+    ],
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the questions.")] = 10_000,
     seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
     as_json: JsonOpt = False,
