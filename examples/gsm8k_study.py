@@ -922,23 +922,19 @@ def paper_protocol(res: dict, best: dict, gamma: float) -> list[str]:
     return out
 
 
-def report(
-    study: dict,
-    loss_png: Path | None,
-    analyze_png: Path | None,
-    doc_dir: Path,
-    traj_png: Path | None = None,
-) -> str:
-    """docs/RESULTS.md section body: settings, every run, the best per method vs LoRA, analyze."""
-    cfg, res, best = study["config"], study["results"], study["best"]
-    smoke = cfg["smoke"]
+def _settings(study: dict) -> list[str]:
+    """The heading and the settings every run shared, as a reader needs them to trust the table."""
+    cfg, res = study["config"], study["results"]
     steps = next((r["steps"] for r in res.values() if "steps" in r), cfg["steps"])
-    kind = "SMOKE RUN: not results" if smoke else f"preset `{cfg['preset']}`" if cfg.get("preset") else "full"
-    lines = [
-        f"## GSM-8K study: SORSA vs PEFT LoRA vs PEFT PiSSA ({kind})",
-        "",
-    ]
-    if smoke:
+    kind = (
+        "SMOKE RUN: not results"
+        if cfg["smoke"]
+        else f"preset `{cfg['preset']}`"
+        if cfg.get("preset")
+        else "full"
+    )
+    lines = [f"## GSM-8K study: SORSA vs PEFT LoRA vs PEFT PiSSA ({kind})", ""]
+    if cfg["smoke"]:
         lines += [
             "**Smoke run**: a few steps on a few questions, to show that the pipeline runs end to end. "
             "The numbers below measure nothing about the methods.",
@@ -946,7 +942,7 @@ def report(
         ]
     nll_n = res.get("base", {}).get("nll_n")
     acc_n = res.get("base", {}).get("acc_n")
-    lines += [
+    return lines + [
         f"Model `{Path(cfg['model']).name}`; train `{Path(cfg['train']).name}` less its last {cfg['val_size']} "
         f"lines ({study['train_examples']} usable examples; the {cfg['val_size']} held out choose the lr), {steps} steps x batch {cfg['batch_size']} (max length {cfg['max_length']}, paper template, "
         f"loss on the response), the same batches in the same order for every run (seed {cfg['seed']}); rank "
@@ -969,18 +965,25 @@ def report(
         "steps. Wall time, tokens/s (tokens of the rows, padding excluded; steps 2 on, step 1 warms up) and peak "
         "memory (CUDA: max allocated; "
         "CPU: the process's peak RSS, cumulative over the runs, so not comparable) cover the training loop only.",
+    ]
+
+
+def _acc(r: dict) -> str:
+    if r.get("accuracy") is None:
+        return "-"
+    lo, hi = r["ci95"]
+    return f"{r['accuracy']:.1%} ({r['correct']}/{r['acc_n']}; {lo:.1%}-{hi:.1%})"
+
+
+def _runs_table(study: dict) -> list[str]:
+    """Every run, the best of each method in bold, and what is missing or at a grid's edge."""
+    cfg, res, best = study["config"], study["results"], study["best"]
+    lines = [
         "",
         "| run | lr | gamma | train loss (first -> final) | val NLL | test NLL | accuracy (95 % CI) | "
         "train wall (s) | tokens/s | peak mem (GiB) | trainable params |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def acc(r: dict) -> str:
-        if r.get("accuracy") is None:
-            return "-"
-        lo, hi = r["ci95"]
-        return f"{r['accuracy']:.1%} ({r['correct']}/{r['acc_n']}; {lo:.1%}-{hi:.1%})"
-
     order = ["base"] + sorted(
         (k for k in res if k != "base"),
         key=lambda k: (METHODS.index(res[k]["method"]), -(res[k]["gamma"] or 0), res[k]["lr"]),
@@ -991,7 +994,7 @@ def report(
         loss = f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}" if "final_loss" in r else "-"
         lines.append(
             f"| {name} | {_f(r['lr'], 'g')} | {_f(r['gamma'], 'g')} | {loss} | {_f(r.get('val_nll'), '.4f')} | "
-            f"{_f(r['nll'], '.4f')} | {acc(r)} | "
+            f"{_f(r['nll'], '.4f')} | {_acc(r)} | "
             f"{_f(r.get('train_seconds'), '.1f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_gib'), '.2f')} | "
             f"{_f(r.get('trainable_params'), ',')} |"
         )
@@ -1007,96 +1010,132 @@ def report(
                 f"**{LABELS[m]}'s best lr ({res[best[m]]['lr']:g}) is at the edge of its grid**: a better one may "
                 "lie outside it."
             )
-    if "lora" in best:
-        L = res[best["lora"]]
+    return lines
+
+
+def _against_lora(res: dict, best: dict) -> list[str]:
+    """The best run of each method against the best PEFT LoRA run: quality, speed, memory."""
+    if "lora" not in best:
+        return []
+    L = res[best["lora"]]
+    lines = [
+        "",
+        "Best of each method against the best PEFT LoRA run:",
+        "",
+        "| method | run | test NLL | vs LoRA (nats) | accuracy | vs LoRA (points) | tokens/s vs LoRA | "
+        "peak memory vs LoRA | train wall vs LoRA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, k in best.items():
+        r = res[k]
+        dacc = (
+            f"{(r['accuracy'] - L['accuracy']) * 100:+.1f}"
+            if r.get("accuracy") is not None and L.get("accuracy") is not None
+            else "-"
+        )
+        lines.append(
+            f"| {LABELS[m]} | {k} | {r['nll']:.4f} | {r['nll'] - L['nll']:+.4f} | {_acc(r)} | {dacc} | "
+            f"{r['tokens_per_s'] / L['tokens_per_s']:.2f}x | {r['peak_gib'] / L['peak_gib']:.2f}x | "
+            f"{r['train_seconds'] / L['train_seconds']:.2f}x |"
+        )
+    return lines
+
+
+def _paired(paired: list[dict] | None) -> list[str]:
+    if not paired:
+        return []
+    lines = [
+        "",
+        f"Paired differences of test NLL (A - B, nats; the same {paired[0]['n']} questions, "
+        "95 % bootstrap interval over them; it covers the choice of questions, not a run's seed):",
+        "",
+        "| A | B | A - B | 95 % interval |",
+        "|---|---|---|---|",
+    ]
+    for p in paired:
+        lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.4f} | {p['lo']:+.4f} to {p['hi']:+.4f} |")
+    return lines
+
+
+def _convergence(study: dict) -> list[str]:
+    conv = convergence(study)
+    if not conv:
+        return []
+    w, levels, first = conv
+    lines = [
+        "",
+        f"Convergence: the first step at which each best run's training loss (trailing mean over {w} steps; "
+        "every run saw the same batches in the same order) reaches a level; the last level is the lowest "
+        "that every best run reaches.",
+        "",
+        "| method | run | " + " | ".join(f"loss <= {lv:.3f}" for lv in levels) + " |",
+        "|---|---|" + "---|" * len(levels),
+    ]
+    for m, steps_ in first.items():
+        lines.append(
+            f"| {LABELS[m]} | {study['best'][m]} | "
+            + " | ".join("-" if x is None else str(x) for x in steps_)
+            + " |"
+        )
+    return lines
+
+
+def _analyze(ana: dict | None, analyze_png: Path | None, traj_png: Path | None, doc_dir: Path) -> list[str]:
+    """`sorsa analyze` of the best runs (paper Fig. 2) and the best SORSA run's trajectory."""
+    if not ana:
+        return []
+    lines = [
+        "",
+        f"`sorsa analyze` against the base model ({ana['modules']} matrices"
+        + (f", layers {ana['layers']}" if ana["layers"] else "")
+        + f"; float64 CPU SVDs, {ana['seconds']:.0f} s): Delta Sigma (eq. 1) and Delta D (eq. 4), means "
+        "and maxima over the matrices, and the mean ||W_t - W_0||_F / ||W_0||_F.",
+        "",
+        "| checkpoint | mean Delta Sigma | max Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in ana["summary"]:
+        lines.append(
+            f"| {s['checkpoint']} | {s['mean_delta_sigma']:.3e} | {s['max_delta_sigma']:.3e} | "
+            f"{s['mean_delta_d']:.3e} | {s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
+        )
+    if analyze_png:
+        lines += ["", f"![analyze]({analyze_png.relative_to(doc_dir)})"]
+    traj = ana.get("trajectory")
+    if traj:
         lines += [
             "",
-            "Best of each method against the best PEFT LoRA run:",
+            f"The best SORSA run (`{traj['run']}`) over the adapters it kept along the way "
+            "(`sorsa train --keep-adapters`, then `sorsa analyze BASE RUN/steps/step-* RUN`):",
             "",
-            "| method | run | test NLL | vs LoRA (nats) | accuracy | vs LoRA (points) | tokens/s vs LoRA | "
-            "peak memory vs LoRA | train wall vs LoRA |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| step | mean Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
+            "|---|---|---|---|---|",
         ]
-        for m, k in best.items():
-            r = res[k]
-            dacc = (
-                f"{(r['accuracy'] - L['accuracy']) * 100:+.1f}"
-                if r.get("accuracy") is not None and L.get("accuracy") is not None
-                else "-"
-            )
+        for s in traj["summary"]:
             lines.append(
-                f"| {LABELS[m]} | {k} | {r['nll']:.4f} | {r['nll'] - L['nll']:+.4f} | {acc(r)} | {dacc} | "
-                f"{r['tokens_per_s'] / L['tokens_per_s']:.2f}x | {r['peak_gib'] / L['peak_gib']:.2f}x | "
-                f"{r['train_seconds'] / L['train_seconds']:.2f}x |"
+                f"| {s['step']} | {s['mean_delta_sigma']:.3e} | {s['mean_delta_d']:.3e} | "
+                f"{s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
             )
-    if study.get("paired"):
-        lines += [
-            "",
-            f"Paired differences of test NLL (A - B, nats; the same {study['paired'][0]['n']} questions, "
-            "95 % bootstrap interval over them; it covers the choice of questions, not a run's seed):",
-            "",
-            "| A | B | A - B | 95 % interval |",
-            "|---|---|---|---|",
-        ]
-        for p in study["paired"]:
-            lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.4f} | {p['lo']:+.4f} to {p['hi']:+.4f} |")
+        if traj_png:
+            lines += ["", f"![trajectory]({traj_png.relative_to(doc_dir)})"]
+    return lines
+
+
+def report(
+    study: dict,
+    loss_png: Path | None,
+    analyze_png: Path | None,
+    doc_dir: Path,
+    traj_png: Path | None = None,
+) -> str:
+    """docs/RESULTS.md section body: settings, every run, the best per method vs LoRA and against
+    each other, the paper's lrs, the loss curves, convergence, analyze."""
+    cfg, res, best = study["config"], study["results"], study["best"]
+    lines = _settings(study) + _runs_table(study) + _against_lora(res, best) + _paired(study.get("paired"))
     lines += paper_protocol(res, best, cfg["gamma"])
     if loss_png:
         lines += ["", f"![training loss]({loss_png.relative_to(doc_dir)})"]
-    conv = convergence(study)
-    if conv:
-        w, levels, first = conv
-        lines += [
-            "",
-            f"Convergence: the first step at which each best run's training loss (trailing mean over {w} steps; "
-            "every run saw the same batches in the same order) reaches a level; the last level is the lowest "
-            "that every best run reaches.",
-            "",
-            "| method | run | " + " | ".join(f"loss <= {lv:.3f}" for lv in levels) + " |",
-            "|---|---|" + "---|" * len(levels),
-        ]
-        for m, steps_ in first.items():
-            lines.append(
-                f"| {LABELS[m]} | {best[m]} | "
-                + " | ".join("-" if x is None else str(x) for x in steps_)
-                + " |"
-            )
-    ana = study.get("analyze")
-    if ana:
-        lines += [
-            "",
-            f"`sorsa analyze` against the base model ({ana['modules']} matrices"
-            + (f", layers {ana['layers']}" if ana["layers"] else "")
-            + f"; float64 CPU SVDs, {ana['seconds']:.0f} s): Delta Sigma (eq. 1) and Delta D (eq. 4), means "
-            "and maxima over the matrices, and the mean ||W_t - W_0||_F / ||W_0||_F.",
-            "",
-            "| checkpoint | mean Delta Sigma | max Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
-            "|---|---|---|---|---|---|",
-        ]
-        for s in ana["summary"]:
-            lines.append(
-                f"| {s['checkpoint']} | {s['mean_delta_sigma']:.3e} | {s['max_delta_sigma']:.3e} | "
-                f"{s['mean_delta_d']:.3e} | {s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
-            )
-        if analyze_png:
-            lines += ["", f"![analyze]({analyze_png.relative_to(doc_dir)})"]
-        traj = ana.get("trajectory")
-        if traj:
-            lines += [
-                "",
-                f"The best SORSA run (`{traj['run']}`) over the adapters it kept along the way "
-                "(`sorsa train --keep-adapters`, then `sorsa analyze BASE RUN/steps/step-* RUN`):",
-                "",
-                "| step | mean Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
-                "|---|---|---|---|---|",
-            ]
-            for s in traj["summary"]:
-                lines.append(
-                    f"| {s['step']} | {s['mean_delta_sigma']:.3e} | {s['mean_delta_d']:.3e} | "
-                    f"{s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
-                )
-            if traj_png:
-                lines += ["", f"![trajectory]({traj_png.relative_to(doc_dir)})"]
+    lines += _convergence(study) + _analyze(study.get("analyze"), analyze_png, traj_png, doc_dir)
     lines += [
         "",
         f"Decomposition (once, rank {cfg['rank']}): {study['decompose_seconds']:.0f} s. Per-run JSON, train logs and "
