@@ -58,6 +58,7 @@ from _common import record  # noqa: E402
 from sorsa_tools import train as T  # noqa: E402
 from sorsa_tools.data import IGNORE, Dataset  # noqa: E402
 from sorsa_tools.errors import RunDirError, TrainingError  # noqa: E402
+from sorsa_tools.io.safetensors_file import atomic_write_text  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("sorsa", "lora", "pissa")
@@ -184,7 +185,7 @@ def split_train(cfg: StudyConfig) -> None:
     for name, part in (("train.jsonl", lines[:n_train]), ("val.jsonl", lines[-cfg.val_size :])):
         text = "".join(part)
         if not (d / name).is_file() or (d / name).read_text(encoding="utf-8") != text:
-            (d / name).write_text(text, encoding="utf-8")
+            atomic_write_text(d / name, text)  # two studies may share a workdir: never half a file
 
 
 def train_file(cfg: StudyConfig) -> Path:
@@ -602,7 +603,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             r["grad_checkpointing"] = cfg.grad_checkpointing  # time and memory only
             r["settings"] = settings
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(json.dumps(r))
+            atomic_write_text(f, json.dumps(r))
             log(f"{key}: test NLL {r['nll']:.4f}, val NLL {r['val_nll']:.4f} ({r['wall_seconds']:.1f} s)")
         results[key] = r
         return r
@@ -617,7 +618,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             r = evaluate_accuracy(cfg, *where[key], work / "evals" / key)
             r["settings"] = acc_settings
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(json.dumps(r))
+            atomic_write_text(f, json.dumps(r))
             log(f"{key}: accuracy {r['accuracy']:.1%} ({r['generate_seconds']:.0f} s)")
         results[key] |= {k: v for k, v in r.items() if k != "settings"}
 
@@ -1351,7 +1352,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     section = "gsm8k_study" + (f"_{cfg.preset}" if cfg.preset else "")
     body = write_report(study, Path(a.doc) if a.record else None, section)
-    Path(cfg.workdir, "study.json").write_text(json.dumps(study, default=str))
+    atomic_write_text(Path(cfg.workdir, "study.json"), json.dumps(study, default=str))
     print(body)
     print(
         f"\nstudy finished in {time.perf_counter() - t:.0f} s"

@@ -46,6 +46,7 @@ import gsm8k_study as G  # noqa: E402
 from _common import record  # noqa: E402
 
 from sorsa_tools import train as T  # noqa: E402
+from sorsa_tools.io.safetensors_file import atomic_write_text  # noqa: E402
 
 DOC = ROOT / "docs" / "RESULTS.md"
 
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.mode == "reference":
         f = work / f"reference-{a.steps}.json"
         r = json.loads(f.read_text()) if f.is_file() else reference(cfg, decomp, 3e-4, 4e-4, a.steps)
-        f.write_text(json.dumps(r))
+        atomic_write_text(f, json.dumps(r))
         lines = [
             "| step | `sorsa train` step loss | reference loop loss | difference |",
             "|---|---|---|---|",
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             else probe_peft(cfg, method, kv, a.steps)
         )
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(rows))
+        atomic_write_text(f, json.dumps(rows))
         results[spec] = rows
     head = " | ".join(f"step {i}" for i in range(1, a.steps + 1))
     lines = [f"| variant | {head} |", "|---" * (a.steps + 1) + "|"]
