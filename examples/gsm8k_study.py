@@ -554,6 +554,124 @@ def summarize(method: str, lr: float | None, gamma: float | None, trained: dict 
     return row
 
 
+class Ledger:
+    """The study's kept results: one JSON per run (and per accuracy pass) under WORKDIR/results,
+    reused only when it was made at the same settings, so a later session continues where the last
+    one stopped and a changed setting never mixes into a table."""
+
+    def __init__(self, cfg: StudyConfig, work: Path, log):
+        self.cfg, self.work, self.log = cfg, work, log
+        self.settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
+        self.acc_settings = {**self.settings, **{k: getattr(cfg, k) for k in ACC_SETTINGS}}
+        self.results: dict[str, dict] = {}
+        self.where: dict[str, tuple[Path, Path | None]] = {}  # run -> (model, adapter) for accuracy
+        self.missing: list[str] = []  # runs of the grid not finished (--report-only, --kept-grid)
+
+    def _kept(self, f: Path, want: dict, key: str) -> dict | None:
+        if f.is_file():
+            k = json.loads(f.read_text())
+            if k.get("settings") == want:
+                self.log(f"{key}: done before (kept)")
+                return k
+            self.log(f"{key}: kept result is of other settings: running again")
+        return None
+
+    def once(self, key: str, fn, where: tuple[Path, Path | None], grid: bool = True) -> None:
+        """The run `key`'s result: kept, or made by fn() and kept (unless this call may not train)."""
+        cfg = self.cfg
+        self.where[key] = where
+        f = self.work / "results" / f"{key}.json"
+        r = self._kept(f, self.settings, key)
+        if r is None and (cfg.report_only or (cfg.kept_grid and grid)):
+            flag = "--report-only" if cfg.report_only else "--kept-grid"
+            self.log(f"{key}: not run yet (left out of the report: {flag})")
+            self.missing.append(key)
+            return
+        if r is None:
+            self.log(f"{key}: running ...")
+            t = time.perf_counter()
+            r = fn()
+            r["wall_seconds"] = time.perf_counter() - t
+            r["grad_checkpointing"] = cfg.grad_checkpointing  # time and memory only
+            r["settings"] = self.settings
+            f.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(f, json.dumps(r))
+            self.log(
+                f"{key}: test NLL {r['nll']:.4f}, val NLL {r['val_nll']:.4f} ({r['wall_seconds']:.1f} s)"
+            )
+        self.results[key] = r
+
+    def accuracy(self, key: str) -> None:
+        """Greedy accuracy of a run, kept apart from its NLL (generation is the slow part)."""
+        f = self.work / "results" / "accuracy" / f"{key}.json"
+        r = self._kept(f, self.acc_settings, f"{key} accuracy")
+        if r is None and self.cfg.report_only:
+            return
+        if r is None:
+            self.log(f"{key} accuracy: running ...")
+            r = evaluate_accuracy(self.cfg, *self.where[key], self.work / "evals" / key)
+            r["settings"] = self.acc_settings
+            f.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(f, json.dumps(r))
+            self.log(f"{key}: accuracy {r['accuracy']:.1%} ({r['generate_seconds']:.0f} s)")
+        self.results[key] |= {k: v for k, v in r.items() if k != "settings"}
+
+
+def _sorsa_run(cfg: StudyConfig, work: Path, decomp: Path, lr: float, gamma: float, scaling: str) -> dict:
+    variant = reg_variant(cfg.reg_tol, cfg.reg_update)
+    k = tag("sorsa", lr, gamma, scaling, variant)
+    out = work / "runs" / k
+    tr = train_sorsa(cfg, decomp, lr, gamma, out, scaling)
+    row = summarize("sorsa", lr, gamma, tr, evaluate(cfg, decomp, out, work / "evals" / k))
+    return row | {"lr_scaling": scaling, "reg_variant": variant}
+
+
+def _peft_run(cfg: StudyConfig, work: Path, targets: list[str], method: str, lr: float) -> dict:
+    out = work / "runs" / tag(method, lr)
+    tr = train_peft(cfg, method, lr, out, targets)
+    return summarize(method, lr, None, tr, evaluate(cfg, out, None, work / "evals" / tag(method, lr)))
+
+
+def _train_grid(cfg: StudyConfig, ledger: Ledger, decomp: Path, targets: list[str]) -> None:
+    """Every method over its lr grid (SORSA over each lr scaling too), one run at a time."""
+    work, variant = ledger.work, reg_variant(cfg.reg_tol, cfg.reg_update)
+    if "sorsa" in cfg.methods:
+        for sc in cfg.sorsa_scalings:
+            for lr in cfg.lrs_sorsa:
+                k = tag("sorsa", lr, cfg.gamma, sc, variant)
+                run = lambda lr=lr, sc=sc: _sorsa_run(cfg, work, decomp, lr, cfg.gamma, sc)  # noqa: E731
+                ledger.once(k, run, (decomp, work / "runs" / k))
+    for method in ("lora", "pissa"):
+        if method in cfg.methods:
+            for lr in getattr(cfg, f"lrs_{method}"):
+                k = tag(method, lr)
+                run = lambda m=method, lr=lr: _peft_run(cfg, work, targets, m, lr)  # noqa: E731
+                ledger.once(k, run, (work / "runs" / k, None))
+
+
+def _gamma0_twin(cfg: StudyConfig, ledger: Ledger, decomp: Path, best: dict) -> None:
+    """SORSA with gamma 0 at its best run's lr and lr scaling: what the regularizer is worth."""
+    if "sorsa" not in best or not cfg.gamma0 or cfg.gamma == 0:
+        return
+    r = ledger.results[best["sorsa"]]
+    lr, sc = r["lr"], scaling_of(r)
+    k = gamma0_tag(ledger.results, best)
+    run = lambda: _sorsa_run(cfg, ledger.work, decomp, lr, 0.0, sc)  # noqa: E731
+    ledger.once(k, run, (decomp, ledger.work / "runs" / k), grid=False)
+
+
+def _accuracy_pass(cfg: StudyConfig, ledger: Ledger, best: dict) -> None:
+    """Accuracy of every run, or of the base, the best runs and SORSA's gamma-0 twin only."""
+    if cfg.acc_limit <= 0:
+        return
+    res = ledger.results
+    chosen = list(res) if cfg.acc_runs == "all" else ["base", *best.values()]
+    if cfg.acc_runs != "all" and "sorsa" in best and gamma0_tag(res, best) in res:
+        chosen.append(gamma0_tag(res, best))
+    for k in chosen:
+        ledger.accuracy(k)
+
+
 def run_study(cfg: StudyConfig, log=print) -> dict:
     """Decompose once, train and evaluate every run (skipping finished ones), analyze the best."""
     from sorsa_tools import decompose
@@ -572,106 +690,18 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     split_train(cfg)
     n_examples = len(train_dataset(cfg, _tokenizer(cfg)))
     cfg.steps = cfg.steps or math.ceil(n_examples / cfg.batch_size)  # every flow gets it explicitly
-    results: dict[str, dict] = {}
-    settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
-    acc_settings = {**settings, **{k: getattr(cfg, k) for k in ACC_SETTINGS}}
-    where: dict[str, tuple[Path, Path | None]] = {"base": (model, None)}  # run -> (model, adapter)
-    missing: list[str] = []  # --report-only: runs of the grid not finished yet
-
-    def kept(f: Path, want: dict, key: str) -> dict | None:
-        if f.is_file():
-            k = json.loads(f.read_text())
-            if k.get("settings") == want:
-                log(f"{key}: done before (kept)")
-                return k
-            log(f"{key}: kept result is of other settings: running again")
-        return None
-
-    def once(key: str, fn, grid: bool = True) -> dict:
-        f = work / "results" / f"{key}.json"
-        r = kept(f, settings, key)
-        if r is None and (cfg.report_only or (cfg.kept_grid and grid)):
-            flag = "--report-only" if cfg.report_only else "--kept-grid"
-            log(f"{key}: not run yet (left out of the report: {flag})")
-            missing.append(key)
-            return None
-        if r is None:
-            log(f"{key}: running ...")
-            t = time.perf_counter()
-            r = fn()
-            r["wall_seconds"] = time.perf_counter() - t
-            r["grad_checkpointing"] = cfg.grad_checkpointing  # time and memory only
-            r["settings"] = settings
-            f.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(f, json.dumps(r))
-            log(f"{key}: test NLL {r['nll']:.4f}, val NLL {r['val_nll']:.4f} ({r['wall_seconds']:.1f} s)")
-        results[key] = r
-        return r
-
-    def accuracy(key: str) -> None:
-        f = work / "results" / "accuracy" / f"{key}.json"
-        r = kept(f, acc_settings, f"{key} accuracy")
-        if r is None and cfg.report_only:
-            return
-        if r is None:
-            log(f"{key} accuracy: running ...")
-            r = evaluate_accuracy(cfg, *where[key], work / "evals" / key)
-            r["settings"] = acc_settings
-            f.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(f, json.dumps(r))
-            log(f"{key}: accuracy {r['accuracy']:.1%} ({r['generate_seconds']:.0f} s)")
-        results[key] |= {k: v for k, v in r.items() if k != "settings"}
-
-    once(
-        "base",
-        lambda: summarize("base", None, None, None, evaluate(cfg, model, None, work / "evals" / "base")),
-    )
+    ledger = Ledger(cfg, work, log)
+    base = lambda: summarize("base", None, None, None, evaluate(cfg, model, None, work / "evals" / "base"))  # noqa: E731
+    ledger.once("base", base, (model, None))
     decomp = work / "decomposed"
     t = time.perf_counter()
     dres = decompose(str(model), cfg.rank, decomp, device=cfg.device)
     decompose_s = 0.0 if dres.already_done else time.perf_counter() - t
-    targets = read_decomposition(decomp)["target_modules"]
-
-    variant = reg_variant(cfg.reg_tol, cfg.reg_update)
-
-    def sorsa_run(lr: float, gamma: float, scaling: str) -> dict:
-        k = tag("sorsa", lr, gamma, scaling, variant)
-        out = work / "runs" / k
-        tr = train_sorsa(cfg, decomp, lr, gamma, out, scaling)
-        row = summarize("sorsa", lr, gamma, tr, evaluate(cfg, decomp, out, work / "evals" / k))
-        return row | {"lr_scaling": scaling, "reg_variant": variant}
-
-    def peft_run(method: str, lr: float) -> dict:
-        k = tag(method, lr)
-        out = work / "runs" / k
-        tr = train_peft(cfg, method, lr, out, targets)
-        return summarize(method, lr, None, tr, evaluate(cfg, out, None, work / "evals" / k))
-
-    if "sorsa" in cfg.methods:
-        for sc in cfg.sorsa_scalings:
-            for lr in cfg.lrs_sorsa:
-                k = tag("sorsa", lr, cfg.gamma, sc, variant)
-                where[k] = (decomp, work / "runs" / k)
-                once(k, lambda lr=lr, sc=sc: sorsa_run(lr, cfg.gamma, sc))
-    for method in ("lora", "pissa"):
-        if method in cfg.methods:
-            for lr in getattr(cfg, f"lrs_{method}"):
-                k = tag(method, lr)
-                where[k] = (work / "runs" / k, None)
-                once(k, lambda m=method, lr=lr: peft_run(m, lr))
-    best = best_runs(results, cfg)
-    if "sorsa" in best and cfg.gamma0 and cfg.gamma != 0:
-        lr, sc = results[best["sorsa"]]["lr"], scaling_of(results[best["sorsa"]])
-        k = tag("sorsa", lr, 0.0, sc, variant)
-        where[k] = (decomp, work / "runs" / k)
-        once(k, lambda: sorsa_run(lr, 0.0, sc), grid=False)
-    if cfg.acc_limit > 0:
-        chosen = list(results) if cfg.acc_runs == "all" else ["base", *best.values()]
-        if cfg.acc_runs != "all" and "sorsa" in best:
-            g0 = gamma0_tag(results, best)
-            chosen += [g0] if g0 in results else []
-        for k in chosen:
-            accuracy(k)
+    _train_grid(cfg, ledger, decomp, read_decomposition(decomp)["target_modules"])
+    best = best_runs(ledger.results, cfg)
+    _gamma0_twin(cfg, ledger, decomp, best)
+    _accuracy_pass(cfg, ledger, best)
+    results = ledger.results
     ana = analyze_best(cfg, best, results, work) if cfg.analyze else None
     return {
         "paired": paired_differences(results, best, work),
@@ -680,7 +710,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         "best": best,
         "analyze": ana,
         "decompose_seconds": decompose_s,
-        "not_run": missing,
+        "not_run": ledger.missing,
         "train_examples": n_examples,
     }
 
