@@ -90,6 +90,7 @@ class StudyConfig:
     sorsa_scalings: list[str] = field(default_factory=lambda: ["none"])  # sorsa train --lr-scaling values
     gamma0: bool = True  # also SORSA with gamma 0 at its best lr
     reg_tol: float = 0.0  # sorsa train --reg-tol (0: eq. 8 as written)
+    pissa_init: str = "pissa_niter_4"  # PISSA_INITS: PEFT's PiSSA init, or PiSSA's sizes on random directions
     reg_update: str = "eq10"  # sorsa train --reg-update (eq10: the official code's; eq9: the paper's eq. 9)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     eval_limit: int | None = None  # NLL questions (None: the whole test file)
@@ -226,6 +227,29 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# PiSSA's inits: PEFT's (a 4-iteration randomized SVD, an exact one), and the ablation that keeps
+# PiSSA's factor sizes (sqrt of the top-r singular values) on random orthonormal directions: is it
+# the principal subspace or the steps sized by the singular values that sets PiSSA apart from LoRA?
+PISSA_INITS = ("pissa_niter_4", "pissa", "random_subspace")
+
+
+def random_subspace_init(layers: dict, rank: int) -> None:
+    """PiSSA's magnitudes without its subspace: B = Q1 sqrt(S_r), A = sqrt(S_r) Q2^T for random
+    orthonormal Q1 (out x r), Q2 (in x r) and W's own top-r singular values S_r; the frozen weight
+    becomes W - B A, so the model is unchanged at step 0, as with PiSSA. Draws from torch's global
+    generator (seeded by peft_model), so a resumed run rebuilds the same init."""
+    for m in layers.values():
+        base = m.get_base_layer()
+        w = base.weight.data.float()
+        s = torch.linalg.svdvals(w)[:rank].sqrt()
+        q1 = torch.linalg.qr(torch.randn(w.shape[0], rank))[0].to(w.device)  # CPU draws: any device
+        q2 = torch.linalg.qr(torch.randn(w.shape[1], rank))[0].to(w.device)
+        b, a = q1 * s, s[:, None] * q2.T
+        base.weight.data = (w - b @ a).to(base.weight.dtype)
+        m.lora_B["default"].weight.data = b.to(m.lora_B["default"].weight.dtype)
+        m.lora_A["default"].weight.data = a.to(m.lora_A["default"].weight.dtype)
+
+
 def peft_model(cfg: StudyConfig, method: str, device: torch.device, init: str | bool | None = None):
     """(PEFT model, LoRA layers by module name, their initial (A, B) in float32 on the CPU).
 
@@ -237,6 +261,8 @@ def peft_model(cfg: StudyConfig, method: str, device: torch.device, init: str | 
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
+    if init is None:
+        init = cfg.pissa_init if method == "pissa" else True
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)
     model.requires_grad_(False)
@@ -247,11 +273,13 @@ def peft_model(cfg: StudyConfig, method: str, device: torch.device, init: str | 
             lora_alpha=cfg.rank,
             lora_dropout=0.0,
             target_modules=PROJ,
-            init_lora_weights=init if init is not None else "pissa_niter_4" if method == "pissa" else True,
+            init_lora_weights=True if init == "random_subspace" else init,
         ),
     )
     inner = net.get_base_model()
     layers = {n: m for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    if init == "random_subspace":
+        random_subspace_init(layers, cfg.rank)
     if device.type == "cuda":
         for p in net.parameters():
             if not p.requires_grad:
@@ -523,6 +551,11 @@ def reg_words(cfg: dict) -> str:
     return f", {' and '.join(words)}" if words else ""
 
 
+def peft_variant(cfg: StudyConfig, method: str) -> str:
+    """The tag suffix of a PiSSA run whose init is not PEFT's default (`pissa_niter_4`)."""
+    return f"-{cfg.pissa_init}" if method == "pissa" and cfg.pissa_init != PISSA_INITS[0] else ""
+
+
 def reg_variant(reg_tol: float, reg_update: str) -> str:
     """The tag suffix of a SORSA regularizer other than the default (eq. 10, no tolerance): runs of
     another variant never reuse the default's results, and their rows say which they are."""
@@ -627,9 +660,9 @@ def _sorsa_run(cfg: StudyConfig, work: Path, decomp: Path, lr: float, gamma: flo
 
 
 def _peft_run(cfg: StudyConfig, work: Path, targets: list[str], method: str, lr: float) -> dict:
-    out = work / "runs" / tag(method, lr)
-    tr = train_peft(cfg, method, lr, out, targets)
-    return summarize(method, lr, None, tr, evaluate(cfg, out, None, work / "evals" / tag(method, lr)))
+    k = tag(method, lr, variant=peft_variant(cfg, method))
+    tr = train_peft(cfg, method, lr, work / "runs" / k, targets)
+    return summarize(method, lr, None, tr, evaluate(cfg, work / "runs" / k, None, work / "evals" / k))
 
 
 def _train_grid(cfg: StudyConfig, ledger: Ledger, decomp: Path, targets: list[str]) -> None:
@@ -644,7 +677,7 @@ def _train_grid(cfg: StudyConfig, ledger: Ledger, decomp: Path, targets: list[st
     for method in ("lora", "pissa"):
         if method in cfg.methods:
             for lr in getattr(cfg, f"lrs_{method}"):
-                k = tag(method, lr)
+                k = tag(method, lr, variant=peft_variant(cfg, method))
                 run = lambda m=method, lr=lr: _peft_run(cfg, work, targets, m, lr)  # noqa: E731
                 ledger.once(k, run, (work / "runs" / k, None))
 
@@ -1235,6 +1268,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     ap.add_argument("--gamma", type=float, default=d.gamma)
     ap.add_argument("--no-gamma0", action="store_true", help="skip SORSA with gamma 0 at its best lr")
     ap.add_argument(
+        "--pissa-init",
+        choices=PISSA_INITS,
+        default=d.pissa_init,
+        help="PEFT PiSSA's init (default pissa_niter_4; pissa: an exact SVD; random_subspace: PiSSA's "
+        "factor sizes on random orthonormal directions, an ablation); other inits are named -<init>",
+    )
+    ap.add_argument(
         "--reg-tol",
         type=float,
         default=d.reg_tol,
@@ -1329,13 +1369,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
         "warmup_ratio",
         "reg_tol",
         "reg_update",
+        "pissa_init",
     ):
         setattr(cfg, k, getattr(a, k))
     if cfg.warmup_ratio != d.warmup_ratio:  # its own report section and PNGs: never over the default's
         wu = f"wu{100 * cfg.warmup_ratio:g}".replace(".", "p")
         cfg.preset = f"{cfg.preset}_{wu}" if cfg.preset else wu
-    if variant := reg_variant(cfg.reg_tol, cfg.reg_update).lstrip("-"):  # the same, for the regularizer
-        cfg.preset = f"{cfg.preset}_{variant}" if cfg.preset else variant
+    for variant in (reg_variant(cfg.reg_tol, cfg.reg_update), peft_variant(cfg, "pissa")):
+        if variant := variant.lstrip("-"):  # the same, for the regularizer and PiSSA's init
+            cfg.preset = f"{cfg.preset}_{variant}" if cfg.preset else variant
     if a.steps is not None:
         cfg.steps = a.steps or None
     for k in (

@@ -325,6 +325,36 @@ def test_peft_pissa_from_an_exact_svd_is_the_top_r_part_of_w(tiny_lm_decomposed)
         )
 
 
+def test_pissa_random_subspace_has_pissas_sizes_not_its_subspace(tiny_lm_decomposed):
+    """--pissa-init random_subspace: the model is unchanged at step 0 (W_res + B A = W), B and A
+    carry sqrt of W's top-r singular values as PiSSA's factors do, on orthonormal directions that
+    are not W's principal ones; the same seed rebuilds the same init (resume)."""
+    src, _ = tiny_lm_decomposed("gemma3")
+    cfg = study.StudyConfig(model=str(src), rank=4, pissa_init="random_subspace")
+    base = study.peft_model(cfg, "lora", torch.device("cpu"), init=False)[1]
+    w0 = {n: m.base_layer.weight.detach().clone() for n, m in base.items()}
+    _, layers, init = study.peft_model(cfg, "pissa", torch.device("cpu"))
+    _, _, again = study.peft_model(cfg, "pissa", torch.device("cpu"))
+    for n, (A, B) in init.items():
+        U, S, Vh = torch.linalg.svd(w0[n].double(), full_matrices=False)
+        s = S[:4].sqrt()
+        assert torch.allclose(torch.linalg.norm(B.double(), dim=0), s, rtol=1e-5), n  # column i: sqrt(s_i)
+        assert torch.allclose(torch.linalg.norm(A.double(), dim=1), s, rtol=1e-5), n
+        assert torch.allclose(
+            layers[n].base_layer.weight.double() + (B @ A).double(), w0[n].double(), atol=1e-5
+        )
+        # random directions: far from the principal subspace (PiSSA's would give overlap 4)
+        overlap = float((U[:, :4].T @ (B.double() / s)).pow(2).sum())
+        assert overlap < 2.5, (n, overlap)
+        assert torch.equal(A, again[n][0]) and torch.equal(B, again[n][1])
+    cfg, _ = study.parse_args(["--short", "--pissa-init", "random_subspace"])
+    assert cfg.preset == "short_random_subspace"
+    assert (
+        study.tag("pissa", 1e-4, variant=study.peft_variant(cfg, "pissa")) == "pissa-lr1e-04-random_subspace"
+    )
+    assert study.peft_variant(cfg, "lora") == "" and study.peft_variant(study.StudyConfig(), "pissa") == ""
+
+
 def test_the_diagnosis_variants_and_the_settings_they_are_recorded_under():
     sys.path.insert(0, str(ROOT / "examples"))
     import sorsa_lr_diagnosis as D
