@@ -128,6 +128,13 @@ def test_paired_nll_difference_refuses_files_that_do_not_pair(tmp_path):
         ev.paired_nll_difference(acc_only, a)
     with pytest.raises(InputError, match="cannot read it"):
         ev.paired_nll_difference(tmp_path / "missing.jsonl", a)
+    joined = tmp_path / "j.jsonl"
+    joined.write_text(a.read_text() + a.read_text())
+    with pytest.raises(InputError, match="j.jsonl:3: question 0 a second time"):
+        ev.paired_nll_difference(joined, a)
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(InputError, match="bin.jsonl: not UTF-8 text"):
+        ev.paired_nll_difference(tmp_path / "bin.jsonl", a)
 
 
 def test_eval_compare_prints_the_difference_and_refuses_in_one_line(tmp_path):

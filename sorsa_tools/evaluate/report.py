@@ -70,16 +70,21 @@ def _nll_items(path: Path) -> dict[int, tuple[float, int]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror}): give a per-item eval JSONL") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text: give a per-item eval JSONL") from None
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
-            items[int(r["index"])] = (float(r["nll_sum"]), int(r["n_tokens"]))
+            i, item = int(r["index"]), (float(r["nll_sum"]), int(r["n_tokens"]))
         except (ValueError, KeyError, TypeError):
             raise InputError(
                 f"{path}:{no}: not a per-item NLL row (index, nll_sum, n_tokens): evaluate with --metric nll"
             ) from None
+        if i in items:
+            raise InputError(f"{path}:{no}: question {i} a second time: give one eval's file, not two joined")
+        items[i] = item
     if not items:
         raise InputError(f"{path}: no per-item NLL rows: evaluate with --metric nll")
     return items
@@ -109,8 +114,11 @@ def paired_nll_difference(
     d = torch.tensor([A[i][0] - B[i][0] for i in idx], dtype=torch.float64)
     n = torch.tensor([A[i][1] for i in idx], dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, len(idx), (resamples, len(idx)), generator=g)
-    boot = d[draws].sum(1) / n[draws].sum(1)
+    boot = torch.empty(resamples, dtype=torch.float64)
+    step = max(1, 2_000_000 // len(idx))  # draws in chunks: memory stays small for 5,000 questions too
+    for s in range(0, resamples, step):
+        draws = torch.randint(0, len(idx), (min(step, resamples - s), len(idx)), generator=g)
+        boot[s : s + len(draws)] = d[draws].sum(1) / n[draws].sum(1)
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return NllDifference(float(d.sum() / n.sum()), lo, hi, len(idx), int(n.sum()))
 
