@@ -1144,6 +1144,13 @@ def _convergence(study: dict) -> list[str]:
     return lines
 
 
+DELTA_D_W = ("mean_delta_d", "max_delta_d", "mean_delta_w_rel")
+
+
+def _delta_rows(summary: list[dict], first: str, cols: tuple[str, ...]) -> list[str]:
+    return [f"| {s[first]} | " + " | ".join(_f(s[c], ".3e") for c in cols) + " |" for s in summary]
+
+
 def _analyze(ana: dict | None, analyze_png: Path | None, traj_png: Path | None, doc_dir: Path) -> list[str]:
     """`sorsa analyze` of the best runs (paper Fig. 2) and the best SORSA run's trajectory."""
     if not ana:
@@ -1158,11 +1165,7 @@ def _analyze(ana: dict | None, analyze_png: Path | None, traj_png: Path | None, 
         "| checkpoint | mean Delta Sigma | max Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
         "|---|---|---|---|---|---|",
     ]
-    for s in ana["summary"]:
-        lines.append(
-            f"| {s['checkpoint']} | {s['mean_delta_sigma']:.3e} | {s['max_delta_sigma']:.3e} | "
-            f"{s['mean_delta_d']:.3e} | {s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
-        )
+    lines += _delta_rows(ana["summary"], "checkpoint", ("mean_delta_sigma", "max_delta_sigma", *DELTA_D_W))
     if analyze_png:
         lines += ["", f"![analyze]({analyze_png.relative_to(doc_dir)})"]
     traj = ana.get("trajectory")
@@ -1175,11 +1178,7 @@ def _analyze(ana: dict | None, analyze_png: Path | None, traj_png: Path | None, 
             "| step | mean Delta Sigma | mean Delta D | max Delta D | mean rel. Delta W |",
             "|---|---|---|---|---|",
         ]
-        for s in traj["summary"]:
-            lines.append(
-                f"| {s['step']} | {s['mean_delta_sigma']:.3e} | {s['mean_delta_d']:.3e} | "
-                f"{s['max_delta_d']:.3e} | {_f(s['mean_delta_w_rel'], '.3e')} |"
-            )
+        lines += _delta_rows(traj["summary"], "step", ("mean_delta_sigma", *DELTA_D_W))
         if traj_png:
             lines += ["", f"![trajectory]({traj_png.relative_to(doc_dir)})"]
     return lines
